@@ -1,0 +1,37 @@
+"""Generalised advantage estimation over token sequences with masked (skipped) positions.
+
+`gae_reference` is plain torch: the CPU path and the oracle for the Triton kernel.
+"""
+import torch
+
+
+def gae_reference(rewards, values, mask, gamma: float, lam: float):
+    """rewards, values, mask: [B, T] -> (advantages, returns), [B, T] float32.
+
+    Masked tokens (mask == 0: prompt, <information>, padding) are skipped: the recursion carries
+    V_next and A_next across them, so a response token's advantage sees the next *generated* token.
+      δ_t = r_t + γ V_next - V_t ;  A_t = δ_t + γλ A_next ;  returns_t = A_t + V_t
+    Advantages are raw (not whitened); masked positions get A = 0, returns = V.
+    """
+    rewards, values, mask = rewards.float(), values.float(), mask.bool()
+    if gamma == 1.0 and lam == 1.0:  # A_t = G_t - V_t with G_t the masked reward-to-go
+        returns = torch.flip(torch.cumsum(torch.flip(rewards * mask, [1]), 1), [1])
+        advantages = torch.where(mask, returns - values, torch.zeros_like(values))
+        return advantages, torch.where(mask, returns, values)
+    B, T = rewards.shape
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros(B, dtype=values.dtype, device=values.device)
+    next_adv = torch.zeros_like(next_value)
+    for t in reversed(range(T)):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = delta + gamma * lam * next_adv
+        advantages[:, t] = torch.where(m, adv, torch.zeros_like(adv))
+        next_value = torch.where(m, values[:, t], next_value)
+        next_adv = torch.where(m, adv, next_adv)
+    return advantages, advantages + values
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """Dispatch point (the Triton kernel is added beside the reference)."""
+    return gae_reference(rewards, values, mask, gamma, lam)
