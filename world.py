@@ -1,0 +1,321 @@
+"""The data side of zerosearch: the embedded synthetic world (facts, corpus, questions), the
+tokenizer and tiny models built for it, and loaders for real QA data sets.
+
+The synthetic world stands in for Wikipedia + NQ/HotpotQA so that everything runs offline on a
+CPU. Every name is a made-up word made of common syllables, and every word is one token, so a
+small model can learn to *copy* names it has never seen (held-out entities) instead of
+memorising them: what transfers to the test set is the skill of searching, not the facts.
+"""
+import collections
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+
+TAGS = ["<think>", "</think>", "<search>", "</search>", "<information>", "</information>",
+        "<answer>", "</answer>"]
+
+# (relation, subject type, object type): the sentence the corpus states, the question asked,
+# and the words a good search query adds to the subject's name.
+RELATIONS = {
+    "birthplace": ("{s} was born in {o} .", "Where was {s} born ?", "born"),
+    "birthyear": ("{s} was born in the year {o} .", "In what year was {s} born ?", "born year"),
+    "founder": ("{s} was founded by {o} .", "Who founded {s} ?", "founded by"),
+    "headquarters": ("{s} is headquartered in {o} .", "Where is {s} headquartered ?", "headquartered"),
+    "foundedyear": ("{s} was founded in the year {o} .", "In what year was {s} founded ?", "founded year"),
+    "company": ("{o} was founded by {s} .", "Which company did {s} found ?", "founded by"),
+}
+# Two-hop questions: (template, first relation from the subject, second relation from the bridge).
+TWO_HOP = {
+    "founder_birthplace": ("Where was the founder of {s} born ?", "founder", "birthplace"),
+    "founder_birthyear": ("In what year was the founder of {s} born ?", "founder", "birthyear"),
+    "company_headquarters": ("Where is the company founded by {s} headquartered ?", "company", "headquarters"),
+}
+
+
+@dataclass
+class World:
+    docs: list      # the corpus: one sentence per fact
+    train: list     # questions: {"question", "golden_answers", "hops", "evidence", "subject", "relation"}
+    test: list
+
+
+def make_words(rng, n, syllables, used):
+    """n distinct capitalised pseudo-words of `syllables` syllables, none in `used`."""
+    onsets, vowels, codas = "b d f g k l m n p r s t v z br dr kr st tr".split(), "a e i o u ai ou".split(), ["", "n", "r", "l", "s"]
+    words = []
+    while len(words) < n:
+        w = "".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(syllables - 1)) + rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)
+        w = w.capitalize()
+        if w not in used:
+            used.add(w)
+            words.append(w)
+    return words
+
+
+def build_world(seed=0, n_persons=4000, n_companies=1200, test_fraction=0.15):
+    """Generate the world: persons (born in a city, in a year), companies (founded by a person,
+    headquartered in a city, founded in a year), one document per fact, and single-hop and
+    two-hop questions whose subjects are split into disjoint train and test entities."""
+    rng, used = random.Random(seed), set()
+    firsts, lasts = make_words(rng, 80, 2, used), make_words(rng, 80, 3, used)
+    cities, stems = make_words(rng, 120, 3, used), make_words(rng, 150, 2, used)
+    suffixes = "Labs Works Group Systems Holdings Foods Motors Media Energy Textiles".split()
+    persons = rng.sample([f"{a} {b}" for a in firsts for b in lasts], n_persons)
+    companies = rng.sample([f"{a} {b}" for a in stems for b in suffixes], n_companies)
+    facts = {}  # (subject, relation) -> object
+    for p in persons:
+        facts[p, "birthplace"], facts[p, "birthyear"] = rng.choice(cities), str(rng.randint(1800, 1960))
+    founders = rng.sample(persons, n_companies)
+    for c, p in zip(companies, founders):
+        facts[c, "founder"], facts[p, "company"] = p, c
+        facts[c, "headquarters"], facts[c, "foundedyear"] = rng.choice(cities), str(rng.randint(1850, 1999))
+    docs = [RELATIONS[r][0].format(s=s, o=o) for (s, r), o in facts.items() if r != "company"]
+    rng.shuffle(docs)
+
+    def doc(s, r):
+        return RELATIONS[r][0].format(s=s, o=facts[s, r])
+
+    def answers(o):  # aliases where natural: a company is also called by its stem
+        return [o, o.split()[0]] if o in facts.values() and o.split()[-1] in suffixes else [o]
+
+    # Test entities: a company, its founder and the founder's facts are held out together.
+    test_companies = set(rng.sample(companies, int(test_fraction * n_companies)))
+    test_persons = {facts[c, "founder"] for c in test_companies}
+    test_persons |= set(rng.sample([p for p in persons if p not in test_persons], int(test_fraction * n_persons) - len(test_persons)))
+    train, test = [], []
+    for (s, r), o in facts.items():
+        split = test if s in test_persons or s in test_companies else train
+        split.append(dict(question=RELATIONS[r][1].format(s=s), golden_answers=answers(o), hops=1,
+                          evidence=[doc(s, r)], subject=s, relation=r))
+    for name, (template, r1, r2) in TWO_HOP.items():
+        for s in companies if r1 == "founder" else founders:
+            bridge = facts[s, r1]
+            split = test if s in test_persons or s in test_companies else train
+            split.append(dict(question=template.format(s=s), golden_answers=answers(facts[bridge, r2]), hops=2,
+                              evidence=[doc(s, r1), doc(bridge, r2)], subject=s, relation=name, bridge=bridge))
+    rng.shuffle(train)
+    rng.shuffle(test)
+    return World(docs=docs, train=train, test=test)
+
+
+def _pattern(template):
+    pattern = re.escape(template).replace(r"\{s\}", r"(?P<s>\S+ \S+)").replace(r"\{o\}", r"(?P<o>\S+(?: \S+)?)")
+    return re.compile(pattern + "$")
+
+
+PATTERNS = {r: _pattern(t) for r, (t, _, _) in RELATIONS.items() if r != "company"}
+
+
+def parse_doc(doc):
+    """(subject, relation, object) of a corpus sentence, or None if it states no known fact."""
+    for relation, pattern in PATTERNS.items():
+        m = pattern.match(doc.strip())
+        if m:
+            return m["s"], relation, m["o"]
+    return None
+
+
+def answer_from_doc(doc, relation):
+    """The value a question of `relation` would take from `doc` (right or wrong): the founder
+    sentence answers "which company" with its subject, every other question with its object."""
+    fact = parse_doc(doc)
+    return None if fact is None else fact[0] if relation == "company" else fact[2]
+
+
+SUBJECT_TYPE = {"birthplace": "person", "birthyear": "person", "company": "person",
+                "founder": "company", "headquarters": "company", "foundedyear": "company"}
+
+
+def warmup_trajectory(q, search, format_docs, names, rng, p_right=0.35, p_vague=0.4, pick_top=0.4):
+    """One warm-up (format-teaching) response for question q, searching the real engine.
+
+    It teaches the *format* only: each query names the right entity with probability p_right,
+    is vague (keywords only) with p_vague and names another entity otherwise; each reading of
+    the results restates the top document with probability pick_top and a random other one
+    otherwise, and the answer is copied from what was read. So the warm-up policy knows how to
+    search and copy but not what to search for or which document to trust: its accuracy starts
+    honestly low and RL has to find the rest. `names[type]` lists train entities only.
+    Returns the response text and the queries it made.
+    """
+    hops = [q["relation"]] if q["hops"] == 1 else list(TWO_HOP[q["relation"]][1:])
+    text, subject, queries = "<think> I need to search . </think>", q["subject"], []
+    for relation in hops:
+        keywords, u = RELATIONS[relation][2], rng.random()
+        query = (f"{subject} {keywords}" if u < p_right else keywords if u < p_right + p_vague
+                 else f"{rng.choice(names[SUBJECT_TYPE[relation]])} {keywords}")
+        docs = search(query)
+        queries.append(query)
+        readable = [d for d in docs if answer_from_doc(d, relation)] or docs
+        chosen = readable[0] if rng.random() < pick_top or len(readable) == 1 else rng.choice(readable[1:])
+        text += f" <search> {query} </search> <information> {format_docs(docs)} </information> <think> {chosen} </think>"
+        subject = answer_from_doc(chosen, relation) or subject
+    return text + f" <answer> {subject} </answer>", queries
+
+
+def build_tokenizer(texts, vocab_size=4096):
+    """A BPE tokenizer trained on the world's text, wrapped as a Hugging Face fast tokenizer.
+
+    Words are split on white space and punctuation before BPE, and the vocabulary is large
+    enough for every word of the world to be one token; the tags are atomic added tokens, so
+    `</search>` is one token and a stop string ends exactly at it."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<unk>", "<eos>"]))
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in TAGS])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_model(vocab_size, hidden_size, layers, heads, seed, num_labels=None):
+    """A small Qwen2 (the Qwen2.5 architecture), built from config: it runs through exactly the
+    code path of a real Hugging Face model. With `num_labels` it is a token classifier (the critic)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=3 * hidden_size,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                         max_position_embeddings=1024, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2,
+                         bos_token_id=2)
+    return Qwen2ForCausalLM(config)
+
+
+def load_questions(path):
+    """Questions from a FlashRAG JSONL file (`question`, `golden_answers`) or a Search-R1 /
+    ZeroSearch parquet file (`question` or `prompt`, `golden_answers` or
+    `reward_model.ground_truth.target`). Each becomes {"question", "golden_answers", "hops"}."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: data file not found: {path} (set data=... / eval_data=... to an existing file)")
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise SystemExit(f"error: reading {path} needs pyarrow: pip install pyarrow (or convert it to JSONL)")
+        rows = pq.read_table(path).to_pylist()
+    else:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    out = []
+    for i, r in enumerate(rows):
+        golds = r.get("golden_answers") or ((r.get("reward_model") or {}).get("ground_truth") or {}).get("target")
+        if "question" not in r or golds is None:
+            raise SystemExit(f"error: {path} row {i} has no question/golden_answers fields")
+        golds = [golds] if isinstance(golds, str) else [str(g) for g in golds]
+        out.append(dict(question=r["question"].strip(), golden_answers=golds, hops=1, evidence=[]))
+    return out
+
+
+def load_corpus(path):
+    """A JSONL corpus, one document a line: {"contents": ...} (FlashRAG) or {"text": ...}."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: corpus file not found: {path} (set corpus=... to a JSONL file)")
+    with open(path) as f:
+        return [(r.get("contents") or r.get("text") or "").replace("\n", " ") for r in map(json.loads, f) if r]
+
+
+def encode_response(tok, prompt, response):
+    """(token ids, loss mask) of prompt + response, with the prompt and the <information>
+    blocks masked out exactly as a rollout masks them."""
+    ids = tok.encode(prompt)
+    mask = [0] * len(ids)
+    for part in re.split(r"(<information>.*?</information>)", response):
+        part_ids = tok.encode(part)
+        ids += part_ids
+        mask += [0 if part.startswith("<information>") else 1] * len(part_ids)
+    return ids, mask
+
+
+def noisy_docs(docs, golds, pools, rng):
+    """Plausible but wrong documents for a query: each fact with its value swapped for another
+    of the same kind (a city for a city, a year for a year), never stating a gold answer."""
+    out = []
+    for d in docs:
+        fact = parse_doc(d)
+        if fact:
+            s, r, o = fact
+            choices = [v for v in pools[r] if v not in golds and v != o] or [o]
+            d = RELATIONS[r][0].format(s=s, o=rng.choice(choices))
+        out.append(d)
+    return out
+
+
+def simulator_rows(world, queries, search, rng):
+    """Labelled rows for simulation fine-tuning, as the paper collects them: (query, question,
+    answer, documents, label). `useful` documents are what the real engine returns for the
+    query (faithful to the query, so a query about the wrong entity gets documents about that
+    entity and not the answer); `noisy` ones are the same documents with wrong values. Balanced."""
+    pools = collections.defaultdict(list)
+    for d in world.docs:
+        fact = parse_doc(d)
+        if fact:
+            pools[fact[1]].append(fact[2])
+    rows = []
+    for q, query in queries:
+        docs, label = search(query), rng.choice(["useful", "noisy"])
+        if label == "noisy":
+            docs = noisy_docs(docs, q["golden_answers"], pools, rng)
+        rows.append(dict(query=query, question=q["question"], answer=q["golden_answers"][0],
+                         evidence=q["evidence"], documents=docs, label=label))
+    return rows
+
+
+BUILD_KEYS = ["world_seed", "world_persons", "world_companies", "tiny_hidden", "tiny_layers", "tiny_heads",
+              "warmup_steps", "warmup_batch_size", "warmup_lr", "sim_sft_steps", "sim_sft_batch_size",
+              "sim_sft_lr", "prompt_template", "direct_template", "sim_template_finetuned", "topk", "seed"]
+
+
+def prepare_embedded(cfg, cache_dir, log=print):
+    """Build (or load from `cache_dir`) everything the embedded default needs: the world, its
+    tokenizer, the real retriever, the fine-tuned tiny simulator and the format-warmed tiny
+    policy. Returns (world, tokenizer, retriever, simulator path, policy path)."""
+    import sim
+    world = build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"])
+    retriever = sim.Retriever(world.docs)
+
+    def search(query):
+        return retriever.search(query, cfg["topk"])
+
+    sim_dir, policy_dir = os.path.join(cache_dir, "simulator"), os.path.join(cache_dir, "warmup")
+    if os.path.exists(os.path.join(policy_dir, "config.json")) and os.path.exists(os.path.join(sim_dir, "config.json")):
+        log(f"embedded default: loading the world's tokenizer, simulator and warm-up policy from {cache_dir}")
+        return world, retriever, sim_dir, policy_dir
+    # Every template string goes into the tokenizer's training text, so no word is unknown.
+    fixed = [cfg["prompt_template"], cfg["direct_template"], cfg["sim_template_finetuned"], cfg["sim_template_prompted"],
+             "<think> I need to search . </think> useful noisy Useful Noisy " + " ".join(f"Doc {i}:" for i in range(1, 21))]
+    tok = build_tokenizer(world.docs + [q["question"] for q in world.train + world.test] + fixed)
+    rng = random.Random(cfg["seed"])
+    names, guesses = collections.defaultdict(set), collections.defaultdict(list)
+    for q in world.train:
+        guesses[q["relation"]].append(q["golden_answers"][0])
+        if q["hops"] == 1:
+            names[SUBJECT_TYPE[q["relation"]]].add(q["subject"])
+    names = {k: sorted(v) for k, v in names.items()}
+    trajectories, queries = [], []
+    for q in world.train:
+        if rng.random() < 0.1:  # the no-search prompt's format: an answer straight away (a guess)
+            prompt = cfg["direct_template"].format(question=q["question"])
+            response = f"<answer> {rng.choice(guesses[q['relation']])} </answer>"
+        else:
+            prompt = cfg["prompt_template"].format(question=q["question"])
+            response, qs = warmup_trajectory(q, search, sim.format_docs, names, rng)
+            queries += [(q, query) for query in qs]
+        trajectories.append(encode_response(tok, prompt, response))
+
+    def fresh(seed):
+        return tiny_model(len(tok), cfg["tiny_hidden"], cfg["tiny_layers"], cfg["tiny_heads"], seed)
+
+    rows = simulator_rows(world, queries, search, rng)
+    simulator = fresh(cfg["seed"] + 1)
+    sim.train_simulator(simulator, tok, rows, cfg, steps=cfg["sim_sft_steps"], batch_size=cfg["sim_sft_batch_size"],
+                        lr=cfg["sim_sft_lr"], seed=cfg["seed"])
+    simulator.save_pretrained(sim_dir)
+    tok.save_pretrained(sim_dir)
+    policy = fresh(cfg["seed"])
+    sim.sft(policy, trajectories, cfg["warmup_steps"], cfg["warmup_batch_size"], cfg["warmup_lr"], cfg["seed"],
+            "warm-up (format only)", tok.pad_token_id)
+    policy.save_pretrained(policy_dir)
+    tok.save_pretrained(policy_dir)
+    log(f"embedded default built in {cache_dir}")
+    return world, retriever, sim_dir, policy_dir

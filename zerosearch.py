@@ -1,0 +1,426 @@
+"""zerosearch: train an LLM to search with RL, where the search engine is itself an LLM.
+
+A minimal reference implementation of ZeroSearch (Sun et al., 2025, arXiv 2505.04588). The
+policy answers a question by interleaving <think>, <search> query </search>, <information>
+documents </information> and <answer>; a *simulator* LLM writes the documents, useful or
+noisy, with the share of noisy ones rising along a curriculum; the reward is the F1 of the
+final answer; PPO (or GRPO, REINFORCE++) updates the policy with the <information> tokens
+masked out of every loss. Evaluation searches a real engine.
+
+Run
+    python zerosearch.py                        # the embedded default on a CPU (about 15 min)
+    python zerosearch.py preset=smoke           # the whole pipeline in under a minute
+    torchrun --nproc_per_node=8 zerosearch.py preset=paper   # Qwen2.5-3B on 8 GPUs
+    python zerosearch.py algo=grpo steps=40 out_dir=out/grpo # any key of config.yaml as key=value
+
+The embedded default needs no download: it generates a synthetic world of facts (world.py),
+trains a tokenizer on it, fine-tunes a tiny simulator on (query, documents, useful/noisy)
+rows from the world's real retriever, and warms a tiny policy up on the *format* only.
+
+Deliberate differences from the paper (and why)
+1. The tiny simulator is also shown the question's supporting facts (`{evidence}` in its
+   template): they stand in for what a 14B simulator knows of Wikipedia. Its "useful"
+   documents are faithful to the *query* (a query about the wrong entity gets documents about
+   that entity), so a vague query cannot pull the answer out of the simulator.
+2. The tiny policy starts from a format warm-up (world.warmup_trajectory) instead of a
+   pretrained base model; the warm-up's queries and answers are deliberately unreliable.
+3. A turn that ends without an action (length or EOS) ends the trajectory; the paper appends
+   an "invalid action" observation instead.
+4. Sizes are scaled to a 2-core CPU: short turns (48 tokens, paper 500), higher learning
+   rates, 2 PPO epochs. presets/paper.yaml restores the paper's settings.
+"""
+import collections
+import difflib
+import json
+import math
+import os
+import random
+import re
+import string
+import sys
+import time
+from dataclasses import dataclass
+
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----------------------------------------------------------------------------- reward
+def normalize_answer(text):
+    """SQuAD normalisation: lower case, drop punctuation and articles, collapse white space."""
+    text = "".join(ch for ch in str(text).lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def extract_answer(response_text):
+    """The text inside the last <answer>...</answer> of the response, or None. Pass the
+    *response* only: the prompt holds example tags that must never be scored."""
+    found = re.findall(r"<answer>(.*?)</answer>", response_text or "", flags=re.DOTALL)
+    return found[-1].strip() if found else None
+
+
+def f1_score(prediction, golds):
+    """Word-level F1 (SQuAD), max over the gold answers; 0 for no answer."""
+    if prediction is None:
+        return 0.0
+    pred, best = normalize_answer(prediction).split(), 0.0
+    for gold in golds:
+        gold = normalize_answer(gold).split()
+        common = sum((collections.Counter(pred) & collections.Counter(gold)).values())
+        if common:
+            p, r = common / len(pred), common / len(gold)
+            best = max(best, 2 * p * r / (p + r))
+    return best
+
+
+def exact_match(prediction, golds):
+    """Strict EM: the normalised prediction equals a normalised gold answer."""
+    return float(prediction is not None and normalize_answer(prediction) in {normalize_answer(g) for g in golds})
+
+
+def substring_match(prediction, golds):
+    """What the paper's tables call EM: a normalised gold answer occurs in the normalised prediction."""
+    if prediction is None:
+        return 0.0
+    pred = f" {normalize_answer(prediction)} "
+    return float(any(f" {normalize_answer(g)} " in pred for g in golds if normalize_answer(g)))
+
+
+# ----------------------------------------------------------------------------- curriculum
+def noise_probability(step, total_steps, p_start, p_end, base):
+    """p_i = p_s + (b^(i/m) - 1) / (b - 1) * (p_e - p_s): the chance a search returns noisy documents."""
+    frac = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    return p_start + (base ** frac - 1) / (base - 1) * (p_end - p_start)
+
+
+# ----------------------------------------------------------------------------- config
+def load_config(argv):
+    """config.yaml < presets/<preset>.yaml < --config FILE < key=value arguments."""
+    with open(os.path.join(HERE, "config.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    args, files = [], []
+    it = iter(argv)
+    for a in it:
+        if a == "--config" or a.startswith("--config="):
+            files.append(a.split("=", 1)[1] if "=" in a else next(it, None))
+        elif "=" in a:
+            args.append(a.split("=", 1))
+        else:
+            raise SystemExit(f"error: argument {a!r} is not key=value (e.g. steps=10) or --config FILE")
+    overrides = {k.lstrip("-"): yaml.safe_load(v) for k, v in args}
+    preset = overrides.get("preset", cfg["preset"])
+    if preset:
+        files.insert(0, os.path.join(HERE, "presets", f"{preset}.yaml"))
+    for path in files:
+        if not path or not os.path.exists(path):
+            raise SystemExit(f"error: config file not found: {path} (presets are in {os.path.join(HERE, 'presets')})")
+        with open(path) as f:
+            _merge(cfg, yaml.safe_load(f) or {}, path)
+    _merge(cfg, overrides, "the command line")
+    return cfg
+
+
+def _merge(cfg, new, source):
+    for k, v in new.items():
+        if k not in cfg:
+            near = difflib.get_close_matches(k, cfg, n=1)
+            raise SystemExit(f"error: unknown config key {k!r} in {source}" + (f"; did you mean {near[0]!r}?" if near else ""))
+        cfg[k] = v
+
+
+# ----------------------------------------------------------------------------- rollout
+@dataclass
+class Rollout:
+    """B trajectories as token lists (ragged); `to_batch` pads them into tensors."""
+    prompt_ids: list      # B x [prompt tokens]
+    response_ids: list    # B x [response tokens]: sampled actions and injected observations
+    response_mask: list   # B x [1 where the policy sampled the token, 0 inside <information>]
+    answers: list         # B x (answer text or None), from the policy's own tokens
+    searches: list        # B x number of searches made
+
+
+def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seed=0, greedy=False, max_turns=None, template=None):
+    """Search-R1/ZeroSearch rollout of many sequences at once. Each turn samples every active
+    sequence until `</search>` or `</answer>`; the queries of the whole batch go to the engine
+    in one call; its documents come back inside <information> (masked out of every loss) and
+    generation resumes. After `max_turns` searches one last turn has search disabled."""
+    from sim import format_docs, sample
+    max_turns = cfg["max_turns"] if max_turns is None else max_turns
+    template = template or cfg["prompt_template"]
+    prompts = [tok.encode(template.format(question=q["question"])) for q in questions]
+    resp, mask, searches = [[] for _ in questions], [[] for _ in questions], [0] * len(questions)
+    active = list(range(len(questions)))
+    for turn in range(max_turns + 1):
+        if not active:
+            break
+        last = turn == max_turns
+        new, _ = sample(policy, [prompts[i] + resp[i] for i in active], cfg["max_turn_tokens"],
+                        temperature=0.0 if greedy else cfg["temperature"], top_p=cfg["top_p"],
+                        stop=("</answer>",) if last else ("</search>", "</answer>"),
+                        eos_token_id=tok.eos_token_id, seed=seed * 1000 + turn, tokenizer=tok)
+        requests = []  # (batch row, query): rows are kept with their own question (fault 1 of the public code)
+        for i, toks in zip(active, new):
+            resp[i] += toks
+            mask[i] += [1] * len(toks)
+            text = tok.decode(toks)
+            m = re.search(r"<search>(.*?)</search>\s*$", text, flags=re.DOTALL)
+            if m and not last and len(resp[i]) < cfg["max_response_tokens"]:
+                requests.append((i, m.group(1).strip()))
+        docs = engine.search([dict(questions[i], query=q) for i, q in requests], noise_prob, seed * 1000 + turn)
+        for (i, _), d in zip(requests, docs):
+            obs = tok.encode(f" <information> {format_docs(d)} </information>")
+            resp[i] += obs
+            mask[i] += [0] * len(obs)
+            searches[i] += 1
+        active = [i for i, _ in requests]
+    answers = [extract_answer(tok.decode([t for t, m in zip(r, ms) if m])) for r, ms in zip(resp, mask)]
+    return Rollout(prompts, [r[:cfg["max_response_tokens"]] for r in resp],
+                   [m[:cfg["max_response_tokens"]] for m in mask], answers, searches)
+
+
+def to_batch(ro, pad_id, device):
+    """Right-padded tensors [B, T] of prompt + response; response_mask is 1 only on sampled tokens."""
+    import torch
+    seqs = [p + r for p, r in zip(ro.prompt_ids, ro.response_ids)]
+    T = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    response_mask = torch.zeros(len(seqs), T)
+    for b, (p, s, m) in enumerate(zip(ro.prompt_ids, seqs, ro.response_mask)):
+        input_ids[b, :len(s)] = torch.tensor(s)
+        attention_mask[b, :len(s)] = 1
+        response_mask[b, len(p):len(s)] = torch.tensor(m, dtype=torch.float)
+    return input_ids.to(device), attention_mask.to(device), response_mask.to(device)
+
+
+def score(ro, questions, kind="f1"):
+    """Per-sequence outcome reward: F1 (paper) or strict EM of the answer against the golds."""
+    fn = f1_score if kind == "f1" else exact_match
+    return [fn(a, q["golden_answers"]) for a, q in zip(ro.answers, questions)]
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate(policy, tok, eval_sets, engine, cfg, ctx, max_turns=None, template=None):
+    """Greedy rollouts on each evaluation set -> {set: {"em", "substring_em", "f1", "n"}}; the
+    questions are sharded over processes and the sums reduced."""
+    import torch
+    out = {}
+    for name, questions in eval_sets.items():
+        mine = questions[ctx.rank::ctx.world]
+        sums = torch.zeros(4, dtype=torch.float64)
+        for i in range(0, len(mine), 128):
+            qs = mine[i:i + 128]
+            ro = rollout(policy, tok, qs, engine, cfg, greedy=True, max_turns=max_turns, template=template)
+            for a, q in zip(ro.answers, qs):
+                sums += torch.tensor([exact_match(a, q["golden_answers"]), substring_match(a, q["golden_answers"]),
+                                      f1_score(a, q["golden_answers"]), 1.0], dtype=torch.float64)
+        sums = ctx.all_sum(sums)
+        n = max(sums[3].item(), 1)
+        out[name] = {"em": sums[0].item() / n, "substring_em": sums[1].item() / n, "f1": sums[2].item() / n, "n": int(sums[3])}
+    return out
+
+
+# ----------------------------------------------------------------------------- processes
+@dataclass
+class Ctx:
+    """Who this process is. With one process every collective is a no-op."""
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def all_sum(self, t):
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(t)
+        return t
+
+    def barrier(self):
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def print0(self, *args):
+        if self.master:
+            print(*args, flush=True)
+
+
+def init_processes(cfg):
+    """Process group from the torchrun environment: NCCL on CUDA, gloo on CPU."""
+    import datetime
+    import torch
+    torch.set_num_threads(cfg["threads"])
+    cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
+    if "RANK" not in os.environ:
+        return Ctx(device="cuda" if cuda else "cpu")
+    import torch.distributed as dist
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    return Ctx(dist.get_rank(), dist.get_world_size(), f"cuda:{local}" if cuda else "cpu")
+
+
+# ----------------------------------------------------------------------------- training
+def load_models(policy_path, cfg, ctx):
+    """The trained actor, its frozen reference, and (PPO) a critic: the same weights with a value head."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+    import ppo
+    dtype = getattr(torch, cfg["dtype"])
+    actor = ppo.Actor(AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype)).to(ctx.device)
+    ref = ppo.Actor(AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype)).to(ctx.device).eval().requires_grad_(False)
+    critic = None
+    if cfg["algo"] == "ppo":
+        critic = AutoModelForTokenClassification.from_pretrained(policy_path, num_labels=1, dtype=dtype).to(ctx.device)
+    return actor, ref, critic
+
+
+def train(policy_path, tok, questions, engine, cfg, ctx, name):
+    """RL on `questions` against `engine`; returns the trained Hugging Face policy."""
+    import torch
+    from tqdm import tqdm
+    import ppo
+    actor, ref, critic = load_models(policy_path, cfg, ctx)
+    actor_opt, actor_sched = ppo.make_optimizer(actor, cfg["actor_lr"], cfg["weight_decay"], cfg["lr_warmup_steps"], cfg["steps"])
+    critic_opt, critic_sched = ppo.make_optimizer(critic, cfg["critic_lr"], cfg["weight_decay"], 0, cfg["steps"]) if critic else (None, None)
+    order = random.Random(cfg["seed"]).sample(range(len(questions)), len(questions))
+    metrics_path = os.path.join(cfg["out_dir"], f"metrics_{name}.jsonl")
+    bar = tqdm(range(cfg["steps"]), desc=f"RL {name} ({cfg['algo']}, {cfg['search_backend'] if name == 'zerosearch' else 'real'} search)", disable=not ctx.master)
+    for step in bar:
+        t0 = time.time()
+        # 1. questions of this step: the global batch, strided over processes; n samples each, kept together (GRPO groups)
+        idx = [order[(step * cfg["batch_size"] + j) % len(order)] for j in range(cfg["batch_size"])][ctx.rank::ctx.world]
+        qs = [questions[i] for i in idx for _ in range(cfg["n_samples"])]
+        # 2. rollout with search; the curriculum sets how often a search returns noisy documents
+        p_noise = noise_probability(step, cfg["steps"], cfg["p_start"], cfg["p_end"], cfg["curriculum_base"]) if cfg["curriculum"] else cfg["p_end"]
+        ro = rollout(actor.lm, tok, qs, engine, cfg, noise_prob=p_noise, seed=cfg["seed"] + 7919 * step + ctx.rank)
+        t_rollout = time.time() - t0
+        # 3. reward: F1 of the final answer
+        scores = torch.tensor(score(ro, qs, cfg["reward"]))
+        # 4. log-probs of the sampled tokens under the policy and the frozen reference; values (PPO)
+        input_ids, attention_mask, response_mask = to_batch(ro, tok.pad_token_id, ctx.device)
+        with torch.no_grad():
+            old_logp, _ = actor(input_ids, attention_mask, cfg["temperature"])
+            ref_logp, _ = ref(input_ids, attention_mask, cfg["temperature"])
+            values = ppo.token_values(critic, input_ids, attention_mask) if critic else None
+        # 5. advantages (GAE / group-normalised / REINFORCE++), whitened with global statistics
+        advantages, returns, adv_stats = ppo.compute_advantages(cfg["algo"], scores.to(ctx.device), response_mask, old_logp,
+                                                                ref_logp, values, cfg, reduce=ctx.all_sum)
+        # 6. PPO epochs over mini-batches
+        batch = ppo.Batch(input_ids, attention_mask, response_mask, old_logp, ref_logp, advantages, values, returns)
+        stats = ppo.update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, batch, cfg, step)
+        # 7. log
+        sampled = sum(sum(m) for m in ro.response_mask)
+        em = [substring_match(a, q["golden_answers"]) for a, q in zip(ro.answers, qs)]
+        local = torch.tensor([scores.sum().item(), sum(em), sum(ro.searches), sampled, len(qs)], dtype=torch.float64)
+        total = ctx.all_sum(local).tolist()
+        row = {"step": step, "reward": total[0] / total[4], "em": total[1] / total[4], "searches": total[2] / total[4],
+               "noise_prob": p_noise, "tokens_per_s": total[3] / max(t_rollout, 1e-9), "step_time": time.time() - t0,
+               **adv_stats, **stats, **{f"sim/{k}": v for k, v in engine.stats.items()}}
+        if ctx.master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(reward=f"{row['reward']:.3f}", em=f"{row['em']:.2f}", noise=f"{p_noise:.2f}", tok_s=f"{row['tokens_per_s']:.0f}")
+    return actor.lm
+
+
+# ----------------------------------------------------------------------------- main
+def setup(cfg, ctx):
+    """Tokenizer, train questions, evaluation sets, the real retriever (or None), the simulator's
+    and the starting policy's paths: built here for the embedded world, else from the config."""
+    from transformers import AutoTokenizer
+    import sim
+    import world
+    if cfg["data"] == "world":
+        cache = os.path.join(cfg["out_dir"], "build")
+        if ctx.master:  # one process builds, the others wait and load
+            world.prepare_embedded(cfg, cache, log=ctx.print0)
+        ctx.barrier()
+        w, retriever, sim_path, policy_path = world.prepare_embedded(cfg, cache, log=lambda *a: None)
+        tok = AutoTokenizer.from_pretrained(policy_path)
+        test = {"single-hop": [q for q in w.test if q["hops"] == 1], "two-hop": [q for q in w.test if q["hops"] == 2]}
+        eval_sets = {k: v[:cfg["eval_size"] // 2] for k, v in test.items()}
+        return tok, w.train, eval_sets, retriever, cfg["sim_model"] or sim_path, cfg["policy_model"] or policy_path
+    if not cfg["policy_model"]:
+        raise SystemExit("error: data is a file, so policy_model must name a model (e.g. policy_model=Qwen/Qwen2.5-3B)")
+    tok = AutoTokenizer.from_pretrained(cfg["policy_model"])
+    eval_sets = {}
+    for item in str(cfg["eval_data"]).split(","):
+        name, _, path = item.partition("=")
+        if not path:
+            raise SystemExit(f"error: eval_data item {item!r} must be name=path (e.g. nq=data/nq_test.jsonl)")
+        eval_sets[name] = world.load_questions(path)[:cfg["eval_size"]]
+    retriever = sim.Retriever(world.load_corpus(cfg["corpus"])) if cfg["corpus"] else None
+    return tok, world.load_questions(cfg["data"]), eval_sets, retriever, cfg["sim_model"], cfg["policy_model"]
+
+
+def make_engine(backend, cfg, retriever, sim_path, ctx):
+    import sim
+    if backend == "real":
+        if retriever is None:
+            raise SystemExit("error: search_backend=real needs a corpus (set corpus=path/to/corpus.jsonl)")
+        return sim.RealEngine(retriever, cfg)
+    if backend == "http":
+        return sim.HttpEngine(cfg)
+    if backend == "sim":
+        if not sim_path:
+            raise SystemExit("error: search_backend=sim needs sim_model (a fine-tuned simulator's name or path)")
+        return sim.SimEngine(sim_path, cfg, ctx.device)
+    raise SystemExit(f"error: search_backend must be sim, real or http, got {backend!r}")
+
+
+def results_table(results, sets):
+    """The paper's table: EM (substring, as the paper's tables) per evaluation set, then F1."""
+    head = "| policy | " + " | ".join(sets) + " | avg |\n|---|" + "---|" * (len(sets) + 1) + "\n"
+    lines = []
+    for label, res in results.items():
+        em = [100 * res[s]["substring_em"] for s in sets]
+        f1 = [100 * res[s]["f1"] for s in sets]
+        lines.append(f"| {label} | " + " | ".join(f"{e:.1f} / {f:.1f}" for e, f in zip(em, f1)) +
+                     f" | {sum(em) / len(em):.1f} / {sum(f1) / len(f1):.1f} |")
+    return "EM / F1 (x100); EM = a normalised gold answer occurs in the normalised prediction, as in the paper.\n\n" + head + "\n".join(lines) + "\n"
+
+
+def main(argv):
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    cfg = load_config(argv)
+    ctx = init_processes(cfg)
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    if ctx.master:
+        with open(os.path.join(cfg["out_dir"], "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg, f, sort_keys=False)
+    random.seed(cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    tok, train_qs, eval_sets, retriever, sim_path, policy_path = setup(cfg, ctx)
+    real = make_engine("real", cfg, retriever, None, ctx) if retriever else make_engine(cfg["search_backend"], cfg, retriever, sim_path, ctx)
+    start = AutoModelForCausalLM.from_pretrained(policy_path).to(ctx.device)
+    results = {"(a) warm-up, no search": evaluate(start, tok, eval_sets, real, cfg, ctx, max_turns=0, template=cfg["direct_template"]),
+               "(b) warm-up + real search (RAG-like)": evaluate(start, tok, eval_sets, real, cfg, ctx)}
+    engine = make_engine(cfg["search_backend"], cfg, retriever, sim_path, ctx)
+    policy = train(policy_path, tok, train_qs, engine, cfg, ctx, "zerosearch")
+    results[f"(c) ZeroSearch ({cfg['algo']}, {cfg['search_backend']} engine)"] = evaluate(policy, tok, eval_sets, real, cfg, ctx)
+    if ctx.master:
+        policy.save_pretrained(os.path.join(cfg["out_dir"], "policy_zerosearch"))
+        tok.save_pretrained(os.path.join(cfg["out_dir"], "policy_zerosearch"))
+    if cfg["baseline"] and retriever is not None:
+        baseline = train(policy_path, tok, train_qs, real, cfg, ctx, "search_r1")
+        results[f"(d) Search-R1 ({cfg['algo']}, real engine)"] = evaluate(baseline, tok, eval_sets, real, cfg, ctx)
+    table = results_table(results, list(eval_sets))
+    ctx.print0("\n" + table)
+    if ctx.master:
+        with open(os.path.join(cfg["out_dir"], "results.md"), "w") as f:
+            f.write(f"# Results\n\n`python zerosearch.py {' '.join(argv)}`\n\n{table}")
+        with open(os.path.join(cfg["out_dir"], "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
