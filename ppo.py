@@ -1,0 +1,308 @@
+"""The RL maths of zerosearch: advantages (PPO/GAE, GRPO, REINFORCE++), losses, the actor and
+critic wrappers, and one `update` that runs the PPO epochs over a rollout batch.
+
+Every loss is taken over `response_mask` only: tokens the policy generated. Prompt tokens,
+documents injected between <information> and </information>, and padding carry mask 0 and never
+contribute to the actor loss, the critic loss, the entropy bonus or the KL term.
+
+Where the KL goes (as in the official scripts, shared/METHOD.md):
+  ppo          r_t = -β (log π_old - log π_ref) on every generated token (+ score on the last)
+  grpo, rein++ loss += β mean(KL_t), KL_t of `kl_type` (k3 in the paper), with the sign that
+               penalises divergence (the public code subtracted it, rewarding divergence).
+No torch.distributed here: whitening takes a `reduce` callable, DDP/FSDP wrap the models outside.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from kernels import gae, logprob_entropy_from_hidden
+
+LOG_RATIO_CLAMP = 20.0  # exp(±20) stays finite in fp32
+KL_CLAMP = 10.0
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T] prompt + response (+ injected <information> documents)
+    attention_mask: torch.Tensor  # [B, T] 1 on real tokens, 0 on padding (left or right)
+    response_mask: torch.Tensor  # [B, T] 1 only on tokens the policy generated
+    old_logp: torch.Tensor  # [B, T] log π_old(x_t | x_<t) at sampling time
+    ref_logp: torch.Tensor  # [B, T] log π_ref(x_t | x_<t)
+    advantages: torch.Tensor  # [B, T]
+    values: torch.Tensor | None = None  # [B, T] V_old(s_t), PPO only
+    returns: torch.Tensor | None = None  # [B, T] critic targets, PPO only
+
+
+def masked_mean(x, mask, dim=None):
+    """Mean of x where mask is 1 (0 if there is none); masked entries may hold anything, even NaN."""
+    mask = mask.bool()
+    masked = torch.where(mask, x, torch.zeros_like(x))
+    if dim is None:
+        return masked.sum() / mask.sum().clamp(min=1)
+    return masked.sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x, mask, shift_mean=True, reduce=None):
+    """(x - μ) / sqrt(σ² + 1e-8) over masked entries; masked entries become 0.
+
+    σ² is the unbiased variance, as in veRL. `reduce(t)` must return t summed over processes
+    (e.g. `dist.all_reduce(t); return t`), so μ and σ² are global; identity when None.
+    """
+    reduce = reduce or (lambda t: t)
+    mask = mask.bool()
+    zero = torch.zeros_like(x)
+    sums = reduce(torch.stack([torch.where(mask, x, zero).sum(), mask.sum().to(x.dtype)]))
+    n = sums[1].clamp(min=1)
+    mean = sums[0] / n
+    sq_dev = reduce(torch.where(mask, (x - mean) ** 2, zero).sum())
+    var = sq_dev / (n - 1).clamp(min=1)  # σ² = Σ (x - μ)² / (n - 1)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, zero)
+
+
+def kl_penalty(logp, ref_logp, kind):
+    """Per-token estimate of KL(π || π_ref) from samples of π."""
+    if kind == "k1":
+        return logp - ref_logp
+    if kind == "abs":
+        return (logp - ref_logp).abs()
+    if kind == "k2":
+        return 0.5 * (logp - ref_logp) ** 2
+    if kind == "k3":  # k3 = exp(ref - logp) - (ref - logp) - 1 ≥ 0 (Schulman's low-variance estimator)
+        d = (ref_logp - logp).clamp(-KL_CLAMP, KL_CLAMP)
+        return (torch.exp(d) - d - 1).clamp(-KL_CLAMP, KL_CLAMP)
+    raise ValueError(f"kl_type must be k1, abs, k2 or k3, got {kind!r}")
+
+
+def agg_loss(loss, mask, agg):
+    """Reduce a per-token loss [B, T] to a scalar; rows with no unmasked token count as nothing."""
+    if agg == "token-mean":  # mean over all unmasked tokens of the batch
+        return masked_mean(loss, mask)
+    mask = mask.bool()
+    row_sum, row_len = torch.where(mask, loss, torch.zeros_like(loss)).sum(-1), mask.sum(-1)
+    if agg == "seq-mean-token-mean":  # mean over rows of each row's token mean
+        return masked_mean(row_sum / row_len.clamp(min=1), row_len > 0)
+    if agg == "seq-mean-token-sum":  # mean over rows of each row's token sum
+        return masked_mean(row_sum, row_len > 0)
+    raise ValueError(f"loss_agg must be token-mean, seq-mean-token-mean or seq-mean-token-sum, got {agg!r}")
+
+
+def agg_units(mask, agg):
+    """What `agg_loss` averages over: unmasked tokens, or rows that have one."""
+    return mask.sum() if agg == "token-mean" else (mask.sum(-1) > 0).sum()
+
+
+def policy_loss(logp, old_logp, advantages, mask, clip_ratio=0.2, dual_clip=3.0, agg="token-mean"):
+    """Clipped surrogate with dual clip. Returns (loss, stats); approx_kl is k3 of KL(π_old || π)."""
+    log_ratio = (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)  # r = π / π_old
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_ratio, 1 + clip_ratio)
+    loss = torch.maximum(unclipped, clipped)  # L = max(-A r, -A clip(r, 1-ε, 1+ε))
+    capped = -advantages * dual_clip
+    dual_active = (advantages < 0) & (capped < loss)  # for A < 0: L = min(L, -A c)
+    loss = torch.where(dual_active, capped, loss)
+    stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
+             "dual_clipfrac": masked_mean(dual_active.float(), mask).item(),
+             "approx_kl": masked_mean(kl_penalty(old_logp, logp.detach(), "k3"), mask).item()}
+    return agg_loss(loss, mask, agg), stats
+
+
+def value_loss(values, old_values, returns, mask, clip=0.5):
+    """Clipped value loss, token-mean. Returns (loss, clipfrac)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)  # clip(V, V_old - c, V_old + c)
+    loss_unclipped, loss_clipped = (values - returns) ** 2, (clipped - returns) ** 2
+    loss = 0.5 * torch.maximum(loss_unclipped, loss_clipped)  # 0.5 max((V-R)², (V_clip-R)²)
+    return masked_mean(loss, mask), masked_mean((loss_clipped > loss_unclipped).float(), mask).item()
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(R - V) / Var(R) over masked tokens: 1 is a perfect critic, ≤ 0 a useless one."""
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    residual = returns - values
+    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    return (1 - var_residual / var_returns.clamp(min=1e-8)).item()
+
+
+def grpo_advantages(scores, group_size, eps=1e-6, std_norm=True):
+    """scores [B], each consecutive `group_size` rows one prompt's samples -> advantages [B].
+
+    A = (s - mean_g) / (std_g + ε) with torch.std (unbiased), as veRL; Dr.GRPO (std_norm=False)
+    drops the division. A group of one sample keeps its score, as veRL does.
+    """
+    groups = scores.float().view(-1, group_size)
+    if group_size == 1:
+        return groups.view(-1)
+    centred = groups - groups.mean(-1, keepdim=True)
+    return (centred / (groups.std(-1, keepdim=True) + eps) if std_norm else centred).view(-1)
+
+
+def reinforce_pp_advantages(token_rewards, mask, gamma, reduce=None):
+    """Discounted return-to-go over generated tokens, whitened over the batch -> [B, T].
+
+    G_t = r_t + γ G_next with the next *generated* token: that is GAE with V ≡ 0 and λ = 1, so the
+    skip over masked tokens is written once, in `gae`. A KL penalty, if wanted in the reward
+    (REINFORCE++ paper), is already in token_rewards; zerosearch puts it in the loss instead.
+    """
+    returns, _ = gae(token_rewards, torch.zeros_like(token_rewards), mask, gamma, 1.0)
+    return masked_whiten(returns, mask, reduce=reduce)
+
+
+def token_level_rewards(scores, mask, kl=None, kl_coef=0.0):
+    """scores [B] -> rewards [B, T]: score on each row's last generated token, -β KL_t on every one."""
+    mask = mask.bool()
+    T = mask.shape[1]
+    rewards = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    if kl is not None:
+        rewards = torch.where(mask, -kl_coef * kl.float(), rewards)  # r_t = -β KL_t
+    last = T - 1 - mask.flip(-1).int().argmax(-1)  # index of the last generated token
+    outcome = torch.where(mask.any(-1), scores.float(), torch.zeros_like(scores, dtype=torch.float32))
+    return rewards.scatter_add(1, last.unsqueeze(1), outcome.unsqueeze(1))  # r_last += score
+
+
+def adaptive_kl_coef(kl_coef, kl, n_steps, kl_target, kl_horizon):
+    """Ziegler et al.: β ← β (1 + clip(KL/target - 1, -0.2, 0.2) n / horizon); fixed if no target.
+
+    kl: the rollout's mean KL (stats["rollout/kl"] of compute_advantages); n_steps: its sequences."""
+    if kl_target is None:
+        return kl_coef
+    error = min(max(kl / kl_target - 1, -0.2), 0.2)
+    return kl_coef * (1 + error * n_steps / kl_horizon)
+
+
+def compute_advantages(algo, scores, response_mask, old_logp, ref_logp, values, cfg, reduce=None):
+    """-> (advantages [B, T], returns [B, T] for PPO else None, stats). Masked tokens get A = 0."""
+    mask = response_mask.bool()
+    kl = torch.where(mask, kl_penalty(old_logp, ref_logp, "k1"), torch.zeros_like(old_logp))  # the reward's KL
+    stats = {"rollout/score_mean": scores.float().mean().item(), "rollout/kl": masked_mean(kl, mask).item()}
+    if algo == "ppo":
+        rewards = token_level_rewards(scores, mask, kl, cfg["kl_coef"])
+        advantages, returns = gae(rewards, values, mask, cfg["gamma"], cfg["lam"])
+        return masked_whiten(advantages, mask, reduce=reduce), returns, stats
+    if algo == "grpo":
+        adv = grpo_advantages(scores, cfg["n_samples"], std_norm=cfg["grpo_std_norm"])
+        return adv.unsqueeze(1) * mask, None, stats  # one advantage for all of a row's tokens
+    if algo == "reinforce++":
+        rewards = token_level_rewards(scores, mask)
+        return reinforce_pp_advantages(rewards, mask, cfg["gamma"], reduce=reduce), None, stats
+    raise ValueError(f"algo must be ppo, grpo or reinforce++, got {algo!r}")
+
+
+def position_ids_from_mask(attention_mask):
+    """Positions count real tokens only, so left- and right-padded rows see the same positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def scored_positions(attention_mask):
+    """[B, T] True where x_t and x_{t-1} are both real tokens: where logp and V mean something."""
+    valid = attention_mask.bool()
+    return torch.cat([torch.zeros_like(valid[:, :1]), valid[:, 1:] & valid[:, :-1]], 1)
+
+
+class Actor(torch.nn.Module):
+    """A Hugging Face causal LM that returns per-token log-probs and entropies of the given tokens."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, temperature=1.0):
+        """-> logp [B, T], entropy [B, T]; logp[:, t] = log π(x_t | x_<t) at `temperature`,
+        0 on padding and on each row's first token."""
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                       position_ids=position_ids_from_mask(attention_mask),
+                                       use_cache=False).last_hidden_state
+        scored = scored_positions(attention_mask)  # the lm_head runs on these positions only
+        logp, entropy = logprob_entropy_from_hidden(hidden[:, :-1][scored[:, 1:]],
+                                                    self.lm.get_output_embeddings().weight,
+                                                    input_ids[:, 1:][scored[:, 1:]], temperature)
+        full = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
+        return full.masked_scatter(scored, logp), full.masked_scatter(scored, entropy)
+
+
+def token_values(critic, input_ids, attention_mask):
+    """-> values [B, T] with values[:, t] = V(x_<t): the critic's output at t-1, aligned with logp
+    (0 where logp is 0). The critic is an AutoModelForTokenClassification with num_labels=1; build it
+    with classifier_dropout=0.0, as the head's default dropout of 0.1 would make V noisy."""
+    out = critic(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+    out = out.squeeze(-1).float()
+    shifted = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], 1)
+    return torch.where(scored_positions(attention_mask), shifted, torch.zeros_like(shifted))
+
+
+def make_optimizer(model, lr, weight_decay, warmup_steps, total_steps):
+    """AdamW with linear warm-up to lr, then constant (as veRL). The first step already runs at
+    lr / (warmup + 1), not 0 (the public code's first update ran at lr 0); warm-up is capped at the run."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warmup = min(warmup_steps, total_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+    return opt, sched
+
+
+def _check_finite(value, model, what, step):
+    if not torch.isfinite(value).all():
+        raise RuntimeError(f"NaN in {model} {what} at step {step}: lower {model}_lr or check the rewards")
+
+
+def update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, batch, cfg, step=0):
+    """PPO epochs over the batch: mini-batches of rows (one optimizer step each) made of micro-batches
+    (gradient accumulation). Returns means over micro-batches (over optimizer steps for grad_norm and
+    lr); critic/explained_variance compares the rollout's values (before this update) with the returns.
+    Train/eval mode of the models is the caller's: this function never switches it."""
+    algo, mask_all = cfg["algo"], batch.response_mask.bool()
+    use_critic = algo == "ppo"
+    train_actor = not use_critic or step >= cfg.get("critic_warmup", 0)  # veRL's critic warm-up: the critic learns first
+    stats = {}
+
+    def log(values):
+        for k, v in values.items():
+            stats.setdefault(k, []).append(float(v))
+
+    generator = torch.Generator().manual_seed(cfg["seed"] + step)
+    for _ in range(cfg["ppo_epochs"]):
+        for rows in torch.randperm(len(mask_all), generator=generator).split(cfg["mini_batch_size"]):
+            # each micro loss is its own mean; weighting by its share of the mini-batch's units makes
+            # the accumulated gradient equal to the gradient of the mini-batch mean
+            units = agg_units(mask_all[rows], cfg["loss_agg"]).clamp(min=1)
+            tokens = mask_all[rows].sum().clamp(min=1)
+            for micro in rows.split(cfg["micro_batch_size"]):
+                mask = mask_all[micro]
+                ids, attn = batch.input_ids[micro], batch.attention_mask[micro]
+                if train_actor:
+                    logp, entropy = actor(ids, attn, cfg["temperature"])
+                    pg_loss, pg_stats = policy_loss(logp, batch.old_logp[micro], batch.advantages[micro], mask,
+                                                    cfg["clip_ratio"], cfg["dual_clip"], cfg["loss_agg"])
+                    entropy_mean = masked_mean(entropy, mask)
+                    token_loss = -cfg["entropy_coef"] * entropy_mean  # L = L_clip - c_H H (+ β KL)
+                    if not use_critic:  # + β mean(KL_t(π || π_ref)): a penalty, so descent lowers the KL
+                        kl_loss = masked_mean(kl_penalty(logp, batch.ref_logp[micro], cfg["kl_type"]), mask)
+                        token_loss = token_loss + cfg["kl_coef"] * kl_loss
+                        log({"actor/kl_loss": kl_loss.item()})
+                    loss = pg_loss * agg_units(mask, cfg["loss_agg"]) / units + token_loss * mask.sum() / tokens
+                    _check_finite(loss, "actor", "loss", step)
+                    loss.backward()
+                    log({"actor/pg_loss": pg_loss.item(), "actor/entropy": entropy_mean.item(),
+                         "actor/clipfrac": pg_stats["clipfrac"], "actor/approx_kl": pg_stats["approx_kl"]})
+                if use_critic:
+                    vpred = token_values(critic, ids, attn)
+                    vf_loss, vf_clipfrac = value_loss(vpred, batch.values[micro], batch.returns[micro], mask,
+                                                      cfg["value_clip"])
+                    _check_finite(vf_loss, "critic", "loss", step)
+                    (vf_loss * mask.sum() / tokens).backward()
+                    log({"critic/vf_loss": vf_loss.item(), "critic/clipfrac": vf_clipfrac,
+                         "critic/vpred_mean": masked_mean(vpred.detach(), mask).item()})
+            for name, model, opt, sched in ([("actor", actor, actor_opt, actor_sched)] if train_actor else []) + \
+                    ([("critic", critic, critic_opt, critic_sched)] if use_critic else []):
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])  # pre-clip
+                _check_finite(grad_norm, name, "gradient", step)
+                log({f"{name}/grad_norm": grad_norm.item(), f"{name}/lr": opt.param_groups[0]["lr"]})
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+    if use_critic:
+        log({"critic/explained_variance": explained_variance(batch.values, batch.returns, mask_all)})
+    return {k: sum(v) / len(v) for k, v in stats.items()}

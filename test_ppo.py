@@ -1,0 +1,493 @@
+"""Tests of ppo.py. Each oracle is a plain loop written from the formula, independent of ppo.py."""
+import copy
+import math
+import statistics
+import threading
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM, Qwen2ForTokenClassification
+
+import kernels
+import ppo
+
+CFG = dict(algo="ppo", gamma=1.0, lam=1.0, kl_coef=0.001, kl_type="k3", kl_target=None, kl_horizon=10000,
+           clip_ratio=0.2, dual_clip=3.0, value_clip=0.5, entropy_coef=0.001, ppo_epochs=1, mini_batch_size=4,
+           micro_batch_size=2, grad_clip=1.0, loss_agg="token-mean", grpo_std_norm=True, n_samples=2,
+           temperature=1.0, seed=0)
+
+
+def rand(*shape, gen, low=0.0, high=1.0):
+    return low + (high - low) * torch.rand(*shape, generator=gen)
+
+
+def random_mask(B, T, gen):
+    """Random 0/1 mask with row 0 fully masked and row 1 holding a single token."""
+    mask = (torch.rand(B, T, generator=gen) < 0.6).float()
+    mask[0] = 0
+    mask[1] = 0
+    mask[1, T // 2] = 1
+    return mask
+
+
+def tiny_config(**kw):
+    return Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, **kw)
+
+
+def tiny_models(seed=0):
+    torch.manual_seed(seed)
+    actor = ppo.Actor(Qwen2ForCausalLM(tiny_config(initializer_range=0.2))).eval()
+    critic = Qwen2ForTokenClassification(tiny_config(num_labels=1, classifier_dropout=0.0)).eval()
+    return actor, critic
+
+
+def rollout_batch(actor, critic, algo, B=4, T=12, seed=0):
+    """Random rows: prompt (mask 0), response, an <information> span (mask 0), response, padding."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, 97, (B, T), generator=gen)
+    attention_mask = torch.ones(B, T, dtype=torch.long)
+    attention_mask[1, -2:] = 0  # right padding
+    response_mask = torch.zeros(B, T)
+    response_mask[:, 3:5] = 1
+    response_mask[:, 8:] = 1  # positions 5..7: injected <information> tokens
+    response_mask *= attention_mask
+    ref_actor = copy.deepcopy(actor)
+    with torch.no_grad():
+        for p in ref_actor.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        old_logp, _ = actor(input_ids, attention_mask)
+        ref_logp, _ = ref_actor(input_ids, attention_mask)
+        values = ppo.token_values(critic, input_ids, attention_mask) if algo == "ppo" else None
+    scores = torch.rand(B, generator=gen)
+    cfg = dict(CFG, algo=algo)
+    adv, ret, _ = ppo.compute_advantages(algo, scores, response_mask, old_logp, ref_logp, values, cfg)
+    return ppo.Batch(input_ids, attention_mask, response_mask, old_logp, ref_logp, adv, values, ret), cfg
+
+
+def optimizers(actor, critic, lr=1e-2):
+    actor_opt, actor_sched = ppo.make_optimizer(actor, lr, 0.0, 0, 10)
+    critic_opt, critic_sched = (None, None) if critic is None else ppo.make_optimizer(critic, lr, 0.0, 0, 10)
+    return actor_opt, critic_opt, actor_sched, critic_sched
+
+
+def run_update(actor, critic, batch, cfg, lr=1e-2, step=0):
+    a_opt, c_opt, a_sched, c_sched = optimizers(actor, critic, lr)
+    return ppo.update(actor, critic, a_opt, c_opt, a_sched, c_sched, batch, cfg, step=step)
+
+
+class GradRecorder:
+    """Stands in for an optimizer (and a scheduler): `step` records the gradients, moves nothing."""
+
+    def __init__(self, model):
+        self.model, self.grads, self.param_groups = model, [], [{"lr": 0.0}]
+
+    def step(self):
+        self.grads.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                           for p in self.model.parameters()])
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
+def update_gradients(actor, critic, batch, cfg):
+    """The gradients of each optimizer step of one `update`, actor's then critic's (no clipping)."""
+    a_opt, c_opt, no_schedule = GradRecorder(actor), GradRecorder(critic), GradRecorder(torch.nn.Linear(1, 1))
+    ppo.update(actor, critic, a_opt, c_opt, no_schedule, no_schedule, batch, dict(cfg, grad_clip=1e9))
+    return [g for grads in a_opt.grads + c_opt.grads for g in grads]
+
+
+# ---------------------------------------------------------------- advantages
+
+def gae_loop(rewards, values, mask, gamma, lam):
+    B, T = rewards.shape
+    adv, ret = torch.zeros(B, T), values.clone()
+    for b in range(B):
+        next_v, next_a = 0.0, 0.0
+        for t in reversed([t for t in range(T) if mask[b, t]]):
+            delta = rewards[b, t] + gamma * next_v - values[b, t]  # δ_t = r_t + γ V_next - V_t
+            next_a = delta + gamma * lam * next_a  # A_t = δ_t + γλ A_next
+            next_v = values[b, t]
+            adv[b, t], ret[b, t] = next_a, next_a + values[b, t]
+    return adv, ret
+
+
+def test_ppo_gae_is_the_kernels_gae():
+    assert ppo.gae is kernels.gae
+
+
+@pytest.mark.parametrize("gamma,lam", [(0.9, 0.8), (1.0, 0.95), (0.99, 1.0)])
+def test_gae_matches_loop_skipping_masked_tokens(gamma, lam):
+    gen = torch.Generator().manual_seed(1)
+    r, v, m = torch.randn(6, 9, generator=gen), torch.randn(6, 9, generator=gen), random_mask(6, 9, gen)
+    adv, ret = ppo.gae(r, v, m, gamma, lam)
+    adv_ref, ret_ref = gae_loop(r, v, m, gamma, lam)
+    torch.testing.assert_close(adv, adv_ref)
+    torch.testing.assert_close(ret, ret_ref)
+
+
+def test_gae_with_gamma_lam_one_is_masked_reward_to_go_minus_value():
+    gen = torch.Generator().manual_seed(2)
+    r, v, m = torch.randn(5, 7, generator=gen), torch.randn(5, 7, generator=gen), random_mask(5, 7, gen)
+    adv, _ = ppo.gae(r, v, m, 1.0, 1.0)
+    for b in range(5):
+        for t in range(7):
+            expected = sum(r[b, k] for k in range(t, 7) if m[b, k]) - v[b, t] if m[b, t] else 0.0
+            assert abs(adv[b, t] - expected) < 1e-5
+
+
+def test_masked_mean_and_whiten_match_loop_and_ignore_masked_entries():
+    gen = torch.Generator().manual_seed(3)
+    x, m = torch.randn(5, 8, generator=gen), random_mask(5, 8, gen)
+    x_dirty = torch.where(m.bool(), x, torch.full_like(x, float("nan")))
+    vals = [x[b, t].item() for b in range(5) for t in range(8) if m[b, t]]
+    mu, sd = statistics.mean(vals), statistics.stdev(vals)  # veRL whitens with the unbiased std
+    assert abs(ppo.masked_mean(x_dirty, m).item() - mu) < 1e-5
+    assert ppo.masked_mean(x, torch.zeros_like(m)).item() == 0.0
+    for shift_mean, offset in [(True, 0.0), (False, mu)]:
+        w = ppo.masked_whiten(x_dirty, m, shift_mean=shift_mean)
+        expected = torch.where(m.bool(), (x - mu) / math.sqrt(sd ** 2 + 1e-8) + offset, torch.zeros_like(x))
+        torch.testing.assert_close(w, expected)
+
+
+def test_masked_whiten_with_reduce_uses_statistics_of_all_processes():
+    gen = torch.Generator().manual_seed(4)
+    x, m = torch.randn(6, 5, generator=gen), random_mask(6, 5, gen)
+    slots, barrier, out = [None, None], threading.Barrier(2), [None, None]
+
+    def worker(rank):  # two "processes": reduce sums a tensor over both, like dist.all_reduce
+        def reduce(t):
+            slots[rank] = t.clone()
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return total
+        out[rank] = ppo.masked_whiten(x[rank * 3:rank * 3 + 3], m[rank * 3:rank * 3 + 3], reduce=reduce)
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    torch.testing.assert_close(torch.cat(out), ppo.masked_whiten(x, m))
+
+
+def test_kl_penalty_estimators_match_their_formulas():
+    gen = torch.Generator().manual_seed(5)
+    logp, ref = -torch.rand(20, generator=gen) * 3, -torch.rand(20, generator=gen) * 3
+    for i in range(20):
+        d = logp[i].item() - ref[i].item()
+        expected = {"k1": d, "abs": abs(d), "k2": 0.5 * d * d, "k3": math.exp(-d) + d - 1}
+        for kind, value in expected.items():
+            assert abs(ppo.kl_penalty(logp[i:i + 1], ref[i:i + 1], kind).item() - value) < 1e-5
+    assert ppo.kl_penalty(torch.tensor([0.0]), torch.tensor([100.0]), "k3").item() == 10.0  # clamped
+
+
+def test_grpo_advantages_match_per_group_loop_and_dr_grpo():
+    gen = torch.Generator().manual_seed(6)
+    scores, g = torch.rand(15, generator=gen), 5
+    adv, adv_dr = ppo.grpo_advantages(scores, g), ppo.grpo_advantages(scores, g, std_norm=False)
+    for start in range(0, 15, g):
+        group = scores[start:start + g].tolist()
+        mu, sd = statistics.mean(group), statistics.stdev(group)  # torch.std is unbiased, as veRL
+        for i, s in enumerate(group):
+            assert abs(adv[start + i] - (s - mu) / (sd + 1e-6)) < 1e-5
+            assert abs(adv_dr[start + i] - (s - mu)) < 1e-6
+    assert torch.equal(ppo.grpo_advantages(torch.ones(4), 2), torch.zeros(4))  # equal scores: no signal
+    torch.testing.assert_close(ppo.grpo_advantages(scores, 1), scores)
+
+
+def test_reinforce_pp_advantages_are_whitened_discounted_returns_over_generated_tokens():
+    gen = torch.Generator().manual_seed(7)
+    r, m, gamma = torch.randn(6, 9, generator=gen), random_mask(6, 9, gen), 0.9
+    returns = torch.zeros(6, 9)
+    for b in range(6):
+        g = 0.0
+        for t in reversed([t for t in range(9) if m[b, t]]):
+            g = r[b, t] + gamma * g  # G_t = r_t + γ G_next
+            returns[b, t] = g
+    vals = [returns[b, t].item() for b in range(6) for t in range(9) if m[b, t]]
+    mu, sd = statistics.mean(vals), statistics.stdev(vals)
+    expected = torch.where(m.bool(), (returns - mu) / sd, torch.zeros_like(r))
+    torch.testing.assert_close(ppo.reinforce_pp_advantages(r, m, gamma), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_token_level_rewards_put_score_on_last_generated_token_and_kl_on_every_one():
+    gen = torch.Generator().manual_seed(8)
+    m, scores, kl = random_mask(5, 7, gen), torch.rand(5, generator=gen), torch.randn(5, 7, generator=gen)
+    rewards = ppo.token_level_rewards(scores, m, kl, kl_coef=0.1)
+    for b in range(5):
+        tokens = [t for t in range(7) if m[b, t]]
+        for t in range(7):
+            outcome = scores[b] if tokens and t == tokens[-1] else 0.0
+            expected = (-0.1 * kl[b, t] if m[b, t] else 0.0) + outcome
+            assert abs(rewards[b, t] - expected) < 1e-6
+
+
+def test_compute_advantages_ppo_is_whitened_gae_of_kl_penalised_rewards_and_zero_off_response():
+    gen = torch.Generator().manual_seed(9)
+    m = random_mask(6, 8, gen)
+    old, ref, v = rand(6, 8, gen=gen, low=-1), rand(6, 8, gen=gen, low=-1), torch.randn(6, 8, generator=gen)
+    scores = torch.rand(6, generator=gen)
+    adv, ret, stats = ppo.compute_advantages("ppo", scores, m, old, ref, v, CFG)
+    rewards = torch.zeros(6, 8)
+    for b in range(6):
+        tokens = [t for t in range(8) if m[b, t]]
+        for t in tokens:
+            rewards[b, t] = -CFG["kl_coef"] * (old[b, t] - ref[b, t]) + (scores[b] if t == tokens[-1] else 0)
+    adv_raw, ret_ref = gae_loop(rewards, v, m, 1.0, 1.0)
+    vals = [adv_raw[b, t].item() for b in range(6) for t in range(8) if m[b, t]]
+    whitened = (adv_raw - statistics.mean(vals)) / statistics.stdev(vals)
+    expected = torch.where(m.bool(), whitened, torch.zeros(6, 8))
+    torch.testing.assert_close(adv, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ret, ret_ref)
+    adv_grpo, ret_grpo, _ = ppo.compute_advantages("grpo", scores, m, old, ref, None, CFG)
+    assert ret_grpo is None and torch.all(adv_grpo[m == 0] == 0)
+    group_adv = ppo.grpo_advantages(scores, CFG["n_samples"])
+    assert torch.all(adv_grpo[m == 1] == group_adv.unsqueeze(1).expand(6, 8)[m == 1])
+
+
+def test_adaptive_kl_controller_follows_ziegler_and_is_fixed_without_target():
+    assert ppo.adaptive_kl_coef(0.1, 5.0, 64, None, 1000) == 0.1
+    assert abs(ppo.adaptive_kl_coef(0.1, 0.012, 64, 0.01, 1000) - 0.1 * (1 + 0.2 * 64 / 1000)) < 1e-12
+    assert abs(ppo.adaptive_kl_coef(0.1, 0.0, 64, 0.01, 1000) - 0.1 * (1 - 0.2 * 64 / 1000)) < 1e-12
+    assert abs(ppo.adaptive_kl_coef(0.1, 0.011, 10, 0.01, 100) - 0.1 * (1 + 0.1 * 10 / 100)) < 1e-12
+
+
+# ---------------------------------------------------------------- losses
+
+def policy_loss_loop(logp, old, adv, mask, eps, c, agg):
+    B, T = logp.shape
+    per_row = []
+    for b in range(B):
+        losses = []
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            r, a = math.exp(logp[b, t] - old[b, t]), adv[b, t].item()
+            loss = max(-a * r, -a * min(max(r, 1 - eps), 1 + eps))
+            losses.append(min(loss, -a * c) if a < 0 else loss)
+        per_row.append(losses)
+    if agg == "token-mean":
+        flat = [x for row in per_row for x in row]
+        return sum(flat) / max(len(flat), 1)
+    rows = [sum(row) / len(row) if agg == "seq-mean-token-mean" else sum(row) for row in per_row if row]
+    return sum(rows) / max(len(rows), 1)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_policy_loss_matches_loop_for_each_aggregation_without_nan_on_empty_rows(agg):
+    gen = torch.Generator().manual_seed(10)
+    m = random_mask(6, 8, gen)
+    logp, old, adv = rand(6, 8, gen=gen, low=-2), rand(6, 8, gen=gen, low=-2), torch.randn(6, 8, generator=gen)
+    loss, stats = ppo.policy_loss(logp, old, adv, m, 0.2, 3.0, agg)
+    assert torch.isfinite(loss)
+    assert abs(loss.item() - policy_loss_loop(logp, old, adv, m, 0.2, 3.0, agg)) < 1e-5
+    empty, _ = ppo.policy_loss(logp, old, adv, torch.zeros_like(m), agg=agg)
+    assert empty.item() == 0.0
+
+
+def test_policy_loss_zero_advantages_give_zero_gradient():
+    logp = torch.randn(3, 5).requires_grad_()
+    loss, _ = ppo.policy_loss(logp, torch.randn(3, 5), torch.zeros(3, 5), torch.ones(3, 5))
+    loss.backward()
+    assert torch.all(logp.grad == 0)
+
+
+def test_policy_loss_identical_logprobs_give_ratio_one_no_clipping_and_zero_kl():
+    gen = torch.Generator().manual_seed(11)
+    logp, adv, m = -torch.rand(4, 6, generator=gen), torch.randn(4, 6, generator=gen), random_mask(4, 6, gen)
+    loss, stats = ppo.policy_loss(logp, logp.clone(), adv, m)
+    assert abs(loss.item() + ppo.masked_mean(adv, m).item()) < 1e-6  # L = -A · 1
+    assert stats["clipfrac"] == 0.0 and stats["approx_kl"] == 0.0
+
+
+def test_dual_clip_bounds_the_loss_only_for_negative_advantages():
+    logp, old = torch.tensor([[5.0, 5.0, 0.0]]), torch.zeros(1, 3)  # r = e^5 ≈ 148 on tokens 0, 1
+    adv, m = torch.tensor([[-1.0, 1.0, -1.0]]), torch.ones(1, 3)
+    per_token = [ppo.policy_loss(logp[:, i:i + 1], old[:, i:i + 1], adv[:, i:i + 1], m[:, i:i + 1])[0].item()
+                 for i in range(3)]
+    assert per_token[0] == pytest.approx(3.0)  # A < 0, huge r: min(148, -A c) = 3
+    assert per_token[1] == pytest.approx(-1.2)  # A > 0: clipped at 1 + ε, dual clip untouched
+    assert per_token[2] == pytest.approx(1.0)  # A < 0, r = 1: below the cap
+    assert ppo.policy_loss(logp, old, adv, m)[1]["dual_clipfrac"] == pytest.approx(1 / 3)
+
+
+def test_value_loss_matches_loop_and_clips():
+    gen = torch.Generator().manual_seed(12)
+    v, old, ret = (torch.randn(5, 7, generator=gen) for _ in range(3))
+    m = random_mask(5, 7, gen)
+    loss, clipfrac = ppo.value_loss(v, old, ret, m, clip=0.5)
+    losses, clipped_count = [], 0
+    for b in range(5):
+        for t in range(7):
+            if m[b, t]:
+                vc = min(max(v[b, t].item(), old[b, t].item() - 0.5), old[b, t].item() + 0.5)
+                unclipped, clipped = (v[b, t].item() - ret[b, t].item()) ** 2, (vc - ret[b, t].item()) ** 2
+                losses.append(0.5 * max(unclipped, clipped))
+                clipped_count += clipped > unclipped
+    assert abs(loss.item() - sum(losses) / len(losses)) < 1e-5
+    assert abs(clipfrac - clipped_count / len(losses)) < 1e-6
+    far = torch.tensor([[3.0]], requires_grad=True)  # moved 3 away from V_old = 0 towards R = 10: clipped
+    loss, clipfrac = ppo.value_loss(far, torch.zeros(1, 1), torch.full((1, 1), 10.0), torch.ones(1, 1))
+    loss.backward()
+    assert loss.item() == pytest.approx(0.5 * 9.5 ** 2) and clipfrac == 1.0 and far.grad.item() == 0.0
+
+
+def test_k3_kl_loss_gradient_step_reduces_kl_to_reference():
+    torch.manual_seed(13)
+    logits, ref_logits = torch.randn(4, 11, requires_grad=True), torch.randn(4, 11)
+
+    def true_kl():  # KL(π || π_ref), exact over the vocabulary
+        p, ref = torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1)
+        return (p.exp() * (p - ref)).sum(-1).mean().item()
+
+    before = true_kl()
+    for _ in range(5):
+        with torch.no_grad():
+            tokens = torch.distributions.Categorical(logits=logits).sample((2000,)).T  # [4, 2000] from π
+        logp = torch.log_softmax(logits, -1).gather(-1, tokens)
+        ref_logp = torch.log_softmax(ref_logits, -1).gather(-1, tokens)
+        kl_loss = ppo.masked_mean(ppo.kl_penalty(logp, ref_logp, "k3"), torch.ones_like(logp))
+        logits.grad = None
+        kl_loss.backward()
+        with torch.no_grad():
+            logits -= 4.0 * logits.grad
+    assert true_kl() < 0.8 * before
+
+
+def test_masked_positions_never_change_any_loss_or_gradient():
+    gen = torch.Generator().manual_seed(14)
+    m = random_mask(5, 8, gen)
+    inputs = [rand(5, 8, gen=gen, low=-1) for _ in range(4)] + [torch.randn(5, 8, generator=gen) for _ in range(3)]
+    junk = [torch.where(m.bool(), x, torch.full_like(x, 1e4) * (-1) ** i) for i, x in enumerate(inputs)]
+
+    def losses_and_grad(logp, old, ref, entropy, adv, values, returns):
+        logp, values = logp.clone().requires_grad_(), values.clone().requires_grad_()
+        out = [ppo.policy_loss(logp, old, adv, m, agg=agg)[0] for agg in
+               ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]]
+        out += [ppo.masked_mean(entropy, m), ppo.masked_mean(ppo.kl_penalty(logp, ref, "k3"), m),
+                ppo.value_loss(values, old, returns, m)[0]]
+        torch.stack(out).sum().backward()
+        return torch.stack(out).detach(), logp.grad, values.grad
+
+    clean, dirty = losses_and_grad(*inputs), losses_and_grad(*junk)
+    for a, b in zip(clean, dirty):
+        torch.testing.assert_close(a, b)
+    assert torch.all(dirty[1][m == 0] == 0) and torch.all(dirty[2][m == 0] == 0)
+
+
+# ---------------------------------------------------------------- models
+
+@pytest.mark.parametrize("lm", ["qwen2", "gpt2"])  # GPT-2's absolute positions test the position_ids
+def test_actor_logp_and_entropy_equal_log_softmax_of_lm_logits_for_right_and_left_padding(lm):
+    actor, _ = tiny_models()
+    if lm == "gpt2":
+        config = GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=16, bos_token_id=0,
+                            eos_token_id=0)
+        actor = ppo.Actor(GPT2LMHeadModel(config).eval())
+    gen = torch.Generator().manual_seed(15)
+    lengths, T, temperature = [9, 6, 4], 9, 0.7
+    rows = [torch.randint(0, 97, (n,), generator=gen) for n in lengths]
+    for side in ["right", "left"]:
+        ids, attn = torch.zeros(3, T, dtype=torch.long), torch.zeros(3, T, dtype=torch.long)
+        for b, row in enumerate(rows):
+            span = slice(0, len(row)) if side == "right" else slice(T - len(row), T)
+            ids[b, span], attn[b, span] = row, 1
+        logp, entropy = actor(ids, attn, temperature)
+        for b, row in enumerate(rows):
+            with torch.no_grad():  # the oracle: the plain LM on the unpadded row alone
+                logits = actor.lm(row.unsqueeze(0)).logits[0, :-1] / temperature
+            ref_logp = torch.log_softmax(logits, -1).gather(-1, row[1:, None]).squeeze(-1)
+            ref_entropy = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+            start = 0 if side == "right" else T - len(row)
+            torch.testing.assert_close(logp[b, start + 1:start + len(row)], ref_logp, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(entropy[b, start + 1:start + len(row)], ref_entropy, atol=1e-5, rtol=1e-5)
+            assert logp[b, start] == 0 and torch.all(logp[b, attn[b] == 0] == 0)
+
+
+def test_token_values_at_t_are_critic_outputs_at_t_minus_one_also_when_left_padded():
+    _, critic = tiny_models()
+    row = torch.randint(0, 97, (6,), generator=torch.Generator().manual_seed(16))
+    ids, attn = torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long)
+    ids[0, 2:], attn[0, 2:] = row, 1
+    with torch.no_grad():
+        values = ppo.token_values(critic, ids, attn)
+        plain = critic(row.unsqueeze(0)).logits[0, :, 0]
+    torch.testing.assert_close(values[0, 3:], plain[:-1], atol=1e-5, rtol=1e-5)
+    assert torch.all(values[0, :3] == 0)  # padding and the first real token have no preceding state
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "reinforce++"])
+def test_update_runs_end_to_end_with_finite_stats(algo):
+    actor, critic = tiny_models()
+    batch, cfg = rollout_batch(actor, critic, algo)
+    stats = run_update(actor, critic if algo == "ppo" else None, batch, cfg)
+    keys = ["actor/pg_loss", "actor/entropy", "actor/clipfrac", "actor/approx_kl", "actor/grad_norm", "actor/lr"]
+    keys += (["critic/vf_loss", "critic/vpred_mean", "critic/clipfrac", "critic/explained_variance",
+              "critic/grad_norm"] if algo == "ppo" else ["actor/kl_loss"])
+    assert set(keys) <= set(stats) and all(math.isfinite(v) for v in stats.values())
+    assert (algo == "ppo") == ("critic/vf_loss" in stats) and (algo != "ppo") == ("actor/kl_loss" in stats)
+
+
+def test_ppo_updates_raise_the_logprob_of_a_token_with_positive_advantage():
+    actor, critic = tiny_models()
+    batch, cfg = rollout_batch(actor, critic, "ppo")
+    batch.advantages = torch.zeros_like(batch.advantages)
+    batch.advantages[2, 9] = 1.0
+    before = batch.old_logp[2, 9].item()
+    for step in range(3):
+        run_update(actor, critic, batch, dict(cfg, entropy_coef=0.0), lr=1e-2, step=step)
+    with torch.no_grad():
+        after = actor(batch.input_ids, batch.attention_mask)[0][2, 9].item()
+    assert after > before + 0.05
+
+
+def test_grpo_kl_loss_in_update_pulls_the_policy_towards_the_reference():
+    actor, _ = tiny_models()
+    batch, cfg = rollout_batch(actor, None, "grpo")
+    batch.advantages = torch.zeros_like(batch.advantages)
+    cfg = dict(cfg, kl_coef=1.0, entropy_coef=0.0)
+    kl = [run_update(actor, None, batch, cfg, lr=3e-3, step=s)["actor/kl_loss"] for s in range(4)]
+    assert kl[-1] < kl[0]
+
+
+def test_information_tokens_change_no_update():
+    actor, critic = tiny_models()
+    batch, cfg = rollout_batch(actor, critic, "ppo", T=12)
+    batch.response_mask[:, 8:] = 0  # rows now end in a 4-token <information> block
+    changed = copy.deepcopy(batch)
+    changed.input_ids[:, 8:] = (changed.input_ids[:, 8:] + 13) % 97
+    grads, grads_changed = update_gradients(actor, critic, batch, cfg), update_gradients(actor, critic, changed, cfg)
+    assert any(g.abs().sum() > 0 for g in grads)
+    for g, h in zip(grads, grads_changed):
+        torch.testing.assert_close(g, h, atol=0, rtol=0)
+
+
+def test_micro_batch_accumulation_equals_one_pass_over_the_mini_batch():
+    for agg in ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]:
+        actor, critic = tiny_models()
+        batch, cfg = rollout_batch(actor, critic, "ppo")
+        one_pass, accumulated = (update_gradients(actor, critic, batch, dict(cfg, micro_batch_size=micro, loss_agg=agg))
+                                 for micro in [4, 1])
+        for g, h in zip(one_pass, accumulated):
+            torch.testing.assert_close(g, h, atol=1e-7, rtol=1e-4)
+
+
+def test_make_optimizer_first_lr_is_positive_then_warms_up_to_lr_and_stays():
+    opt, sched = ppo.make_optimizer(torch.nn.Linear(2, 2), 1e-3, 0.01, 3, 100)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-3 / 4) and lrs[3:] == [pytest.approx(1e-3)] * 3
+    assert opt.param_groups[0]["weight_decay"] == 0.01
+
+
+def test_nan_in_advantages_raises_a_clear_error_before_the_optimizer_steps():
+    actor, critic = tiny_models()
+    batch, cfg = rollout_batch(actor, critic, "grpo")
+    batch.advantages[2, 9] = float("nan")
+    before = [p.clone() for p in actor.parameters()]
+    with pytest.raises(RuntimeError, match="NaN in actor loss at step 12: lower actor_lr"):
+        run_update(actor, None, batch, cfg, step=12)
+    assert all(torch.equal(p, q) for p, q in zip(before, actor.parameters()))
