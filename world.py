@@ -159,14 +159,27 @@ def build_tokenizer(texts, vocab_size=4096):
 
     Words are split on white space and punctuation before BPE, and the vocabulary is large
     enough for every word of the world to be one token; the tags are atomic added tokens, so
-    `</search>` is one token and a stop string ends exactly at it."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+    `</search>` is one token and a stop string ends exactly at it. Decoding puts one space
+    between words (sub-words carry a ## prefix and are glued back)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok = Tokenizer(models.BPE(unk_token="<unk>", continuing_subword_prefix="##"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<unk>", "<eos>"]))
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, continuing_subword_prefix="##",
+                                                       special_tokens=["<pad>", "<unk>", "<eos>"]))
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in TAGS])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def load_tokenizer(path):
+    """AutoTokenizer, except for a tokenizer built here: AutoTokenizer would swap in the model
+    type's own tokenizer class (Qwen2's byte-level one) and change the tokenisation."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    config = os.path.join(path, "tokenizer_config.json")
+    if os.path.exists(config) and json.load(open(config)).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
 
 
 def tiny_model(vocab_size, hidden_size, layers, heads, seed, num_labels=None):

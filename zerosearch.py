@@ -108,7 +108,7 @@ def load_config(argv):
             args.append(a.split("=", 1))
         else:
             raise SystemExit(f"error: argument {a!r} is not key=value (e.g. steps=10) or --config FILE")
-    overrides = {k.lstrip("-"): yaml.safe_load(v) for k, v in args}
+    overrides = {k.lstrip("-"): _parse_value(v) for k, v in args}
     preset = overrides.get("preset", cfg["preset"])
     if preset:
         files.insert(0, os.path.join(HERE, "presets", f"{preset}.yaml"))
@@ -119,6 +119,16 @@ def load_config(argv):
             _merge(cfg, yaml.safe_load(f) or {}, path)
     _merge(cfg, overrides, "the command line")
     return cfg
+
+
+def _parse_value(text):
+    value = yaml.safe_load(text)
+    if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _merge(cfg, new, source):
@@ -167,7 +177,7 @@ def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seed=0, greedy=
             m = re.search(r"<search>(.*?)</search>\s*$", text, flags=re.DOTALL)
             if m and not last and len(resp[i]) < cfg["max_response_tokens"]:
                 requests.append((i, m.group(1).strip()))
-        docs = engine.search([dict(questions[i], query=q) for i, q in requests], noise_prob, seed * 1000 + turn)
+        docs = engine.search([dict(questions[i], query=q) for i, q in requests], noise_prob, seed * 1000 + turn) if requests else []
         for (i, _), d in zip(requests, docs):
             obs = tok.encode(f" <information> {format_docs(d)} </information>")
             resp[i] += obs
@@ -276,7 +286,7 @@ def load_models(policy_path, cfg, ctx):
     ref = ppo.Actor(AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype)).to(ctx.device).eval().requires_grad_(False)
     critic = None
     if cfg["algo"] == "ppo":
-        critic = AutoModelForTokenClassification.from_pretrained(policy_path, num_labels=1, dtype=dtype).to(ctx.device)
+        critic = AutoModelForTokenClassification.from_pretrained(policy_path, num_labels=1, classifier_dropout=0.0, dtype=dtype).to(ctx.device)
     return actor, ref, critic
 
 
@@ -342,13 +352,13 @@ def setup(cfg, ctx):
             world.prepare_embedded(cfg, cache, log=ctx.print0)
         ctx.barrier()
         w, retriever, sim_path, policy_path = world.prepare_embedded(cfg, cache, log=lambda *a: None)
-        tok = AutoTokenizer.from_pretrained(policy_path)
+        tok = world.load_tokenizer(policy_path)
         test = {"single-hop": [q for q in w.test if q["hops"] == 1], "two-hop": [q for q in w.test if q["hops"] == 2]}
         eval_sets = {k: v[:cfg["eval_size"] // 2] for k, v in test.items()}
         return tok, w.train, eval_sets, retriever, cfg["sim_model"] or sim_path, cfg["policy_model"] or policy_path
     if not cfg["policy_model"]:
         raise SystemExit("error: data is a file, so policy_model must name a model (e.g. policy_model=Qwen/Qwen2.5-3B)")
-    tok = AutoTokenizer.from_pretrained(cfg["policy_model"])
+    tok = world.load_tokenizer(cfg["policy_model"])
     eval_sets = {}
     for item in str(cfg["eval_data"]).split(","):
         name, _, path = item.partition("=")

@@ -1,0 +1,181 @@
+"""Tests of the loop: reward, curriculum, config, the rollout on a scripted policy, the world,
+the retriever and simulator glue, and the smoke run end to end. Oracles are written from the
+formulas (SQuAD's definition, the curriculum equation) or are hand-checked token lists."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+import sim
+import world
+import zerosearch as zs
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----------------------------------------------------------------------------- reward
+@pytest.mark.parametrize("text, expected", [
+    ("The  Eiffel Tower!", "eiffel tower"),
+    ("an apple, a pear", "apple pear"),
+    ("  THEATRE  ", "theatre"),          # "the" inside a word stays
+    ("1,000 years.", "1000 years"),
+])
+def test_normalize_answer_follows_squad(text, expected):
+    assert zs.normalize_answer(text) == expected
+
+
+def test_extract_answer_takes_the_last_answer_of_the_response():
+    assert zs.extract_answer("<answer> a </answer> then <answer> b </answer>") == "b"
+    assert zs.extract_answer("<answer>\nmulti\nline </answer>") == "multi\nline"
+    assert zs.extract_answer("no tags here") is None
+    assert zs.extract_answer("<answer> unclosed") is None
+    assert zs.extract_answer(None) is None
+
+
+def test_scores_of_a_missing_answer_are_zero_and_never_raise():
+    for fn in (zs.f1_score, zs.exact_match, zs.substring_match):
+        assert fn(None, ["x"]) == 0.0
+        assert fn("", ["x"]) == 0.0
+
+
+def test_f1_is_word_overlap_f1_max_over_golds():
+    # pred "the red big house" -> [red, big, house]; gold "big house" -> p = 2/3, r = 1, F1 = 0.8
+    assert zs.f1_score("the red big house", ["big house"]) == pytest.approx(0.8)
+    assert zs.f1_score("the red big house", ["nothing", "big house", "red big house"]) == pytest.approx(1.0)
+    assert zs.f1_score("Paris", ["London"]) == 0.0
+    assert zs.f1_score("a", ["the"]) == 0.0  # both normalise to nothing
+
+
+def test_exact_and_substring_match():
+    assert zs.exact_match("The Beatles.", ["beatles"]) == 1.0
+    assert zs.exact_match("The Beatles band", ["beatles"]) == 0.0
+    assert zs.substring_match("The Beatles band", ["beatles"]) == 1.0
+    assert zs.substring_match("Beatlesque", ["beatles"]) == 0.0  # whole words only
+    assert zs.substring_match("anything", [""]) == 0.0
+
+
+# ----------------------------------------------------------------------------- curriculum
+def test_noise_probability_follows_the_paper_equation():
+    # p_i = p_s + (b^(i/m) - 1)/(b - 1) (p_e - p_s); the paper's b = 4, p_s = 0, p_e = 0.5
+    assert zs.noise_probability(0, 100, 0.0, 0.5, 4.0) == 0.0
+    assert zs.noise_probability(100, 100, 0.0, 0.5, 4.0) == pytest.approx(0.5)
+    for i, expected in [(25, 0.069), (50, 0.167), (75, 0.305)]:  # METHOD.md's published values
+        assert zs.noise_probability(i, 100, 0.0, 0.5, 4.0) == pytest.approx(expected, abs=1e-3)
+    i, m, ps, pe, b = 37, 90, 0.1, 0.7, 2.5
+    assert zs.noise_probability(i, m, ps, pe, b) == pytest.approx(ps + (b ** (i / m) - 1) / (b - 1) * (pe - ps))
+    values = [zs.noise_probability(i, 50, 0.0, 0.5, 4.0) for i in range(51)]
+    assert values == sorted(values)
+
+
+# ----------------------------------------------------------------------------- config
+def test_config_overrides_parse_types_and_presets_apply():
+    cfg = zs.load_config(["steps=7", "actor_lr=1e-4", "curriculum=false", "kl_target=null"])
+    assert cfg["steps"] == 7 and cfg["actor_lr"] == 1e-4 and cfg["curriculum"] is False and cfg["kl_target"] is None
+    smoke = zs.load_config(["preset=smoke", "steps=5"])
+    assert smoke["tiny_hidden"] == 32 and smoke["steps"] == 5  # the command line beats the preset
+
+
+def test_unknown_config_key_is_one_line_error_naming_the_nearest_key(capsys):
+    with pytest.raises(SystemExit) as e:
+        zs.load_config(["actor_lrr=0.1"])
+    msg = str(e.value)
+    assert "actor_lrr" in msg and "'actor_lr'" in msg and "\n" not in msg
+    with pytest.raises(SystemExit, match="not key=value"):
+        zs.load_config(["steps"])
+    with pytest.raises(SystemExit, match="config file not found"):
+        zs.load_config(["preset=nonexistent"])
+
+
+# ----------------------------------------------------------------------------- rollout
+class ScriptedPolicy:
+    """Stands in for `sim.sample`: row r's k-th call returns script[r][k] (text), tokenised."""
+
+    def __init__(self, tok, scripts, prompt_to_row):
+        self.tok, self.scripts, self.prompt_to_row, self.calls = tok, scripts, prompt_to_row, []
+
+    def __call__(self, model, prompts, max_new_tokens, stop=(), **kw):
+        self.calls.append(dict(n=len(prompts), stop=stop))
+        out = []
+        for p in prompts:
+            row = self.prompt_to_row(p)
+            k = sum(1 for c in self.scripts[row]["done"])
+            self.scripts[row]["done"].append(k)
+            out.append(self.tok.encode(self.scripts[row]["turns"][k])[:max_new_tokens])
+        return out, [[0.0] * len(o) for o in out]
+
+
+class RecordingEngine:
+    def __init__(self):
+        self.requests, self.stats = [], {}
+
+    def search(self, requests, noise_prob, seed):
+        self.requests.append([r["query"] for r in requests])
+        return [[f"{r['question'].split()[0]} doc about {r['query']} ."] for r in requests]
+
+
+@pytest.fixture(scope="module")
+def tiny_tok():
+    texts = ["Doc 1: doc about alpha beta gamma . zeta eta theta answer one two three question q0 q1 q2 ."]
+    cfg = zs.load_config([])
+    return world.build_tokenizer(texts + [cfg["prompt_template"], cfg["direct_template"]])
+
+
+def test_rollout_stops_at_search_inserts_documents_and_masks_them(tiny_tok, monkeypatch):
+    tok, cfg = tiny_tok, zs.load_config(["max_turns=2"])
+    questions = [dict(question="q0", golden_answers=["one"]), dict(question="q1", golden_answers=["two"])]
+    scripts = [{"turns": ["<think> zeta </think> <search> alpha </search>", "<answer> one </answer>"], "done": []},
+               {"turns": ["<answer> three </answer>"], "done": []}]
+    prompts = [tok.encode(cfg["prompt_template"].format(question=q["question"])) for q in questions]
+    scripted = ScriptedPolicy(tok, scripts, lambda p: next(i for i, pr in enumerate(prompts) if p[:len(pr)] == pr))
+    monkeypatch.setattr(sim, "sample", scripted)
+    engine = RecordingEngine()
+    ro = zs.rollout(None, tok, questions, engine, cfg)
+    assert engine.requests == [["alpha"]]                      # one batched call, only the searching row
+    assert scripted.calls[0]["stop"] == ("</search>", "</answer>") and scripted.calls[1]["n"] == 1
+    obs = tok.encode(" <information> Doc 1: q0 doc about alpha . </information>")
+    first, second = tok.encode(scripts[0]["turns"][0]), tok.encode(scripts[0]["turns"][1])
+    assert ro.response_ids[0] == first + obs + second         # the sampled ids are kept as sampled
+    assert ro.response_mask[0] == [1] * len(first) + [0] * len(obs) + [1] * len(second)
+    assert ro.response_mask[1] == [1] * len(tok.encode("<answer> three </answer>"))
+    assert ro.answers == ["one", "three"] and ro.searches == [1, 0]
+    assert zs.score(ro, questions) == [1.0, 0.0]
+
+
+def test_rollout_honours_max_turns_then_disables_search(tiny_tok, monkeypatch):
+    tok, cfg = tiny_tok, zs.load_config(["max_turns=2"])
+    q = [dict(question="q2", golden_answers=["x"])]
+    scripts = [{"turns": ["<search> alpha </search>", "<search> beta </search>", "<search> gamma </search>"], "done": []}]
+    scripted = ScriptedPolicy(tok, scripts, lambda p: 0)
+    monkeypatch.setattr(sim, "sample", scripted)
+    engine = RecordingEngine()
+    ro = zs.rollout(None, tok, q, engine, cfg)
+    assert engine.requests == [["alpha"], ["beta"]]             # the third search is not executed
+    assert [c["stop"] for c in scripted.calls] == [("</search>", "</answer>")] * 2 + [("</answer>",)]
+    assert ro.searches == [2] and ro.answers == [None]
+    assert zs.score(ro, q) == [0.0]
+
+
+def test_answer_is_taken_from_policy_tokens_never_from_documents(tiny_tok, monkeypatch):
+    tok, cfg = tiny_tok, zs.load_config(["max_turns=1"])
+    q = [dict(question="q0", golden_answers=["one"])]
+    scripts = [{"turns": ["<search> alpha </search>", "zeta"], "done": []}]
+    monkeypatch.setattr(sim, "sample", ScriptedPolicy(tok, scripts, lambda p: 0))
+
+    class Leaky(RecordingEngine):
+        def search(self, requests, noise_prob, seed):
+            return [["<answer> one </answer>"]]
+
+    ro = zs.rollout(None, tok, q, Leaky(), cfg)
+    assert ro.answers == [None]
+
+
+def test_to_batch_aligns_response_mask_with_tokens(tiny_tok):
+    ro = zs.Rollout(prompt_ids=[[5, 6], [7]], response_ids=[[8, 9, 10], [11]], response_mask=[[1, 0, 1], [1]],
+                    answers=[None, None], searches=[0, 0])
+    ids, attn, rmask = zs.to_batch(ro, pad_id=0, device="cpu")
+    assert ids.tolist() == [[5, 6, 8, 9, 10], [7, 11, 0, 0, 0]]
+    assert attn.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert rmask.tolist() == [[0, 0, 1, 0, 1], [0, 1, 0, 0, 0]]
