@@ -179,3 +179,17 @@ def test_to_batch_aligns_response_mask_with_tokens(tiny_tok):
     assert ids.tolist() == [[5, 6, 8, 9, 10], [7, 11, 0, 0, 0]]
     assert attn.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
     assert rmask.tolist() == [[0, 0, 1, 0, 1], [0, 1, 0, 0, 0]]
+
+
+def test_smoke_run_end_to_end_writes_config_metrics_and_results(tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, os.path.join(HERE, "zerosearch.py"), "preset=smoke", f"out_dir={out}"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in open(out / "metrics_zerosearch.jsonl")]
+    assert [row["step"] for row in rows] == [0, 1, 2]
+    assert all(math.isfinite(row["reward"]) and 0 <= row["noise_prob"] <= 0.5 for row in rows)
+    assert rows[0]["sim/useful"] + rows[0]["sim/noisy"] > 0 or rows[0]["searches"] == 0
+    results = json.load(open(out / "results.json"))
+    assert len(results) == 4 and all(set(v) == {"single-hop", "two-hop"} for v in results.values())
+    assert (out / "results.md").exists() and (out / "config.yaml").exists()

@@ -286,7 +286,9 @@ def load_models(policy_path, cfg, ctx):
     ref = ppo.Actor(AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype)).to(ctx.device).eval().requires_grad_(False)
     critic = None
     if cfg["algo"] == "ppo":
-        critic = AutoModelForTokenClassification.from_pretrained(policy_path, num_labels=1, classifier_dropout=0.0, dtype=dtype).to(ctx.device)
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(policy_path, num_labels=1, classifier_dropout=0.0)  # no dropout in the value head
+        critic = AutoModelForTokenClassification.from_pretrained(policy_path, config=config, dtype=dtype).to(ctx.device)
     return actor, ref, critic
 
 
@@ -376,7 +378,7 @@ def make_engine(backend, cfg, retriever, sim_path, ctx):
             raise SystemExit("error: search_backend=real needs a corpus (set corpus=path/to/corpus.jsonl)")
         return sim.RealEngine(retriever, cfg)
     if backend == "http":
-        return sim.HttpEngine(cfg)
+        raise SystemExit("error: search_backend=http is not implemented yet (issue 5); use sim or real")
     if backend == "sim":
         if not sim_path:
             raise SystemExit("error: search_backend=sim needs sim_model (a fine-tuned simulator's name or path)")
