@@ -297,6 +297,7 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
     import torch
     from tqdm import tqdm
     import ppo
+    cfg = dict(cfg)  # the adaptive KL controller changes kl_coef during this run only
     actor, ref, critic = load_models(policy_path, cfg, ctx)
     actor_opt, actor_sched = ppo.make_optimizer(actor, cfg["actor_lr"], cfg["weight_decay"], cfg["lr_warmup_steps"], cfg["steps"])
     critic_opt, critic_sched = ppo.make_optimizer(critic, cfg["critic_lr"], cfg["weight_decay"], 0, cfg["steps"]) if critic else (None, None)
@@ -323,6 +324,8 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
         # 5. advantages (GAE / group-normalised / REINFORCE++), whitened with global statistics
         advantages, returns, adv_stats = ppo.compute_advantages(cfg["algo"], scores.to(ctx.device), response_mask, old_logp,
                                                                 ref_logp, values, cfg, reduce=ctx.all_sum)
+        cfg["kl_coef"] = ppo.adaptive_kl_coef(cfg["kl_coef"], adv_stats["rollout/kl"], len(qs) * ctx.world,
+                                              cfg["kl_target"], cfg["kl_horizon"])  # fixed when kl_target is null
         # 6. PPO epochs over mini-batches
         batch = ppo.Batch(input_ids, attention_mask, response_mask, old_logp, ref_logp, advantages, values, returns)
         stats = ppo.update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, batch, cfg, step)
