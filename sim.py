@@ -199,10 +199,10 @@ def sft(model, examples, steps, batch_size, lr, seed=0, desc="sft", pad_id=0):
     """Supervised fine-tuning of a causal LM on (token ids, loss mask) examples: AdamW, linear
     warm-up then cosine decay to 10%, next-token cross-entropy on the masked-in tokens only.
     Used for the simulator's fine-tuning and for the tiny policy's format warm-up."""
-    import math, random as _random
+    import math
     import torch
     from tqdm import tqdm
-    rng, device = _random.Random(seed), next(model.parameters()).device
+    rng, device = random.Random(seed), next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
@@ -243,7 +243,7 @@ class SimEngine:
     whole batch, are sampled together in one `sample` call with a KV cache."""
 
     def __init__(self, path, cfg, device="cpu"):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
         self.model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
         import world
         self.tok, self.cfg = world.load_tokenizer(path), cfg

@@ -32,7 +32,6 @@ Deliberate differences from the paper (and why)
 import collections
 import difflib
 import json
-import math
 import os
 import random
 import re
@@ -348,7 +347,6 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
 def setup(cfg, ctx):
     """Tokenizer, train questions, evaluation sets, the real retriever (or None), the simulator's
     and the starting policy's paths: built here for the embedded world, else from the config."""
-    from transformers import AutoTokenizer
     import sim
     import world
     if cfg["data"] == "world":
