@@ -1,18 +1,28 @@
-"""Benchmarks that print markdown tables: `python bench.py <section>`, or `python bench.py all`.
+"""Benchmarks that print markdown tables: `python bench.py` runs every section, `python bench.py
+logprob` or `python bench.py sampler` one. `BENCH_QUICK=1` shrinks every size to check the script
+runs in seconds; its figures mean nothing.
 
-Every variant runs in a fresh subprocess, so its peak memory is its own: we report how far the
-process's peak RSS (VmHWM, reset once the inputs are allocated) rises above its RSS at that point,
-and the mean wall time of two runs after one warm-up. On a CPU-only machine the figures are for
-the torch (CPU) path; GPU figures for the Triton kernels cannot be measured here.
+logprob  peak memory and time of per-token log-prob + entropy + backward, fused and chunked vs
+         naive. Every variant runs in a fresh subprocess, so its peak memory is its own: we report
+         how far the process's peak RSS (VmHWM, reset once the inputs are allocated) rises above its
+         RSS at that point, and the mean wall time of two runs after one warm-up. On a CPU-only
+         machine the figures are for the torch (CPU) path; GPU figures for the Triton kernels
+         cannot be measured here.
+sampler  tokens/s of sim.sample against Hugging Face generate, against batch size.
 """
 import json
+import os
 import subprocess
 import sys
 import time
 
 import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from kernels import logprob_entropy_from_hidden
+from sim import decode_one, prefill, sample
+
+QUICK = os.environ.get("BENCH_QUICK") == "1"
 
 
 def rss_mb(field):  # "VmRSS" (now) or "VmHWM" (peak since the last reset)
@@ -33,7 +43,7 @@ def measure(step, repeats=2):
 
 
 # --- logprob: per-token log-prob + entropy + backward from the last hidden state -----------------
-N, V, D, TEMPERATURE = 4096, 151936, 896, 1.0
+N, V, D, TEMPERATURE = (64, 1000, 32, 1.0) if QUICK else (4096, 151936, 896, 1.0)
 
 
 def logprob_inputs():
@@ -82,12 +92,88 @@ def bench_logprob():
     print("\nGPU (Triton kernel) figures cannot be measured on this CPU-only machine.\n")
 
 
-SECTIONS = {"logprob": bench_logprob}
+# --- sampler: tokens/s of sim.sample against Hugging Face generate ----------------------------------
+# Sampling at temperature 1 with EOS disabled, so both produce MAX_NEW_TOKENS per row; prompts are
+# ragged (20-60 tokens).
+MAX_NEW_TOKENS = 4 if QUICK else 64
+SAMPLER_MODELS = {  # name -> (config, batch sizes)
+    "tiny policy (1024 vocab, 4x128)": (Qwen2Config(
+        vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True), [1, 8] if QUICK else [1, 8, 32, 64, 128]),
+    "random Qwen2 ~100M (32k vocab, 10x640)": (Qwen2Config(
+        vocab_size=32000, hidden_size=640, intermediate_size=1728, num_hidden_layers=2 if QUICK else 10,
+        num_attention_heads=10, num_key_value_heads=2), [2] if QUICK else [64]),
+}
+
+
+def sampler_prompts(batch_size: int, vocab_size: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(20, 61, (batch_size,), generator=g).tolist()
+    return [torch.randint(1, vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_generate(model, prompts):
+    P = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=MAX_NEW_TOKENS,
+                   do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0, eos_token_id=None)
+
+
+def ours(model, prompts):
+    sample(model, prompts, MAX_NEW_TOKENS, temperature=1.0, eos_token_id=[], seed=0)
+
+
+@torch.inference_mode()
+def forward_only(model, prompts):
+    """The model's forwards alone (prefill + one decode per token, argmax, no bookkeeping): the
+    ceiling for any sampler that calls the Hugging Face forward."""
+    logits, cache, mask, position_ids = prefill(model, prompts, MAX_NEW_TOKENS)
+    P = mask.shape[1] - MAX_NEW_TOKENS
+    for t in range(MAX_NEW_TOKENS - 1):
+        logits = decode_one(model, logits.argmax(-1), mask[:, :P + t + 1], position_ids + t, cache)
+
+
+def best_seconds(fns, model, prompts, repeats: int):
+    """Best of `repeats` timed runs of each fn, after one warm-up run; runs interleave so that
+    load from other processes hits both alike."""
+    for fn in fns:
+        fn(model, prompts)
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn(model, prompts)
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
+def bench_sampler():
+    print(f"### sampler: tokens/s, {torch.get_num_threads()} torch threads, {MAX_NEW_TOKENS} new tokens a row, "
+          "prompts 20-60 tokens; generated tokens over the whole call (prefill included)\n")
+    print("| model | batch | HF generate tok/s | sim.sample tok/s | speed-up | forwards alone tok/s | ceiling |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, (config, batch_sizes) in SAMPLER_MODELS.items():
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(config).eval()
+        repeats = 1 if QUICK else 3 if config.hidden_size < 256 else 2
+        for batch_size in batch_sizes:
+            prompts = sampler_prompts(batch_size, config.vocab_size)
+            seconds = best_seconds([hf_generate, ours, forward_only], model, prompts, repeats)
+            hf, ws, fw = (len(prompts) * MAX_NEW_TOKENS / s for s in seconds)
+            print(f"| {name} | {batch_size} | {hf:,.0f} | {ws:,.0f} | {ws / hf:.2f}x | {fw:,.0f} | {fw / hf:.2f}x |",
+                  flush=True)
+    print()
+
+
+SECTIONS = {"logprob": bench_logprob, "sampler": bench_sampler}
 
 if __name__ == "__main__":
     section = sys.argv[1] if len(sys.argv) > 1 else "all"
     if section == "--variant":
         print(json.dumps(VARIANTS[sys.argv[2]]()))
+    elif section != "all" and section not in SECTIONS:
+        raise SystemExit(f"usage: python bench.py [{' | '.join(SECTIONS)}]  (no argument: all of them)")
     else:
         for name in SECTIONS if section == "all" else [section]:
             SECTIONS[name]()

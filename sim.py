@@ -1,22 +1,91 @@
-"""Sampling with a KV cache for the policy rollouts and for the simulator.
+"""Sampling with a KV cache for the policy rollouts and for the simulator; the search engines;
+simulator fine-tuning.
 
 `sample` is the one hand-written sampler: a left-padded prefill in one forward, then a decode
-loop that feeds one token per row through a transformers `DynamicCache`. Rows that hit EOS or a
+loop that feeds one token per row through a transformers `DynamicCache` whose full-attention layers
+are preallocated for the whole call (`PreallocatedLayer`). Rows that hit EOS or a
 stop string are dropped from the batch and from the cache, so finished rows cost nothing more.
 It works with any Hugging Face causal LM; test_sampler.py checks it against `model.generate`
-and against an uncached forward, bench_sampler.py measures it against `model.generate`.
+and against an uncached forward, `python bench.py sampler` measures it against `model.generate`.
+
+Search engines, all with `.search(requests, noise_prob, seed) -> documents per request` and `.stats`:
+  SimEngine   search_backend=sim: the simulator LLM in this process, sampled with `sample`.
+  HttpEngine  search_backend=http: the same prompts sent to a served simulator (vLLM, SGLang) at
+              `POST {sim_url}/completions`; sim_served_model names the model the server expects.
+  RealEngine  search_backend=real: BM25 over a local corpus.
+
+Simulator fine-tuning (the embedded default runs the same `train_simulator` on the world's rows):
+    python sim.py train data=rows.jsonl model=Qwen/Qwen2.5-7B out=my_simulator [steps=1000 batch_size=2 lr=1e-6 seed=0]
+rows.jsonl holds one JSON object a line:
+    {"query": "...", "question": "...", "answer": "...", "label": "useful" | "noisy",
+     "documents": ["first document", "second document", ...] | "Doc 1: ... Doc 2: ...",
+     "evidence": ["...", ...]}   # optional: facts shown to the simulator (`{evidence}` in the template)
+The simulator learns to write the documents after the control prompt `sim_template_finetuned` of
+config.yaml (with `topk` as k); the loss is on the documents only. Defaults are the paper's SFT
+(1000 steps, batch 2, lr 1e-6); it runs in one process, on the GPU if there is one.
 """
 import functools
+import json
+import os
 import random
 import re
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 # ---------------------------------------------------------------- sampler
+
+class PreallocatedLayer(DynamicLayer):
+    """One attention layer's KV cache in buffers [B, H, capacity, D] sized for the whole call, so a
+    decode step writes its key and value in place where DynamicLayer `torch.cat`s the whole cache
+    again (the cat was 20% of a decode step at batch 64 on the tiny policy). keys/values are views
+    of the filled part. `sample` only calls update, get_seq_length and batch_select_indices."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states, value_states):
+        B, H, _, D = key_states.shape
+        self.device = key_states.device
+        self.key_buffer = key_states.new_empty(B, H, self.capacity, D)
+        self.value_buffer = value_states.new_empty(B, value_states.shape[1], self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        self.key_buffer[:, :, self.length:end] = key_states
+        self.value_buffer[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices):
+        if self.is_initialized:
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+
+
+def preallocated_cache(config, capacity: int):
+    """The model's DynamicCache with each full-attention layer preallocated for `capacity` positions;
+    any other kind of layer (sliding window, linear attention) is kept as the model defines it."""
+    cache = DynamicCache(config=config)
+    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
 
 def prefill(model, prompts, max_new_tokens: int):
     """Left-pad `prompts` and run them in one forward -> (logits at the last position [B, V],
@@ -26,7 +95,7 @@ def prefill(model, prompts, max_new_tokens: int):
     mask = torch.tensor([[0] * (P - len(p)) + [1] * (len(p) + max_new_tokens) for p in prompts],
                         device=model.device)
     position_ids = (mask[:, :P].cumsum(-1) - 1).clamp(min=0)  # left padding: first real token at 0
-    cache = DynamicCache(config=model.config)
+    cache = preallocated_cache(model.config, P + max_new_tokens)
     logits = model(input_ids=input_ids, attention_mask=mask[:, :P], position_ids=position_ids,
                    cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     return logits, cache, mask, position_ids[:, -1:] + 1
@@ -92,7 +161,8 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, 
            eos_token_id=None, seed=None, tokenizer=None):
     """prompts: list of token-id lists (ragged) -> (tokens, logprobs): per prompt the new token
     ids and their log-probs. A row ends with its EOS token or with the token that completed a
-    stop string, or after max_new_tokens. temperature=0 is greedy."""
+    stop string, or after max_new_tokens. temperature=0 is greedy. `seed`: an int for the batch,
+    or one int per prompt, so that a row's draws do not depend on the other rows of its batch."""
     if stop and tokenizer is None:
         raise ValueError("sample(stop=...) needs a tokenizer to decode the new tokens")
     if any(len(p) == 0 for p in prompts):
@@ -103,7 +173,10 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, 
     if eos_token_id is None:
         eos_token_id = model.generation_config.eos_token_id
     eos = torch.tensor([] if eos_token_id is None else eos_token_id, device=device).long().view(-1)
-    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+    generator = None if seed is None or isinstance(seed, list) else torch.Generator(device).manual_seed(seed)
+    if isinstance(seed, list):  # [B, max_new_tokens]: row i's t-th uniform comes from its own stream
+        row_uniforms = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s))
+                                    for s in seed]).to(device)
     was_training = model.training
     model.eval()
     try:
@@ -119,7 +192,7 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, 
             tail = max(len(s.encode()) for s in stop) + 1
         for t in range(max_new_tokens):
             # one uniform per prompt, drawn for all B, so a row's draw does not depend on which rows are live
-            uniform = 1 - torch.rand(B, generator=generator, device=device)[rows]
+            uniform = 1 - (row_uniforms[rows, t] if isinstance(seed, list) else torch.rand(B, generator=generator, device=device)[rows])
             tokens, logp = sample_next(logits, temperature, top_k, top_p, uniform)
             out_tokens[rows, t], out_logp[rows, t] = tokens, logp
             done = torch.isin(tokens, eos)
@@ -251,18 +324,91 @@ class SimEngine:
         self.stats = {"useful": 0, "noisy": 0, "malformed": 0}
 
     def search(self, requests, noise_prob, seed):
-        rng, k = random.Random(seed), self.cfg["topk"]
-        kinds = ["noisy" if rng.random() < noise_prob else "useful" for _ in requests]
-        prompts = [self.tok.encode(sim_prompt(self.template, r, kind, k)) for r, kind in zip(requests, kinds)]
+        kinds = draw_kinds(len(requests), noise_prob, seed)
+        prompts = [self.tok.encode(sim_prompt(self.template, r, kind, self.cfg["topk"])) for r, kind in zip(requests, kinds)]
         outs, _ = sample(self.model, prompts, self.cfg["sim_max_tokens"], temperature=self.cfg["sim_temperature"],
                          eos_token_id=self.tok.eos_token_id, seed=seed)
-        results = []
-        for kind, out in zip(kinds, outs):
-            docs = parse_docs(TAG_RE.sub(" ", self.tok.decode(out, skip_special_tokens=True)), k)
-            self.stats[kind] += 1
-            self.stats["malformed"] += len(docs) < k  # no Doc lines, or fewer than k: keep what there is
-            results.append([truncate(self.tok, d, self.cfg["doc_tokens"]) for d in docs])
-        return results
+        texts = [self.tok.decode(out, skip_special_tokens=True) for out in outs]
+        return read_documents(self.tok, texts, kinds, self.cfg, self.stats)
+
+
+def draw_kinds(n, noise_prob, seed):
+    """The curriculum's draw for each of n requests: noisy with probability noise_prob, else useful.
+    `seed`: an int for the call, or one int per request (a request's draw then ignores the others)."""
+    if isinstance(seed, list):
+        return ["noisy" if random.Random(s).random() < noise_prob else "useful" for s in seed]
+    rng = random.Random(seed)
+    return ["noisy" if rng.random() < noise_prob else "useful" for _ in range(n)]
+
+
+def read_documents(tok, texts, kinds, cfg, stats):
+    """The simulator's output texts -> per request at most k documents, each cut to doc_tokens.
+    Counts each kind, and as malformed an output with fewer than k documents (no `Doc` line, too
+    few, empty): what there is is kept, so bad simulator output never stops a training step."""
+    results = []
+    for kind, text in zip(kinds, texts):
+        docs = parse_docs(TAG_RE.sub(" ", text), cfg["topk"])
+        stats[kind] += 1
+        stats["malformed"] += len(docs) < cfg["topk"]
+        results.append([truncate(tok, d, cfg["doc_tokens"]) for d in docs])
+    return results
+
+
+HTTP_CHUNK = 64  # prompts per request; vLLM and SGLang batch a request's list of prompts
+RETRY_BACKOFF = 1.0  # seconds before the second attempt, doubled after each failure
+
+
+class HttpEngine:
+    """The simulated search engine served elsewhere (vLLM or SGLang on their own GPUs, as the paper
+    serves its 7B/14B simulator): the same draws, prompts and parsing as SimEngine, sent as text to
+    an OpenAI-compatible `POST {sim_url}/completions`, HTTP_CHUNK prompts a request, all requests of
+    a call at once. `tok` (the simulator's tokenizer) only cuts documents to doc_tokens."""
+
+    def __init__(self, cfg, tok, served_model):
+        self.cfg, self.tok, self.served_model = cfg, tok, served_model
+        self.template = cfg[f"sim_template_{cfg['sim_style']}"]
+        self.url = cfg["sim_url"].rstrip("/") + "/completions"
+        self.stats = {"useful": 0, "noisy": 0, "malformed": 0}
+
+    def search(self, requests, noise_prob, seed):
+        if not requests:
+            return []
+        kinds = draw_kinds(len(requests), noise_prob, seed)
+        prompts = [sim_prompt(self.template, r, kind, self.cfg["topk"]) for r, kind in zip(requests, kinds)]
+        # the API takes one seed a request: with a seed per request, each chunk sends its first one
+        seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
+        starts = range(0, len(prompts), HTTP_CHUNK)
+        with ThreadPoolExecutor(len(starts)) as pool:
+            replies = pool.map(lambda i: self.complete(prompts[i:i + HTTP_CHUNK], seeds[i]), starts)
+            texts = [text for reply in replies for text in reply]
+        return read_documents(self.tok, texts, kinds, self.cfg, self.stats)
+
+    def complete(self, prompts, seed: int):
+        """One request for a list of prompts -> their texts (choices ordered by `index`; a choice
+        that is missing gives ""). Bounded retries with doubling backoff, then one clear error."""
+        body = json.dumps({"model": self.served_model, "prompt": prompts, "max_tokens": self.cfg["sim_max_tokens"],
+                           "temperature": self.cfg["sim_temperature"], "top_p": 1.0, "seed": seed}).encode()
+        request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
+        attempts = self.cfg["sim_retries"]
+        for attempt in range(1, attempts + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=self.cfg["sim_timeout"]) as response:
+                    texts = [""] * len(prompts)
+                    for choice in json.load(response)["choices"]:
+                        if choice.get("index") in range(len(prompts)):
+                            texts[choice["index"]] = choice.get("text") or ""
+                    return texts
+            except urllib.error.HTTPError as e:
+                reason = f"HTTP {e.code} {e.read()[:200].decode(errors='replace')}"
+                if 400 <= e.code < 500 and e.code not in (408, 429):  # the request itself is wrong: retrying can't help
+                    raise SystemExit(f"error: search_backend=http: {self.url} refused the request: {reason}; "
+                                     f"check sim_served_model (sent {self.served_model!r})")
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # refused, timed out, or not JSON with choices
+                reason = f"{type(e).__name__}: {e}"
+            if attempt < attempts:
+                time.sleep(RETRY_BACKOFF * 2 ** (attempt - 1))
+        raise SystemExit(f"error: search_backend=http: {self.url} failed after {attempts} attempts: {reason}; "
+                         "check sim_url and that the server is up")
 
 
 def truncate(tok, text, n_tokens):
@@ -293,3 +439,80 @@ def train_simulator(model, tok, rows, cfg, steps, batch_size, lr, seed=0):
         target = tok.encode(" " + format_docs(docs)) + [tok.eos_token_id]
         examples.append((prompt + target, [0] * len(prompt) + [1] * len(target)))
     return sft(model, examples, steps, batch_size, lr, seed, "simulator fine-tuning", tok.pad_token_id)
+
+
+# ---------------------------------------------------------------- python sim.py train ...
+
+SIM_ROW_KEYS = ("query", "question", "answer", "documents", "label")
+TRAIN_DEFAULTS = dict(data=None, model=None, out="simulator", steps=1000, batch_size=2, lr=1e-6, seed=0)  # the paper's SFT
+
+
+def read_simulator_rows(path):
+    """Simulation fine-tuning rows from a JSONL file (the form is in the module docstring); a row
+    a user got wrong is one clear line naming it."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: data file not found: {path}")
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise SystemExit(f"error: {path} line {n} is not JSON")
+            docs = row.get("documents") if isinstance(row, dict) else None
+            if (not isinstance(row, dict) or any(k not in row for k in SIM_ROW_KEYS) or row["label"] not in ("useful", "noisy")
+                    or not (isinstance(docs, list) and docs or isinstance(docs, str) and parse_docs(docs, 20))):
+                raise SystemExit(f"error: {path} line {n}: a row needs {', '.join(SIM_ROW_KEYS)}, label useful or noisy, "
+                                 "and documents as a list of strings or one 'Doc 1: ... Doc 2: ...' string")
+            rows.append(row)
+    if not rows:
+        raise SystemExit(f"error: {path} holds no rows")
+    return rows
+
+
+def main(argv):
+    """`python sim.py train data=rows.jsonl model=NAME_OR_DIR [out=DIR steps=N batch_size=N lr=X seed=N]`"""
+    if not argv or argv[0] != "train":
+        raise SystemExit("usage: python sim.py train data=rows.jsonl model=NAME_OR_DIR [out=DIR steps=N batch_size=N lr=X seed=N]")
+    args = dict(TRAIN_DEFAULTS)
+    for arg in argv[1:]:
+        key, eq, value = arg.partition("=")
+        if not eq or key not in args:
+            raise SystemExit(f"error: sim.py train takes key=value with key one of {', '.join(args)}; got {arg!r}")
+        try:
+            args[key] = value if TRAIN_DEFAULTS[key] is None or isinstance(TRAIN_DEFAULTS[key], str) \
+                else type(TRAIN_DEFAULTS[key])(value)
+        except ValueError:
+            raise SystemExit(f"error: {key}={value} is not a number of type {type(TRAIN_DEFAULTS[key]).__name__}")
+    if not args["data"] or not args["model"]:
+        raise SystemExit("error: sim.py train needs data=rows.jsonl and model=... (a Hugging Face name, or a "
+                         "directory holding a model and its tokenizer)")
+    rows = read_simulator_rows(args["data"])
+    import yaml
+    from transformers import AutoModelForCausalLM
+    import world
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.yaml")) as f:
+        cfg = yaml.safe_load(f)  # the control prompt and k the simulator will be prompted with
+    try:
+        tok = world.load_tokenizer(args["model"])
+        model = AutoModelForCausalLM.from_pretrained(args["model"])
+    except OSError as e:
+        raise SystemExit(f"error: cannot load model {args['model']!r}: {str(e).splitlines()[0]}")
+    if tok.eos_token_id is None:
+        raise SystemExit(f"error: the tokenizer of {args['model']!r} has no EOS token to end the documents with")
+    if tok.pad_token is None:  # padding is masked out of the loss; any id will do
+        tok.pad_token = tok.eos_token
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(args["seed"])
+    loss = train_simulator(model, tok, rows, dict(cfg, sim_style="finetuned"), args["steps"], args["batch_size"],
+                           args["lr"], args["seed"])
+    model.save_pretrained(args["out"])
+    tok.save_pretrained(args["out"])
+    print(f"simulator fine-tuned on {len(rows)} rows ({args['steps']} steps, last loss {loss:.3f}), saved to {args['out']}")
+
+
+if __name__ == "__main__":
+    import sys
+    main(sys.argv[1:])

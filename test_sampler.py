@@ -20,6 +20,8 @@ def tiny_model(kind="qwen2"):
     torch.manual_seed(0)
     if kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**TINY))
+    elif kind == "qwen2-sliding":  # layer 0 full attention (a preallocated cache), layer 1 a 4-token window (HF's own)
+        model = Qwen2ForCausalLM(Qwen2Config(**TINY, use_sliding_window=True, sliding_window=4, max_window_layers=1))
     elif kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**TINY))
     else:
@@ -72,7 +74,7 @@ def test_greedy_equals_hf_generate_on_ragged_prompts(kind):
     assert any(len(row) < 16 for row in tokens) and any(len(row) == 16 for row in tokens)
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "gpt2", "qwen2-sliding"])
 def test_cached_decode_equals_uncached_forward(kind):
     model, prompts = tiny_model(kind), ragged_prompts()
     tokens, _ = sample(model, prompts, 12, temperature=0, eos_token_id=[])

@@ -1,0 +1,263 @@
+"""The search engines and simulator fine-tuning of sim.py. The http engine is tested against a real
+HTTP server on loopback that serves a tiny simulator through `sim.sample`; the oracle for its
+documents is a simulator whose greedy output is known by construction (a word-successor table)."""
+import contextlib
+import http.server
+import json
+import socket
+import threading
+import time
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+import sim
+import world
+
+TEMPLATE = "Write {k} {kind} documents . {Kind} Query : {query}"  # ends with the query, so each query has its own chain
+CFG = dict(topk=3, doc_tokens=40, sim_style="finetuned", sim_template_finetuned=TEMPLATE, sim_temperature=0.0,
+           sim_max_tokens=24, sim_url=None, sim_timeout=5, sim_retries=3)
+
+
+def chain(i, n_docs):
+    """Query word q{i}, then n_docs documents `a{i}{d} b{i}{d}`, each after its own `Doc` label."""
+    words = [f"q{i}"]
+    for d in range(1, n_docs + 1):
+        words += [f"Doc{'0' * i}{d}:", f"a{i}{d}", f"b{i}{d}"]  # zeros keep labels distinct across chains
+    return words
+
+
+N_DOCS = [3, 3, 1, 4, 0, 3]  # 1 and 0 documents are malformed; 4 is cut to k = 3
+CHAINS = [chain(i, n) for i, n in enumerate(N_DOCS)]
+REQUESTS = [dict(question=f"question {i}", golden_answers=["x"], query=f"q{i}") for i in range(len(CHAINS))]
+SEEDS = [101, 102, 103, 104, 105, 106]  # one per request, as the rollout passes them
+EXPECTED_DOCS = [[f"a{i}{d} b{i}{d}" for d in range(1, min(n, 3) + 1)] for i, n in enumerate(N_DOCS)]
+
+
+def successor_simulator(path):
+    """Save to `path` a one-layer Qwen2 and a word-level tokenizer whose greedy continuation of a
+    prompt follows CHAINS from the prompt's last word, then EOS: its layer adds nothing (o_proj and
+    down_proj are zero), the embeddings are one-hot, and the lm_head maps each word to the next."""
+    words = ["<pad>", "<unk>", "<eos>"] + sorted({w for c in CHAINS for w in c} | set(TEMPLATE.split()) | {"useful", "noisy"})
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+    H = 128
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(words), hidden_size=H, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                                         eos_token_id=vocab["<eos>"], pad_token_id=0))
+    with torch.no_grad():
+        layer = model.model.layers[0]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.copy_(torch.eye(len(words), H))
+        head = torch.zeros(len(words), H)
+        head[vocab["<eos>"], :len(words)] = 0.5  # EOS unless the word has a successor
+        for c in CHAINS:
+            for word, successor in zip(c, c[1:]):
+                head[vocab[successor], vocab[word]] = 1.0
+        model.lm_head.weight.copy_(head)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@contextlib.contextmanager
+def serve(respond):
+    """A ThreadingHTTPServer on 127.0.0.1 (a free port) whose POST /v1/completions answers
+    respond(request body) -> (status, reply body); yields (base url, list of request bodies)."""
+    bodies = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            bodies.append(body)
+            status, reply = respond(body) if self.path == "/v1/completions" else (404, {"error": "not found"})
+            data = json.dumps(reply).encode() if not isinstance(reply, bytes) else reply
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.handle_error = lambda *args: None  # a client that timed out and left is expected here
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", bodies
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def sampling_server(path):
+    """What vLLM does with a completions request, with sim.sample: tokenize each prompt, sample,
+    decode without special tokens; the choices come back in reverse order, as `index` says which is which."""
+    model, tok = Qwen2ForCausalLM.from_pretrained(path).eval(), world.load_tokenizer(path)
+
+    def respond(body):
+        outs, _ = sim.sample(model, [tok.encode(p) for p in body["prompt"]], body["max_tokens"],
+                             temperature=body["temperature"], top_p=body["top_p"], eos_token_id=tok.eos_token_id,
+                             seed=body["seed"])
+        choices = [{"index": i, "text": tok.decode(o, skip_special_tokens=True)} for i, o in enumerate(outs)]
+        return 200, {"object": "text_completion", "choices": choices[::-1]}
+    return respond
+
+
+def test_http_engine_gives_the_documents_of_the_in_process_simulator(tmp_path, monkeypatch):
+    path = successor_simulator(tmp_path / "sim")
+    monkeypatch.setattr(sim, "HTTP_CHUNK", 4)  # 6 requests -> 2 requests of 4 and 2 prompts
+    with serve(sampling_server(path)) as (url, bodies):
+        engine = sim.HttpEngine(dict(CFG, sim_url=url + "/"), world.load_tokenizer(path), "tiny-sim")
+        docs = engine.search(REQUESTS, noise_prob=0.5, seed=SEEDS)
+    local = sim.SimEngine(path, CFG)
+    assert docs == local.search(REQUESTS, noise_prob=0.5, seed=SEEDS) == EXPECTED_DOCS
+    assert engine.stats == local.stats == {"useful": engine.stats["useful"], "noisy": 6 - engine.stats["useful"],
+                                           "malformed": 2}
+    assert 0 < engine.stats["useful"] < 6
+    kinds = sim.draw_kinds(6, 0.5, SEEDS)
+    sent = sorted(bodies, key=lambda b: len(b["prompt"]), reverse=True)
+    assert [p for b in sent for p in b["prompt"]] == [sim.sim_prompt(TEMPLATE, r, kind, 3) for r, kind in zip(REQUESTS, kinds)]
+    assert all(b["model"] == "tiny-sim" and b["max_tokens"] == 24 and b["temperature"] == 0.0 for b in bodies)
+    assert [b["seed"] for b in sent] == [SEEDS[0], SEEDS[4]]  # one seed a request: its first prompt's
+
+
+class WhitespaceTok:
+    """Stands in for a tokenizer where documents are never cut: one token a word."""
+    def encode(self, text):
+        return text.split()
+
+
+def test_malformed_output_is_counted_and_never_raises():
+    texts = ["no document lines here", "Doc 1: only one", "", "Doc 1: a Doc 2: b Doc 3: c Doc 4: d"]
+    # the fifth prompt gets no choice at all, and a stray index is ignored
+    reply = {"choices": [{"index": i, "text": t} for i, t in enumerate(texts)] + [{"index": 9, "text": "Doc 1: x"}]}
+    with serve(lambda body: (200, reply)) as (url, _):
+        engine = sim.HttpEngine(dict(CFG, sim_url=url), WhitespaceTok(), "m")
+        docs = engine.search(REQUESTS[:5], noise_prob=0.0, seed=0)
+    assert docs == [[], ["only one"], [], ["a", "b", "c"], []]
+    assert engine.stats == {"useful": 5, "noisy": 0, "malformed": 4}
+
+
+def test_server_errors_are_retried_sim_retries_times_then_one_clear_error(monkeypatch):
+    monkeypatch.setattr(sim, "RETRY_BACKOFF", 0.01)
+    with serve(lambda body: (500, {"error": "overloaded"})) as (url, bodies):
+        engine = sim.HttpEngine(dict(CFG, sim_url=url, sim_retries=3), WhitespaceTok(), "m")
+        with pytest.raises(SystemExit, match=r"search_backend=http: .*/v1/completions failed after 3 attempts: HTTP 500.*"
+                                             r"check sim_url and that the server is up"):
+            engine.search(REQUESTS[:2], 0.0, 0)
+    assert len(bodies) == 3
+
+
+def test_a_request_the_server_rejects_is_not_retried(monkeypatch):
+    monkeypatch.setattr(sim, "RETRY_BACKOFF", 0.01)
+    with serve(lambda body: (404, {"error": "model 'm' does not exist"})) as (url, bodies):
+        engine = sim.HttpEngine(dict(CFG, sim_url=url, sim_retries=3), WhitespaceTok(), "m")
+        with pytest.raises(SystemExit, match="HTTP 404.*does not exist.*check sim_served_model"):
+            engine.search(REQUESTS[:2], 0.0, 0)
+    assert len(bodies) == 1
+
+
+def test_the_timeout_is_honoured_on_every_attempt(monkeypatch):
+    monkeypatch.setattr(sim, "RETRY_BACKOFF", 0.01)
+
+    def slow(body):
+        time.sleep(1.0)
+        return 200, {"choices": []}
+    with serve(slow) as (url, bodies):
+        engine = sim.HttpEngine(dict(CFG, sim_url=url, sim_timeout=0.2, sim_retries=2), WhitespaceTok(), "m")
+        start = time.perf_counter()
+        with pytest.raises(SystemExit, match="failed after 2 attempts: .*timed out"):
+            engine.search(REQUESTS[:1], 0.0, 0)
+        assert time.perf_counter() - start < 1.5  # two 0.2 s timeouts, not two of the server's 1 s
+    assert len(bodies) == 2
+
+
+def test_no_server_at_sim_url_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(sim, "RETRY_BACKOFF", 0.01)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    engine = sim.HttpEngine(dict(CFG, sim_url=f"http://127.0.0.1:{port}/v1", sim_retries=2), WhitespaceTok(), "m")
+    with pytest.raises(SystemExit, match="failed after 2 attempts: .*refused.*check sim_url"):
+        engine.search(REQUESTS[:1], 0.0, 0)
+
+
+# ---------------------------------------------------------------- python sim.py train
+
+def sim_rows():
+    """Rows in the documented JSONL form, documents as a list and as `Doc i:` text."""
+    rows = []
+    for i, (city, year) in enumerate(zip(["Bralo", "Kento", "Mirda", "Tovas"], ["1901", "1932", "1950", "1877"])):
+        for label in ("useful", "noisy"):
+            where = city if label == "useful" else "Zaru"
+            docs = [f"Person{i} was born in {where} .", f"Person{i} was born in the year {year} ."]
+            rows.append(dict(query=f"Person{i} born", question=f"Where was Person{i} born ?", answer=city, label=label,
+                             documents=docs if i % 2 else sim.format_docs(docs)))
+    return rows
+
+
+def tiny_model_dir(path, rows):
+    """A tiny random Qwen2 and a tokenizer trained on the rows and the config's template, saved as a model dir."""
+    import zerosearch
+    cfg = zerosearch.load_config([])
+    texts = [cfg["sim_template_finetuned"], "useful noisy Useful Noisy Doc 1 : Doc 2 :"]
+    texts += [" ".join([r["query"], r["question"], r["answer"], str(r["documents"])]) for r in rows]
+    tok = world.build_tokenizer(texts, vocab_size=400)
+    world.tiny_model(len(tok), 32, 2, 2, seed=0).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path), cfg
+
+
+@torch.no_grad()
+def documents_loss(path, rows, cfg):
+    """Mean cross-entropy of each row's documents after its control prompt, under the model saved at `path`."""
+    model, tok = Qwen2ForCausalLM.from_pretrained(path).eval(), world.load_tokenizer(path)
+    losses = []
+    for r in rows:
+        request = dict(query=r["query"], question=r["question"], golden_answers=[r["answer"]])
+        prompt = tok.encode(sim.sim_prompt(cfg["sim_template_finetuned"], request, r["label"], cfg["topk"]))
+        docs = r["documents"] if isinstance(r["documents"], list) else sim.parse_docs(r["documents"], 5)
+        target = tok.encode(" " + sim.format_docs(docs)) + [tok.eos_token_id]
+        ids = torch.tensor([prompt + target])
+        labels = torch.tensor([[-100] * len(prompt) + target])
+        losses.append(model(input_ids=ids, labels=labels).loss.item())
+    return sum(losses) / len(losses)
+
+
+def test_sim_train_fine_tunes_and_saves_a_simulator_that_loads(tmp_path):
+    rows = sim_rows()
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model_dir, cfg = tiny_model_dir(tmp_path / "tiny", rows)
+    out = tmp_path / "trained"
+    sim.main(["train", f"data={data}", f"model={model_dir}", f"out={out}", "steps=40", "batch_size=4", "lr=1e-2", "seed=1"])
+    before, after = documents_loss(model_dir, rows, cfg), documents_loss(out, rows, cfg)
+    assert after < 0.5 * before, (before, after)  # measured 5.37 -> 0.71
+    engine = sim.SimEngine(str(out), dict(cfg, sim_max_tokens=8))  # loads as a simulator
+    assert len(engine.search([dict(question="q", golden_answers=["a"], query="Person1 born")], 0.0, 0)) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "data=rows.jsonl", "model=m", "stpes=3"], "key one of data, model, out, steps"),
+    (["train", "data=rows.jsonl", "model=m", "steps=many"], "steps=many is not a number of type int"),
+    (["train", "model=m"], "needs data=rows.jsonl and model="),
+    (["train", "data=/no/such/rows.jsonl", "model=m"], "data file not found: /no/such/rows.jsonl"),
+    (["train", "data={bad}", "model=m"], "line 2: a row needs query, question, answer, documents, label"),
+    (["train", "data={good}", "model={tmp}/no_model"], "cannot load model"),
+    (["fit"], "usage: python sim.py train"),
+])
+def test_sim_train_errors_are_one_clear_line(tmp_path, args, message):
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text(json.dumps(sim_rows()[0]) + "\n")
+    bad.write_text(json.dumps(sim_rows()[0]) + "\n" + json.dumps(dict(sim_rows()[0], label="maybe")) + "\n")
+    args = [a.format(bad=bad, good=good, tmp=tmp_path) for a in args]
+    with pytest.raises(SystemExit, match=message):
+        sim.main(args)
