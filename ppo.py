@@ -176,7 +176,9 @@ def compute_advantages(algo, scores, response_mask, old_logp, ref_logp, values, 
     """-> (advantages [B, T], returns [B, T] for PPO else None, stats). Masked tokens get A = 0."""
     mask = response_mask.bool()
     kl = torch.where(mask, kl_penalty(old_logp, ref_logp, "k1"), torch.zeros_like(old_logp))  # the reward's KL
-    stats = {"rollout/score_mean": scores.float().mean().item(), "rollout/kl": masked_mean(kl, mask).item()}
+    kl_sum, n_tokens = (reduce or (lambda t: t))(torch.stack([kl.sum(), mask.sum().to(kl.dtype)])).tolist()
+    stats = {"rollout/score_mean": scores.float().mean().item(),  # the KL over all processes: kl_coef adapts alike on each
+             "rollout/kl": kl_sum / max(n_tokens, 1.0)}
     if algo == "ppo":
         rewards = token_level_rewards(scores, mask, kl, cfg["kl_coef"])
         advantages, returns = gae(rewards, values, mask, cfg["gamma"], cfg["lam"])
@@ -243,17 +245,24 @@ def make_optimizer(model, lr, weight_decay, warmup_steps, total_steps):
     return opt, sched
 
 
+class NonFiniteError(RuntimeError):
+    """A loss or gradient is NaN or infinite; raised before the optimizer step, so no weight changes."""
+
+
 def _check_finite(value, model, what, step):
     if not torch.isfinite(value).all():
-        raise RuntimeError(f"NaN in {model} {what} at step {step}: lower {model}_lr or check the rewards")
+        raise NonFiniteError(f"NaN in {model} {what} at step {step}: lower {model}_lr or check the rewards")
 
 
-def update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, batch, cfg, step=0):
+def update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, batch, cfg, step=0, mean_over_processes=None):
     """PPO epochs over the batch: mini-batches of rows (one optimizer step each) made of micro-batches
-    (gradient accumulation). Returns means over micro-batches (over optimizer steps for grad_norm and
-    lr); critic/explained_variance compares the rollout's values (before this update) with the returns.
-    Train/eval mode of the models is the caller's: this function never switches it."""
+    (gradient accumulation). Returns means over micro-batches (over optimizer steps for grad_norm, lr and
+    the objective actor/loss, critic/loss); critic/explained_variance compares the rollout's values (before
+    this update) with the returns. Train/eval mode of the models is the caller's: this function never
+    switches it. With N processes whose gradients DDP/FSDP average, `mean_over_processes(t)` returns t
+    averaged over them, and each process's `batch` is its share of the global mini-batches."""
     algo, mask_all = cfg["algo"], batch.response_mask.bool()
+    mean_over_processes = mean_over_processes or (lambda t: t)
     use_critic = algo == "ppo"
     train_actor = not use_critic or step >= cfg.get("critic_warmup", 0)  # veRL's critic warm-up: the critic learns first
     stats = {}
@@ -266,9 +275,12 @@ def update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, batc
     for _ in range(cfg["ppo_epochs"]):
         for rows in torch.randperm(len(mask_all), generator=generator).split(cfg["mini_batch_size"]):
             # each micro loss is its own mean; weighting by its share of the mini-batch's units makes
-            # the accumulated gradient equal to the gradient of the mini-batch mean
-            units = agg_units(mask_all[rows], cfg["loss_agg"]).clamp(min=1)
-            tokens = mask_all[rows].sum().clamp(min=1)
+            # the accumulated gradient equal to the gradient of the mini-batch mean. With N processes the
+            # share is of the mean over processes: the gradient average DDP/FSDP take is then the gradient
+            # of the mean over the global mini-batch, the same as one process with the whole batch
+            units = mean_over_processes(agg_units(mask_all[rows], cfg["loss_agg"]).float()).clamp(min=1e-8)
+            tokens = mean_over_processes(mask_all[rows].sum().float()).clamp(min=1e-8)
+            objective = {"actor": 0.0, "critic": 0.0}  # what this optimizer step minimises (this process's share)
             for micro in rows.split(cfg["micro_batch_size"]):
                 mask = mask_all[micro]
                 ids, attn = batch.input_ids[micro], batch.attention_mask[micro]
@@ -285,6 +297,7 @@ def update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, batc
                     loss = pg_loss * agg_units(mask, cfg["loss_agg"]) / units + token_loss * mask.sum() / tokens
                     _check_finite(loss, "actor", "loss", step)
                     loss.backward()
+                    objective["actor"] += loss.item()
                     log({"actor/pg_loss": pg_loss.item(), "actor/entropy": entropy_mean.item(),
                          "actor/clipfrac": pg_stats["clipfrac"], "actor/approx_kl": pg_stats["approx_kl"]})
                 if use_critic:
@@ -292,14 +305,17 @@ def update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, batc
                     vf_loss, vf_clipfrac = value_loss(vpred, batch.values[micro], batch.returns[micro], mask,
                                                       cfg["value_clip"])
                     _check_finite(vf_loss, "critic", "loss", step)
-                    (vf_loss * mask.sum() / tokens).backward()
+                    weighted = vf_loss * mask.sum() / tokens
+                    weighted.backward()
+                    objective["critic"] += weighted.item()
                     log({"critic/vf_loss": vf_loss.item(), "critic/clipfrac": vf_clipfrac,
                          "critic/vpred_mean": masked_mean(vpred.detach(), mask).item()})
             for name, model, opt, sched in ([("actor", actor, actor_opt, actor_sched)] if train_actor else []) + \
                     ([("critic", critic, critic_opt, critic_sched)] if use_critic else []):
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])  # pre-clip
                 _check_finite(grad_norm, name, "gradient", step)
-                log({f"{name}/grad_norm": grad_norm.item(), f"{name}/lr": opt.param_groups[0]["lr"]})
+                log({f"{name}/loss": objective[name], f"{name}/grad_norm": grad_norm.item(),
+                     f"{name}/lr": opt.param_groups[0]["lr"]})
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)

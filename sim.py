@@ -260,7 +260,7 @@ class Retriever:
     def search(self, query, k):
         """Top-k documents for one query (ties broken by corpus order)."""
         scores = np.zeros(len(self.docs), dtype=np.float32)
-        for w in set(_words(query)):
+        for w in dict.fromkeys(_words(query)):  # a fixed order: float sums, hence ties, do not depend on PYTHONHASHSEED
             if w in self.index:
                 ids, tf, idf = self.index[w]
                 scores[ids] += idf * tf * (self.k1 + 1) / (tf + self.norm[ids])

@@ -12,6 +12,23 @@ Run
     python zerosearch.py preset=smoke           # the whole pipeline in under a minute
     torchrun --nproc_per_node=8 zerosearch.py preset=paper   # Qwen2.5-3B on 8 GPUs
     python zerosearch.py algo=grpo steps=40 out_dir=out/grpo # any key of config.yaml as key=value
+    python zerosearch.py resume=true            # continue each run from its newest checkpoint
+
+Processes (parallel.py)
+    torchrun --nproc_per_node=2 zerosearch.py preset=smoke                      # 2 processes, gloo on a CPU
+    torchrun --nproc_per_node=8 zerosearch.py preset=paper     # NCCL on 8 GPUs (the preset: fsdp, http simulator)
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_id=zs --rdzv_backend=c10d \
+        --rdzv_endpoint=HOST:29500 zerosearch.py preset=paper     # the same line on each of 2 nodes
+The same file runs on one process or N. Each process samples its share of a step's questions
+(all n samples of a question on one process, so GRPO groups stay whole); each row draws from
+random streams keyed by its place in the global batch, so N processes sample what one does.
+Rewards, metrics and advantage statistics are reduced over processes, the token-mean loss is
+normalised by the global token count (DDP/FSDP's gradient average is then the one-process
+gradient), and only process 0 logs and writes files. sharding=ddp replicates the actor and
+critic; sharding=fsdp shards them with FSDP2 (ref_offload keeps the frozen reference's shards
+on the CPU). Checkpoints (out_dir/checkpoints/<run>/step_N) are written every save_every steps,
+at the end, and after Ctrl-C, which finishes the step, saves and exits; under torchrun give
+--shutdown-timeout more seconds than a step takes, or torchrun kills the processes first.
 
 The embedded default needs no download: it generates a synthetic world of facts (world.py),
 trains a tokenizer on it, fine-tunes a tiny simulator on (query, documents, useful/noisy)
@@ -149,17 +166,20 @@ class Rollout:
     searches: list        # B x number of searches made
 
 
-def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seed=0, greedy=False, max_turns=None, template=None):
+def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seeds=None, greedy=False, max_turns=None, template=None):
     """Search-R1/ZeroSearch rollout of many sequences at once. Each turn samples every active
     sequence until `</search>` or `</answer>`; the queries of the whole batch go to the engine
     in one call; its documents come back inside <information> (masked out of every loss) and
-    generation resumes. After `max_turns` searches one last turn has search disabled."""
+    generation resumes. After `max_turns` searches one last turn has search disabled. `seeds`, one
+    int per question (default 0, 1, ...): a row's tokens and its searches draw from streams of its
+    own, so a question samples the same in any batch, on one process or N."""
     from sim import format_docs, sample
     max_turns = cfg["max_turns"] if max_turns is None else max_turns
     template = template or cfg["prompt_template"]
     prompts = [tok.encode(template.format(question=q["question"])) for q in questions]
     resp, mask, searches = [[] for _ in questions], [[] for _ in questions], [0] * len(questions)
     active = list(range(len(questions)))
+    seeds = list(range(len(questions))) if seeds is None else seeds
     for turn in range(max_turns + 1):
         if not active:
             break
@@ -167,7 +187,7 @@ def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seed=0, greedy=
         new, _ = sample(policy, [prompts[i] + resp[i] for i in active], cfg["max_turn_tokens"],
                         temperature=0.0 if greedy else cfg["temperature"], top_p=cfg["top_p"],
                         stop=("</answer>",) if last else ("</search>", "</answer>"),
-                        eos_token_id=tok.eos_token_id, seed=seed * 1000 + turn, tokenizer=tok)
+                        eos_token_id=tok.eos_token_id, seed=[seeds[i] * 1000 + turn for i in active], tokenizer=tok)
         requests = []  # (batch row, query): rows are kept with their own question (fault 1 of the public code)
         for i, toks in zip(active, new):
             resp[i] += toks
@@ -176,7 +196,8 @@ def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seed=0, greedy=
             m = re.search(r"<search>(.*?)</search>\s*$", text, flags=re.DOTALL)
             if m and not last and len(resp[i]) < cfg["max_response_tokens"]:
                 requests.append((i, m.group(1).strip()))
-        docs = engine.search([dict(questions[i], query=q) for i, q in requests], noise_prob, seed * 1000 + turn) if requests else []
+        docs = engine.search([dict(questions[i], query=q) for i, q in requests], noise_prob,
+                             [seeds[i] * 1000 + turn for i, _ in requests]) if requests else []
         for (i, _), d in zip(requests, docs):
             obs = tok.encode(f" <information> {format_docs(d)} </information>")
             resp[i] += obs
@@ -230,87 +251,81 @@ def evaluate(policy, tok, eval_sets, engine, cfg, ctx, max_turns=None, template=
     return out
 
 
-# ----------------------------------------------------------------------------- processes
-@dataclass
-class Ctx:
-    """Who this process is. With one process every collective is a no-op."""
-    rank: int = 0
-    world: int = 1
-    device: str = "cpu"
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    def all_sum(self, t):
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.all_reduce(t)
-        return t
-
-    def barrier(self):
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.barrier()
-
-    def print0(self, *args):
-        if self.master:
-            print(*args, flush=True)
-
-
-def init_processes(cfg):
-    """Process group from the torchrun environment: NCCL on CUDA, gloo on CPU."""
-    import datetime
-    import torch
-    torch.set_num_threads(cfg["threads"])
-    cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
-    if "RANK" not in os.environ:
-        return Ctx(device="cuda" if cuda else "cpu")
-    import torch.distributed as dist
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
-    return Ctx(dist.get_rank(), dist.get_world_size(), f"cuda:{local}" if cuda else "cpu")
-
-
 # ----------------------------------------------------------------------------- training
 def load_models(policy_path, cfg, ctx):
-    """The trained actor, its frozen reference, and (PPO) a critic: the same weights with a value head."""
+    """The trained actor, its frozen reference and (PPO) a critic -- the same weights with a value head --
+    each wrapped for cfg["sharding"] (parallel.parallelize); and with fsdp on N processes a plain copy of
+    the policy for the sampler (else None: the sampler uses the actor's own model)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
+    import parallel
     import ppo
     dtype = getattr(torch, cfg["dtype"])
-    actor = ppo.Actor(AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype)).to(ctx.device)
-    ref = ppo.Actor(AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype)).to(ctx.device).eval().requires_grad_(False)
+
+    def policy():
+        return ppo.Actor(AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype)).to(ctx.device)
+
+    actor = parallel.parallelize(policy(), cfg, ctx)
+    ref = parallel.parallelize(policy().eval().requires_grad_(False), cfg, ctx, frozen=True)
     critic = None
     if cfg["algo"] == "ppo":
-        from transformers import AutoConfig
-        config = AutoConfig.from_pretrained(policy_path, num_labels=1, classifier_dropout=0.0)  # no dropout in the value head
+        config = AutoConfig.from_pretrained(policy_path, num_labels=1)
+        config.classifier_dropout = 0.0  # no dropout in the value head (from_pretrained drops this keyword)
         critic = AutoModelForTokenClassification.from_pretrained(policy_path, config=config, dtype=dtype).to(ctx.device)
-    return actor, ref, critic
+        critic = parallel.parallelize(critic, cfg, ctx)
+    sampler_copy = policy().eval().requires_grad_(False) if cfg["sharding"] == "fsdp" and ctx.world > 1 else None
+    return actor, ref, critic, sampler_copy
+
+
+def resume_or_start_over(run_dir, metrics_path, models, engine, cfg, ctx):
+    """-> the first step to run. With a checkpoint to resume from (cfg["resume"]), its step, after
+    restoring the models, optimizers, schedulers, RNG states, kl_coef (into cfg) and the engine's
+    counters; else 0, after removing the run's old checkpoints. The metrics file keeps its rows
+    before that step: the steps after it are written again."""
+    import parallel
+    start, checkpoint = 0, parallel.checkpoint_to_resume(cfg["resume"], run_dir)
+    if checkpoint:
+        state = parallel.load_checkpoint(checkpoint, models, ctx)
+        start, cfg["kl_coef"] = state["step"], state["kl_coef"]
+        engine.stats.update({k: v if ctx.master else 0 for k, v in state["engine_stats"].items()})  # totals over processes
+        ctx.print0(f"{os.path.basename(run_dir)}: resuming from {checkpoint} (step {start} of {cfg['steps']})")
+    else:
+        parallel.start_over(run_dir, ctx)
+    if ctx.master:
+        rows = [line for line in open(metrics_path) if json.loads(line)["step"] < start] if os.path.exists(metrics_path) else []
+        with open(metrics_path, "w") as f:
+            f.writelines(rows)
+    return start
 
 
 def train(policy_path, tok, questions, engine, cfg, ctx, name):
-    """RL on `questions` against `engine`; returns the trained Hugging Face policy."""
+    """RL on `questions` against `engine`, resumed from a checkpoint if cfg["resume"] says so; returns
+    the trained Hugging Face policy, with full weights on every process."""
     import torch
     from tqdm import tqdm
+    import parallel
     import ppo
-    cfg = dict(cfg)  # the adaptive KL controller changes kl_coef during this run only
-    actor, ref, critic = load_models(policy_path, cfg, ctx)
+    cfg = dict(cfg, mini_batch_size=cfg["mini_batch_size"] // ctx.world)  # per process; kl_coef may adapt in this run
+    actor, ref, critic, sampler_copy = load_models(policy_path, cfg, ctx)
     actor_opt, actor_sched = ppo.make_optimizer(actor, cfg["actor_lr"], cfg["weight_decay"], cfg["lr_warmup_steps"], cfg["steps"])
     critic_opt, critic_sched = ppo.make_optimizer(critic, cfg["critic_lr"], cfg["weight_decay"], 0, cfg["steps"]) if critic else (None, None)
+    models = {"actor": (actor, actor_opt, actor_sched), **({"critic": (critic, critic_opt, critic_sched)} if critic else {})}
+    run_dir, metrics_path = os.path.join(cfg["out_dir"], "checkpoints", name), os.path.join(cfg["out_dir"], f"metrics_{name}.jsonl")
+    start = resume_or_start_over(run_dir, metrics_path, models, engine, cfg, ctx)
     order = random.Random(cfg["seed"]).sample(range(len(questions)), len(questions))
-    metrics_path = os.path.join(cfg["out_dir"], f"metrics_{name}.jsonl")
-    bar = tqdm(range(cfg["steps"]), desc=f"RL {name} ({cfg['algo']}, {cfg['search_backend'] if name == 'zerosearch' else 'real'} search)", disable=not ctx.master)
+    ctrl_c, restore_sigint = parallel.catch_ctrl_c()
+    bar = tqdm(range(start, cfg["steps"]), initial=start, total=cfg["steps"], disable=not ctx.master,
+               desc=f"RL {name} ({cfg['algo']}, {cfg['search_backend'] if name == 'zerosearch' else 'real'} search)")
     for step in bar:
         t0 = time.time()
-        # 1. questions of this step: the global batch, strided over processes; n samples each, kept together (GRPO groups)
-        idx = [order[(step * cfg["batch_size"] + j) % len(order)] for j in range(cfg["batch_size"])][ctx.rank::ctx.world]
-        qs = [questions[i] for i in idx for _ in range(cfg["n_samples"])]
+        # 1. questions of this step: the global batch, strided over processes; n samples each, kept together (GRPO groups).
+        #    Each row draws from its own random streams, keyed by its place in the global batch, so N processes sample what one does
+        mine = [step * cfg["batch_size"] + j for j in range(cfg["batch_size"])][ctx.rank::ctx.world]
+        qs = [questions[order[i % len(order)]] for i in mine for _ in range(cfg["n_samples"])]
+        seeds = [cfg["seed"] * 1_000_003 + i * cfg["n_samples"] + s for i in mine for s in range(cfg["n_samples"])]
         # 2. rollout with search; the curriculum sets how often a search returns noisy documents
         p_noise = noise_probability(step, cfg["steps"], cfg["p_start"], cfg["p_end"], cfg["curriculum_base"]) if cfg["curriculum"] else cfg["p_end"]
-        ro = rollout(actor.lm, tok, qs, engine, cfg, noise_prob=p_noise, seed=cfg["seed"] + 7919 * step + ctx.rank)
+        ro = rollout(parallel.sampler_model(actor, sampler_copy), tok, qs, engine, cfg, noise_prob=p_noise, seeds=seeds)
         t_rollout = time.time() - t0
         # 3. reward: F1 of the final answer
         scores = torch.tensor(score(ro, qs, cfg["reward"]))
@@ -323,24 +338,39 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
         # 5. advantages (GAE / group-normalised / REINFORCE++), whitened with global statistics
         advantages, returns, adv_stats = ppo.compute_advantages(cfg["algo"], scores.to(ctx.device), response_mask, old_logp,
                                                                 ref_logp, values, cfg, reduce=ctx.all_sum)
+        adv_stats = ctx.mean_stats(adv_stats)  # the same on every process, so is kl_coef
         cfg["kl_coef"] = ppo.adaptive_kl_coef(cfg["kl_coef"], adv_stats["rollout/kl"], len(qs) * ctx.world,
                                               cfg["kl_target"], cfg["kl_horizon"])  # fixed when kl_target is null
-        # 6. PPO epochs over mini-batches
+        # 6. PPO epochs over mini-batches; DDP/FSDP average the gradients over processes
         batch = ppo.Batch(input_ids, attention_mask, response_mask, old_logp, ref_logp, advantages, values, returns)
-        stats = ppo.update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, batch, cfg, step)
-        # 7. log
+        try:
+            stats = ppo.update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, batch, cfg, step, ctx.all_mean)
+        except ppo.NonFiniteError as e:
+            raise SystemExit(f"error: {e}; the last good weights are in the newest checkpoint in {run_dir}") from None
+        # 7. log: sums over processes
         sampled = sum(sum(m) for m in ro.response_mask)
         em = [substring_match(a, q["golden_answers"]) for a, q in zip(ro.answers, qs)]
-        local = torch.tensor([scores.sum().item(), sum(em), sum(ro.searches), sampled, len(qs)], dtype=torch.float64)
-        total = ctx.all_sum(local).tolist()
+        local = [scores.sum().item(), sum(em), sum(ro.searches), sampled, len(qs), *engine.stats.values()]
+        total = ctx.all_sum(torch.tensor(local, dtype=torch.float64)).tolist()
+        engine_totals = {k: int(v) for k, v in zip(engine.stats, total[5:])}
         row = {"step": step, "reward": total[0] / total[4], "em": total[1] / total[4], "searches": total[2] / total[4],
                "noise_prob": p_noise, "tokens_per_s": total[3] / max(t_rollout, 1e-9), "step_time": time.time() - t0,
-               **adv_stats, **stats, **{f"sim/{k}": v for k, v in engine.stats.items()}}
+               **adv_stats, **ctx.mean_stats(stats), **{f"sim/{k}": v for k, v in engine_totals.items()}}
         if ctx.master:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             bar.set_postfix(reward=f"{row['reward']:.3f}", em=f"{row['em']:.2f}", noise=f"{p_noise:.2f}", tok_s=f"{row['tokens_per_s']:.0f}")
-    return actor.lm
+        # 8. checkpoint every save_every steps, at the end, and after Ctrl-C (then stop)
+        interrupted = ctx.any(ctrl_c[0])
+        if (step + 1) % cfg["save_every"] == 0 or step + 1 == cfg["steps"] or interrupted:
+            state = {"step": step + 1, "kl_coef": cfg["kl_coef"], "noise_prob": p_noise, "engine_stats": engine_totals}
+            parallel.save_checkpoint(os.path.join(run_dir, f"step_{step + 1:06d}"), models, state, ctx, cfg["keep_last"])
+        if interrupted:
+            ctx.print0(f"stopped after step {step + 1} of {name}; checkpoint in {run_dir}; continue with resume=true")
+            parallel.close(ctx)
+            raise SystemExit(0)
+    restore_sigint()
+    return parallel.sampler_model(actor, sampler_copy)
 
 
 # ----------------------------------------------------------------------------- main
@@ -403,9 +433,11 @@ def main(argv):
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
+    import parallel
     hf_logging.set_verbosity_error()
     cfg = load_config(argv)
-    ctx = init_processes(cfg)
+    ctx = parallel.init_processes(cfg)
+    parallel.check_config(cfg, ctx, runs=("zerosearch", "search_r1"))
     os.makedirs(cfg["out_dir"], exist_ok=True)
     if ctx.master:
         with open(os.path.join(cfg["out_dir"], "config.yaml"), "w") as f:
@@ -433,6 +465,7 @@ def main(argv):
             f.write(f"# Results\n\n`python zerosearch.py {' '.join(argv)}`\n\n{table}")
         with open(os.path.join(cfg["out_dir"], "results.json"), "w") as f:
             json.dump(results, f, indent=1)
+    parallel.close(ctx)
 
 
 if __name__ == "__main__":

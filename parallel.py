@@ -1,0 +1,321 @@
+"""Processes, sharding and checkpoints: what zerosearch.py needs to run on N processes, to stop and
+to resume. Every torch.distributed call of the project is in this file: the models, the sampler,
+the simulator and the PPO maths never make one. The loop hands them `ctx.all_sum` / `ctx.all_mean`
+where a statistic must be global, and the models are wrapped here, from outside (as torchtitan's
+parallelize.py). With one process there is no process group, every collective is a no-op and no
+model is wrapped.
+
+Sharding (config `sharding`, with torchrun):
+  ddp   DistributedDataParallel over the actor and the critic: full copies on every process, gradients
+        averaged. The frozen reference is not wrapped: it has no gradients to average.
+  fsdp  FSDP2: `fully_shard` on every decoder layer, then on the whole model, so a process holds 1/N of
+        the weights, gradients and Adam states; the reference too, its shards on the CPU with
+        ref_offload. A sharded forward all-gathers each layer's weights.
+
+Rollouts: the sampler (sim.sample) calls the Hugging Face model directly, a data-dependent number of
+times (a batch stops when its last row stops), so processes make different numbers of calls. With ddp
+it runs on the actor's own replicated model and needs no communication. With fsdp a sharded forward
+is a collective that every process must call equally often, so the sampler runs on a plain, full copy
+of the policy, refreshed from the shards once per step (one all-gather of the weights, made by every
+process alike) -- as veRL copies the trained weights into vLLM.
+
+Checkpoints: out_dir/checkpoints/<run>/step_000020/ holds the models and optimizers (written with
+torch.distributed.checkpoint: each process writes its own shards, so out_dir must be on a file system
+every node sees) and state.pt (step, schedulers, kl_coef, engine counters, each process's RNG states).
+It is written as step_000020.tmp and renamed once every process has written its part, so a folder
+without the .tmp suffix is always complete.
+"""
+import contextlib
+import datetime
+import os
+import re
+import shutil
+import signal
+import sys
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+# ----------------------------------------------------------------------------- processes
+@dataclass
+class Ctx:
+    """Who this process is. With one process every collective is a no-op."""
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def all_sum(self, t):
+        """t summed over processes (t itself with one process)."""
+        if self.world == 1:
+            return t
+        on_device = t.to(self.device)  # NCCL reduces CUDA tensors only; gloo reduces t in place
+        dist.all_reduce(on_device)
+        return on_device.to(t.device)
+
+    def all_mean(self, t):
+        return self.all_sum(t) / self.world if self.world > 1 else t
+
+    def mean_stats(self, stats):
+        """{name: float}, the same names on every process -> their means over processes."""
+        if self.world == 1:
+            return stats
+        return dict(zip(stats, self.all_mean(torch.tensor(list(stats.values()), dtype=torch.float64)).tolist()))
+
+    def any(self, flag):
+        """True on every process if `flag` is true on any."""
+        return self.all_sum(torch.tensor([float(flag)])).item() > 0
+
+    def gather(self, obj):
+        """[obj of process 0, obj of process 1, ...] on every process."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def print0(self, *args):
+        if self.master:
+            print(*args, flush=True)
+
+
+def init_processes(cfg):
+    """Process group from the torchrun environment: NCCL on CUDA, gloo on CPU. A collective that waits
+    longer than dist_timeout seconds (a process died or hangs) raises, so the job stops instead of hanging."""
+    torch.set_num_threads(cfg["threads"])
+    cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
+    if "RANK" not in os.environ:
+        return Ctx(device="cuda" if cuda else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=cfg["dist_timeout"]))
+    return Ctx(dist.get_rank(), dist.get_world_size(), f"cuda:{local}" if cuda else "cpu")
+
+
+def close(ctx):
+    if ctx.world > 1:
+        dist.destroy_process_group()
+
+
+def check_config(cfg, ctx, runs):
+    """The scale keys, checked at the edge with one clear line each."""
+    if cfg["sharding"] not in ("ddp", "fsdp"):
+        raise SystemExit(f"error: sharding must be ddp or fsdp, got {cfg['sharding']!r}")
+    for key in ("batch_size", "mini_batch_size"):
+        if cfg[key] % ctx.world:
+            raise SystemExit(f"error: {key}={cfg[key]} must be a multiple of the number of processes ({ctx.world})")
+    if cfg["save_every"] < 1 or cfg["keep_last"] < 1:
+        raise SystemExit("error: save_every and keep_last must be at least 1")
+    resume = cfg["resume"]
+    if isinstance(resume, str):
+        if not os.path.isdir(resume):
+            raise SystemExit(f"error: resume={resume}: no such checkpoint folder")
+        if run_of(resume) not in runs:
+            raise SystemExit(f"error: resume={resume}: a checkpoint lies in checkpoints/<run>/step_N, run one of {', '.join(runs)}")
+    elif resume not in (True, False):
+        raise SystemExit(f"error: resume must be true, false or a checkpoint folder, got {resume!r}")
+
+
+# ----------------------------------------------------------------------------- sharding
+def parallelize(model, cfg, ctx, frozen=False):
+    """Wrap `model` for cfg["sharding"] (see the module docstring); with one process it is returned as is.
+    grad_checkpointing recomputes each decoder layer's activations in the backward pass (Hugging Face's
+    own checkpointing, which acts in train mode only: Qwen2 has no active dropout, so train mode changes
+    nothing else)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    if cfg["grad_checkpointing"] and not frozen:
+        lm = getattr(model, "lm", model)  # ppo.Actor holds its HF model as .lm; the critic is one
+        lm.activation_checkpointing_enable()  # non-reentrant torch.utils.checkpoint per decoder layer
+        model.train()
+    if ctx.world == 1:
+        return model
+    if cfg["sharding"] == "ddp":
+        if frozen:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model, device_ids=[torch.device(ctx.device).index] if ctx.device.startswith("cuda") else None,
+                                       forward_sync_buffers=False)  # the only buffers are the fixed rotary frequencies
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+    # FSDP2 warns that the critic's output is a view, in case the caller writes into it: ppo.token_values never does
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    mesh = init_device_mesh(torch.device(ctx.device).type, (ctx.world,))
+    offload = CPUOffloadPolicy(pin_memory=ctx.device != "cpu") if frozen and cfg["ref_offload"] else OffloadPolicy()
+    for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:  # the decoder layers
+        fully_shard(layer, mesh=mesh, offload_policy=offload)
+    fully_shard(model, mesh=mesh, offload_policy=offload)  # the root: embeddings, final norm, heads
+    return model
+
+
+def sampler_model(actor, copy):
+    """The policy as a plain Hugging Face model with full weights, for the sampler: the actor's own
+    model when it is replicated (copy is None), else `copy` (a plain ppo.Actor) loaded with the
+    weights all-gathered from the shards."""
+    if copy is None:
+        return getattr(actor, "module", actor).lm  # DistributedDataParallel keeps the model as .module
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    copy.load_state_dict(get_model_state_dict(actor, options=StateDictOptions(full_state_dict=True)))
+    return copy.lm
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def checkpoints(run_dir):
+    """The complete checkpoints of a run, oldest first."""
+    names = sorted(d for d in os.listdir(run_dir) if re.fullmatch(r"step_\d+", d)) if os.path.isdir(run_dir) else []
+    return [os.path.join(run_dir, d) for d in names]
+
+
+def run_of(path):
+    """The run a checkpoint belongs to: the name of the folder it lies in."""
+    return os.path.basename(os.path.dirname(os.path.abspath(path)))
+
+
+def checkpoint_to_resume(resume, run_dir):
+    """resume=false -> None; true -> this run's newest complete checkpoint, if any; a checkpoint folder
+    -> that folder for its own run, and the newest complete checkpoint for any other run."""
+    if resume is False:
+        return None
+    if isinstance(resume, str) and run_of(resume) == os.path.basename(run_dir):
+        return resume
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def start_over(run_dir, ctx):
+    """A run that does not resume replaces its old checkpoints (as nanoGPT overwrites ckpt.pt)."""
+    if ctx.master and os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)
+    ctx.barrier()
+
+
+def _states(models, with_optimizer):
+    """{name: model state, name/optimizer: optimizer state if with_optimizer(name, optimizer)}, in the
+    form torch.distributed.checkpoint saves and loads for plain, DDP and FSDP models alike."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    states = {}
+    for name, (model, opt, _) in models.items():
+        states[name] = get_model_state_dict(model)
+        if with_optimizer(name, opt):
+            states[f"{name}/optimizer"] = get_optimizer_state_dict(model, opt)
+    return states
+
+
+@contextlib.contextmanager
+def _one_process_is_fine():
+    """Silence torch.distributed.checkpoint's warning that there is no process group: with one process
+    there is none, by design."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save_checkpoint(path, models, state, ctx, keep_last):
+    """Write `models` ({name: (model, optimizer, scheduler)}) and `state` (a dict) to the folder `path`,
+    atomically: everything goes to path.tmp, renamed to path once every process has written its part.
+    Then all but the newest keep_last checkpoints of the run are removed. Non-finite weights are never
+    saved: the job stops with one line and the last checkpoint stays the last good one."""
+    import random
+    import numpy as np
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.tensor import DTensor
+    finite = all(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()
+                 for model, _, _ in models.values() for p in model.parameters())
+    if ctx.any(not finite):
+        raise SystemExit(f"error: non-finite weights at step {state['step']}; not saving them "
+                         f"(the last good checkpoint is kept in {os.path.dirname(path)})")
+    tmp, run_dir = path + ".tmp", os.path.dirname(path)
+    if ctx.master:
+        for old in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
+            if old.endswith(".tmp"):  # left by a save that was killed
+                shutil.rmtree(os.path.join(run_dir, old))
+        os.makedirs(tmp)
+    ctx.barrier()
+    # an optimizer that has not stepped yet (the actor during the critic warm-up) is left out: asking
+    # for its state would make it take a zero step, which changes Adam's bias correction
+    tensors = _states(models, with_optimizer=lambda name, opt: bool(opt.state))
+    with _one_process_is_fine():
+        dcp.save(tensors, checkpoint_id=tmp, no_dist=ctx.world == 1)
+    rng = ctx.gather({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
+    if ctx.master:
+        state = dict(state, world=ctx.world, rng=rng, saved=sorted(tensors),
+                     schedulers={name: sched.state_dict() for name, (_, _, sched) in models.items()})
+        with open(os.path.join(tmp, "state.pt"), "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        for old in checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    ctx.barrier()
+
+
+def load_checkpoint(path, models, ctx):
+    """Load what save_checkpoint wrote into `models` (in place) -> the saved state dict. The RNG states
+    are restored when the checkpoint was written by as many processes. A checkpoint that cannot be read
+    stops the job with one line."""
+    import random
+    import numpy as np
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    try:
+        state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+        dcp.FileSystemReader(path).read_metadata()  # fails plainly, where dcp.load would first log tracebacks
+        tensors = _states(models, with_optimizer=lambda name, opt: f"{name}/optimizer" in state["saved"])
+        with _one_process_is_fine():
+            dcp.load(tensors, checkpoint_id=path, no_dist=ctx.world == 1)
+        for name, (model, opt, sched) in models.items():
+            set_model_state_dict(model, tensors[name])
+            if f"{name}/optimizer" in tensors:
+                set_optimizer_state_dict(model, opt, tensors[f"{name}/optimizer"])
+            sched.load_state_dict(state["schedulers"][name])
+    except (Exception, CheckpointException) as e:  # any failure to read it is the same news to the user
+        if isinstance(e, CheckpointException):  # it wraps each process's own exception
+            e = next(iter(e.failures.values()))[0]
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise SystemExit(f"error: cannot load checkpoint {path}: {type(e).__name__}: {first}") from None
+    if state["world"] == ctx.world:
+        rng = state["rng"][ctx.rank]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    else:
+        ctx.print0(f"note: {path} was written by {state['world']} processes, this run has {ctx.world}: "
+                   "weights and optimizers are resharded, the RNG states are not restored")
+    return state
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+def catch_ctrl_c():
+    """Until `restore()`, Ctrl-C (SIGINT) sets the returned flag and the step goes on; the loop then saves
+    a checkpoint and exits. Alone, a second Ctrl-C stops at once; under torchrun every SIGINT only sets
+    the flag, since torchrun passes the terminal's Ctrl-C on to its workers a second time.
+    Returns (flag: a one-element list, restore)."""
+    flag, previous = [False], signal.getsignal(signal.SIGINT)
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+
+    def on_sigint(signum, frame):
+        if flag[0] and not under_torchrun:
+            raise KeyboardInterrupt
+        if not flag[0]:
+            print("\nCtrl-C: finishing this step, then saving a checkpoint", file=sys.stderr, flush=True)
+        flag[0] = True
+
+    signal.signal(signal.SIGINT, on_sigint)
+    return flag, lambda: signal.signal(signal.SIGINT, previous)
