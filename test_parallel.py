@@ -196,6 +196,19 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_whole_and_is_never_r
     assert sorted(os.listdir(run_dir)) == ["step_000006", "step_000008"]
 
 
+def test_resume_picks_the_newest_complete_checkpoint_or_the_named_one_for_its_own_run(tmp_path):
+    for run_name, step in [("zerosearch", 2), ("zerosearch", 4), ("search_r1", 2), ("search_r1", 4)]:
+        (tmp_path / run_name / f"step_{step:06d}").mkdir(parents=True)
+    (tmp_path / "zerosearch" / "step_000006.tmp").mkdir()  # a save that never finished
+    zs_dir, r1_dir = str(tmp_path / "zerosearch"), str(tmp_path / "search_r1")
+    assert parallel.checkpoint_to_resume(False, zs_dir) is None
+    assert parallel.checkpoint_to_resume(True, zs_dir) == os.path.join(zs_dir, "step_000004")
+    named = str(tmp_path / "search_r1" / "step_000002")
+    assert parallel.checkpoint_to_resume(named, r1_dir) == named  # its own run: that one
+    assert parallel.checkpoint_to_resume(named, zs_dir) == os.path.join(zs_dir, "step_000004")  # the other: the newest
+    assert parallel.checkpoint_to_resume(True, str(tmp_path / "nothing_yet")) is None
+
+
 def test_a_checkpoint_that_cannot_be_read_stops_with_one_line(tmp_path):
     ctx = parallel.Ctx()
     parallel.save_checkpoint(str(tmp_path / "step_000002"), tiny_models(), {"step": 2}, ctx, keep_last=2)
