@@ -115,7 +115,8 @@ def value_loss(values, old_values, returns, mask, clip=0.5):
     clipped = old_values + (values - old_values).clamp(-clip, clip)  # clip(V, V_old - c, V_old + c)
     loss_unclipped, loss_clipped = (values - returns) ** 2, (clipped - returns) ** 2
     loss = 0.5 * torch.maximum(loss_unclipped, loss_clipped)  # 0.5 max((V-R)², (V_clip-R)²)
-    return masked_mean(loss, mask), masked_mean((loss_clipped > loss_unclipped).float(), mask).item()
+    used_clip = ((values - old_values).abs() > clip) & (loss_clipped > loss_unclipped)  # no float ties inside the range
+    return masked_mean(loss, mask), masked_mean(used_clip.float(), mask).item()
 
 
 def explained_variance(values, returns, mask):

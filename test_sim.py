@@ -190,6 +190,18 @@ def test_no_server_at_sim_url_is_a_clear_error(monkeypatch):
         engine.search(REQUESTS[:1], 0.0, 0)
 
 
+def test_make_engine_builds_the_http_engine_from_the_config(tmp_path):
+    import zerosearch
+    path = successor_simulator(tmp_path / "sim")
+    cfg = zerosearch.load_config(["search_backend=http", "sim_url=http://host:1/v1/"])
+    engine = zerosearch.make_engine("http", cfg, None, path, None)
+    assert isinstance(engine, sim.HttpEngine) and engine.url == "http://host:1/v1/completions"
+    assert engine.served_model == path  # sim_served_model null: the name vLLM gives a model served from a path
+    assert zerosearch.make_engine("http", dict(cfg, sim_served_model="sim-14b"), None, path, None).served_model == "sim-14b"
+    with pytest.raises(SystemExit, match="search_backend=http needs sim_model"):
+        zerosearch.make_engine("http", cfg, None, None, None)
+
+
 # ---------------------------------------------------------------- python sim.py train
 
 def sim_rows():

@@ -409,7 +409,11 @@ def make_engine(backend, cfg, retriever, sim_path, ctx):
             raise SystemExit("error: search_backend=real needs a corpus (set corpus=path/to/corpus.jsonl)")
         return sim.RealEngine(retriever, cfg)
     if backend == "http":
-        raise SystemExit("error: search_backend=http is not implemented yet (issue 5); use sim or real")
+        if not sim_path:
+            raise SystemExit("error: search_backend=http needs sim_model (the served simulator's name or path; "
+                             "its tokenizer cuts documents to doc_tokens)")
+        import world
+        return sim.HttpEngine(cfg, world.load_tokenizer(sim_path), cfg["sim_served_model"] or sim_path)
     if backend == "sim":
         if not sim_path:
             raise SystemExit("error: search_backend=sim needs sim_model (a fine-tuned simulator's name or path)")
