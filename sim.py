@@ -306,7 +306,7 @@ def sim_prompt(template, request, kind, k):
     """The simulator's control prompt for one request: the query, the user's question and gold
     answer, and useful/noisy (the only word that changes between the two)."""
     return template.format(k=k, kind=kind, Kind=kind.capitalize(), question=request["question"],
-                           answer=request["golden_answers"][0], evidence=" ".join(request.get("evidence", [])),
+                           answer=request["golden_answers"][0], evidence=format_docs(request.get("evidence", [])),
                            query=request["query"])
 
 
@@ -315,21 +315,29 @@ class SimEngine:
     useful or noisy as the curriculum draws per call. All the requests of a turn, across the
     whole batch, are sampled together in one `sample` call with a KV cache."""
 
-    def __init__(self, path, cfg, device="cpu"):
+    def __init__(self, path, cfg, device="cpu", knowledge=None):
         from transformers import AutoModelForCausalLM
         self.model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
         import world
-        self.tok, self.cfg = world.load_tokenizer(path), cfg
+        self.tok, self.cfg, self.knowledge = world.load_tokenizer(path), cfg, knowledge
         self.template = cfg[f"sim_template_{cfg['sim_style']}"]
         self.stats = {"useful": 0, "noisy": 0, "malformed": 0}
 
     def search(self, requests, noise_prob, seed):
+        requests = with_knowledge(requests, self.knowledge)
         kinds = draw_kinds(len(requests), noise_prob, seed)
         prompts = [self.tok.encode(sim_prompt(self.template, r, kind, self.cfg["topk"])) for r, kind in zip(requests, kinds)]
         outs, _ = sample(self.model, prompts, self.cfg["sim_max_tokens"], temperature=self.cfg["sim_temperature"],
                          eos_token_id=self.tok.eos_token_id, seed=seed)
         texts = [self.tok.decode(out, skip_special_tokens=True) for out in outs]
         return read_documents(self.tok, texts, kinds, self.cfg, self.stats)
+
+
+def with_knowledge(requests, knowledge):
+    """Each request with the simulator's knowledge of what its query names, as `evidence` (the
+    {evidence} slot of the prompt), when the engine has a `knowledge(query) -> [statements]`
+    function: the embedded world's tiny simulator reads there what a large one has memorised."""
+    return [dict(r, evidence=knowledge(r["query"])) for r in requests] if knowledge else requests
 
 
 def draw_kinds(n, noise_prob, seed):
@@ -364,8 +372,8 @@ class HttpEngine:
     an OpenAI-compatible `POST {sim_url}/completions`, HTTP_CHUNK prompts a request, all requests of
     a call at once. `tok` (the simulator's tokenizer) only cuts documents to doc_tokens."""
 
-    def __init__(self, cfg, tok, served_model):
-        self.cfg, self.tok, self.served_model = cfg, tok, served_model
+    def __init__(self, cfg, tok, served_model, knowledge=None):
+        self.cfg, self.tok, self.served_model, self.knowledge = cfg, tok, served_model, knowledge
         self.template = cfg[f"sim_template_{cfg['sim_style']}"]
         self.url = cfg["sim_url"].rstrip("/") + "/completions"
         self.stats = {"useful": 0, "noisy": 0, "malformed": 0}
@@ -373,6 +381,7 @@ class HttpEngine:
     def search(self, requests, noise_prob, seed):
         if not requests:
             return []
+        requests = with_knowledge(requests, self.knowledge)
         kinds = draw_kinds(len(requests), noise_prob, seed)
         prompts = [sim_prompt(self.template, r, kind, self.cfg["topk"]) for r, kind in zip(requests, kinds)]
         # the API takes one seed a request: with a seed per request, each chunk sends its first one

@@ -128,29 +128,48 @@ SUBJECT_TYPE = {"birthplace": "person", "birthyear": "person", "company": "perso
                 "founder": "company", "headquarters": "company", "foundedyear": "company"}
 
 
-def warmup_trajectory(q, search, format_docs, names, rng, p_right=0.35, p_vague=0.4, pick_top=0.4):
+def find_fact(docs, subject, relation):
+    """The value `relation` of `subject` as stated by one of `docs`, or None: reading a result
+    list the way a reader who can read would (the founder sentence answers "which company")."""
+    for d in docs:
+        fact = parse_doc(d)
+        if fact is None:
+            continue
+        s, r, o = fact
+        if relation == "company" and r == "founder" and o == subject:
+            return s
+        if r == relation and s == subject:
+            return o
+    return None
+
+
+def right_query(subject, relation):
+    """The query that finds a fact: the one-hop question about it (a single-hop question is its
+    own best query, as Search-R1 policies learn; it is copied, not composed)."""
+    return RELATIONS[relation][1].format(s=subject)
+
+
+def warmup_trajectory(q, search, format_docs, names, rng, p_right=0.3, p_vague=0.45):
     """One warm-up (format-teaching) response for question q, searching the real engine.
 
     It teaches the *format* only: each query names the right entity with probability p_right,
-    is vague (keywords only) with p_vague and names another entity otherwise; each reading of
-    the results restates the top document with probability pick_top and a random other one
-    otherwise, and the answer is copied from what was read. So the warm-up policy knows how to
-    search and copy but not what to search for or which document to trust: its accuracy starts
-    honestly low and RL has to find the rest. `names[type]` lists train entities only.
-    Returns the response text and the queries it made.
-    """
+    is vague (keywords only) with p_vague (the most likely choice, so a greedy warm-up policy
+    searches vaguely) and names another train entity otherwise. The answer is read from the
+    results when they state it and is otherwise the value of the top result, so it is right
+    only when every query was. The warm-up policy knows how to search and read but not what
+    to search for: its accuracy starts honestly low and RL has to find the rest.
+    `names[type]` lists train entities only. Returns the response text and its queries."""
     hops = [q["relation"]] if q["hops"] == 1 else list(TWO_HOP[q["relation"]][1:])
     text, subject, queries = "<think> I need to search . </think>", q["subject"], []
     for relation in hops:
         keywords, u = RELATIONS[relation][2], rng.random()
-        query = (f"{subject} {keywords}" if u < p_right else keywords if u < p_right + p_vague
-                 else f"{rng.choice(names[SUBJECT_TYPE[relation]])} {keywords}")
+        query = (right_query(subject, relation) if u < p_right else keywords if u < p_right + p_vague
+                 else right_query(rng.choice(names[SUBJECT_TYPE[relation]]), relation))
         docs = search(query)
         queries.append(query)
-        readable = [d for d in docs if answer_from_doc(d, relation)] or docs
-        chosen = readable[0] if rng.random() < pick_top or len(readable) == 1 else rng.choice(readable[1:])
-        text += f" <search> {query} </search> <information> {format_docs(docs)} </information> <think> {chosen} </think>"
-        subject = answer_from_doc(chosen, relation) or subject
+        text += f" <search> {query} </search> <information> {format_docs(docs)} </information>"
+        read = find_fact(docs, subject, relation)
+        subject = read or next((answer_from_doc(d, relation) for d in docs if answer_from_doc(d, relation)), subject)
     return text + f" <answer> {subject} </answer>", queries
 
 
@@ -228,16 +247,13 @@ def load_corpus(path):
         return [(r.get("contents") or r.get("text") or "").replace("\n", " ") for r in map(json.loads, f) if r]
 
 
-def encode_response(tok, prompt, response):
-    """(token ids, loss mask) of prompt + response, with the prompt and the <information>
-    blocks masked out exactly as a rollout masks them."""
-    ids = tok.encode(prompt)
-    mask = [0] * len(ids)
-    for part in re.split(r"(<information>.*?</information>)", response):
-        part_ids = tok.encode(part)
-        ids += part_ids
-        mask += [0 if part.startswith("<information>") else 1] * len(part_ids)
-    return ids, mask
+def encode_warmup(tok, prompt, response):
+    """(token ids, loss mask) of prompt + response for the warm-up: the loss covers the whole
+    response, <information> blocks included. Predicting what the engine returns for a query is
+    how the tiny model learns to copy names from its context (a base LLM arrives with that
+    skill); in RL the same blocks are masked out of every loss."""
+    prompt_ids, response_ids = tok.encode(prompt), tok.encode(response)
+    return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
 
 
 def noisy_docs(docs, golds, pools, rng):
@@ -254,11 +270,34 @@ def noisy_docs(docs, golds, pools, rng):
     return out
 
 
-def simulator_rows(world, queries, search, rng):
+def knowledge_index(docs):
+    """The tiny simulator's knowledge: `knowledge(query)` -> every statement of the corpus about
+    an entity the query names (by exact name, in corpus order). A 14B simulator has memorised
+    Wikipedia; a 1M-parameter one cannot memorise 11,600 facts in minutes, so its prompt carries
+    them. It is not a search engine: no ranking, nothing for a query that names no entity, and
+    a query about the wrong entity gets that entity's facts, never the answer."""
+    about = collections.defaultdict(list)
+    for d in docs:
+        fact = parse_doc(d)
+        if fact:
+            about[fact[0]].append(d)
+            if fact[1] == "founder":
+                about[fact[2]].append(d)
+
+    def knowledge(query):
+        words, found = query.split(), []
+        for name in (" ".join(words[i:i + 2]) for i in range(len(words) - 1)):
+            found += [d for d in about.get(name, []) if d not in found]
+        return found
+    return knowledge
+
+
+def simulator_rows(world, queries, search, knowledge, rng):
     """Labelled rows for simulation fine-tuning, as the paper collects them: (query, question,
-    answer, documents, label). `useful` documents are what the real engine returns for the
-    query (faithful to the query, so a query about the wrong entity gets documents about that
-    entity and not the answer); `noisy` ones are the same documents with wrong values. Balanced."""
+    answer, documents, label), plus the simulator's knowledge of the query (`evidence`).
+    `useful` documents state what is known about what the query names, then what the real
+    engine also returns for it: faithful to the query, so a query about the wrong entity gets
+    that entity's facts and not the answer. `noisy` ones are the same with wrong values. Balanced."""
     pools = collections.defaultdict(list)
     for d in world.docs:
         fact = parse_doc(d)
@@ -266,23 +305,29 @@ def simulator_rows(world, queries, search, rng):
             pools[fact[1]].append(fact[2])
     rows = []
     for q, query in queries:
-        docs, label = search(query), rng.choice(["useful", "noisy"])
+        known, found = knowledge(query), search(query)
+        docs, label = (known + [d for d in found if d not in known])[:len(found)], rng.choice(["useful", "noisy"])
         if label == "noisy":
             docs = noisy_docs(docs, q["golden_answers"], pools, rng)
         rows.append(dict(query=query, question=q["question"], answer=q["golden_answers"][0],
-                         evidence=q["evidence"], documents=docs, label=label))
+                         evidence=known, documents=docs, label=label))
     return rows
 
 
 BUILD_KEYS = ["world_seed", "world_persons", "world_companies", "tiny_hidden", "tiny_layers", "tiny_heads",
-              "warmup_steps", "warmup_batch_size", "warmup_lr", "sim_sft_steps", "sim_sft_batch_size",
-              "sim_sft_lr", "prompt_template", "direct_template", "sim_template_finetuned", "topk", "seed"]
+              "warmup_steps", "warmup_batch_size", "warmup_lr",
+              "sim_sft_steps", "sim_sft_batch_size", "sim_sft_lr", "prompt_template", "direct_template",
+              "sim_template_finetuned", "sim_template_prompted", "topk", "seed"]
 
 
 def prepare_embedded(cfg, cache_dir, log=print):
     """Build (or load from `cache_dir`) everything the embedded default needs: the world, its
-    tokenizer, the real retriever, the fine-tuned tiny simulator and the format-warmed tiny
-    policy. Returns (world, tokenizer, retriever, simulator path, policy path)."""
+    tokenizer, the real retriever, the format-warmed tiny policy and the tiny simulator
+    fine-tuned from it (as the paper's policy and simulator both start from pretrained Qwen2.5
+    models). The build is cached under a hash of the keys that shape it.
+    Returns (world, retriever, simulator path, policy path)."""
+    import copy
+    import hashlib
     import sim
     world = build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"])
     retriever = sim.Retriever(world.docs)
@@ -290,13 +335,15 @@ def prepare_embedded(cfg, cache_dir, log=print):
     def search(query):
         return retriever.search(query, cfg["topk"])
 
+    key = hashlib.sha1(json.dumps([cfg[k] for k in BUILD_KEYS]).encode()).hexdigest()[:10]
+    cache_dir = os.path.join(cache_dir, key)
     sim_dir, policy_dir = os.path.join(cache_dir, "simulator"), os.path.join(cache_dir, "warmup")
     if os.path.exists(os.path.join(policy_dir, "config.json")) and os.path.exists(os.path.join(sim_dir, "config.json")):
         log(f"embedded default: loading the world's tokenizer, simulator and warm-up policy from {cache_dir}")
         return world, retriever, sim_dir, policy_dir
     # Every template string goes into the tokenizer's training text, so no word is unknown.
     fixed = [cfg["prompt_template"], cfg["direct_template"], cfg["sim_template_finetuned"], cfg["sim_template_prompted"],
-             "<think> I need to search . </think> useful noisy Useful Noisy " + " ".join(f"Doc {i}:" for i in range(1, 21))]
+             "<think> I need to search . </think> Question : Answer : useful noisy Useful Noisy " + " ".join(f"Doc {i}:" for i in range(1, 21))]
     tok = build_tokenizer(world.docs + [q["question"] for q in world.train + world.test] + fixed)
     rng = random.Random(cfg["seed"])
     names, guesses = collections.defaultdict(set), collections.defaultdict(list)
@@ -314,21 +361,19 @@ def prepare_embedded(cfg, cache_dir, log=print):
             prompt = cfg["prompt_template"].format(question=q["question"])
             response, qs = warmup_trajectory(q, search, sim.format_docs, names, rng)
             queries += [(q, query) for query in qs]
-        trajectories.append(encode_response(tok, prompt, response))
-
-    def fresh(seed):
-        return tiny_model(len(tok), cfg["tiny_hidden"], cfg["tiny_layers"], cfg["tiny_heads"], seed)
-
-    rows = simulator_rows(world, queries, search, rng)
-    simulator = fresh(cfg["seed"] + 1)
-    sim.train_simulator(simulator, tok, rows, cfg, steps=cfg["sim_sft_steps"], batch_size=cfg["sim_sft_batch_size"],
-                        lr=cfg["sim_sft_lr"], seed=cfg["seed"])
-    simulator.save_pretrained(sim_dir)
-    tok.save_pretrained(sim_dir)
-    policy = fresh(cfg["seed"])
+        trajectories.append(encode_warmup(tok, prompt, response))
+    # 1. the policy: the format warm-up (queries and answers not reliably right)
+    policy = tiny_model(len(tok), cfg["tiny_hidden"], cfg["tiny_layers"], cfg["tiny_heads"], cfg["seed"])
     sim.sft(policy, trajectories, cfg["warmup_steps"], cfg["warmup_batch_size"], cfg["warmup_lr"], cfg["seed"],
             "warm-up (format only)", tok.pad_token_id)
     policy.save_pretrained(policy_dir)
     tok.save_pretrained(policy_dir)
+    # 2. the simulator: simulation fine-tuning of a copy on labelled (query, documents, useful/noisy) rows
+    simulator = copy.deepcopy(policy)
+    rows = simulator_rows(world, queries, search, knowledge_index(world.docs), rng)
+    sim.train_simulator(simulator, tok, rows, cfg, steps=cfg["sim_sft_steps"],
+                        batch_size=cfg["sim_sft_batch_size"], lr=cfg["sim_sft_lr"], seed=cfg["seed"])
+    simulator.save_pretrained(sim_dir)
+    tok.save_pretrained(sim_dir)
     log(f"embedded default built in {cache_dir}")
     return world, retriever, sim_dir, policy_dir

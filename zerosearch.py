@@ -31,20 +31,29 @@ at the end, and after Ctrl-C, which finishes the step, saves and exits; under to
 --shutdown-timeout more seconds than a step takes, or torchrun kills the processes first.
 
 The embedded default needs no download: it generates a synthetic world of facts (world.py),
-trains a tokenizer on it, fine-tunes a tiny simulator on (query, documents, useful/noisy)
-rows from the world's real retriever, and warms a tiny policy up on the *format* only.
+trains a tokenizer on it, warms a tiny policy up on the *format* (on trajectories whose
+queries and answers are not reliably right), and fine-tunes a copy of it into the simulator
+on (query, documents, useful/noisy) rows from the world's real retriever.
 
 Deliberate differences from the paper (and why)
-1. The tiny simulator is also shown the question's supporting facts (`{evidence}` in its
-   template): they stand in for what a 14B simulator knows of Wikipedia. Its "useful"
-   documents are faithful to the *query* (a query about the wrong entity gets documents about
-   that entity), so a vague query cannot pull the answer out of the simulator.
+1. The tiny simulator's prompt carries its knowledge: the world's statements about the
+   entities the query names (world.knowledge_index, `{evidence}` in its template). A 14B
+   simulator has memorised Wikipedia; a 1M-parameter one cannot memorise 11,600 facts in
+   minutes. It is not a search engine (no ranking; a query that names no entity gets nothing),
+   and its useful documents are faithful to the *query*: a query about the wrong entity gets
+   that entity's facts, never the answer, so only a good query is rewarded.
 2. The tiny policy starts from a format warm-up (world.warmup_trajectory) instead of a
-   pretrained base model; the warm-up's queries and answers are deliberately unreliable.
-3. A turn that ends without an action (length or EOS) ends the trajectory; the paper appends
+   pretrained base model. Its queries name the right entity 30% of the time and are vague 45%
+   of the time, so it starts honestly weak. The warm-up's loss also covers the <information>
+   blocks (predicting what the engine returns for a query is how a tiny model learns to copy
+   names, a skill a base LLM brings); RL masks them out of every loss, as the paper does.
+3. Rollouts sample at temperature 0.5 (paper 1.0): the tiny model's distributions are flat
+   and at 1.0 too few samples succeed for RL to start (TINY_WORLD in the design notes).
+4. A turn that ends without an action (length or EOS) ends the trajectory; the paper appends
    an "invalid action" observation instead.
-4. Sizes are scaled to a 2-core CPU: short turns (48 tokens, paper 500), higher learning
-   rates, 2 PPO epochs. presets/paper.yaml restores the paper's settings.
+5. Sizes are scaled to a 2-core CPU: 3 documents a search (paper 5), short turns (48 tokens,
+   paper 500), higher learning rates, 2 PPO epochs. presets/paper.yaml restores the paper's
+   settings.
 """
 import collections
 import difflib
@@ -388,7 +397,8 @@ def setup(cfg, ctx):
         tok = world.load_tokenizer(policy_path)
         test = {"single-hop": [q for q in w.test if q["hops"] == 1], "two-hop": [q for q in w.test if q["hops"] == 2]}
         eval_sets = {k: v[:cfg["eval_size"] // 2] for k, v in test.items()}
-        return tok, w.train, eval_sets, retriever, cfg["sim_model"] or sim_path, cfg["policy_model"] or policy_path
+        knowledge = None if cfg["sim_model"] else world.knowledge_index(w.docs)  # a real simulator has its own
+        return tok, w.train, eval_sets, retriever, cfg["sim_model"] or sim_path, cfg["policy_model"] or policy_path, knowledge
     if not cfg["policy_model"]:
         raise SystemExit("error: data is a file, so policy_model must name a model (e.g. policy_model=Qwen/Qwen2.5-3B)")
     tok = world.load_tokenizer(cfg["policy_model"])
@@ -399,10 +409,11 @@ def setup(cfg, ctx):
             raise SystemExit(f"error: eval_data item {item!r} must be name=path (e.g. nq=data/nq_test.jsonl)")
         eval_sets[name] = world.load_questions(path)[:cfg["eval_size"]]
     retriever = sim.Retriever(world.load_corpus(cfg["corpus"])) if cfg["corpus"] else None
-    return tok, world.load_questions(cfg["data"]), eval_sets, retriever, cfg["sim_model"], cfg["policy_model"]
+    return tok, world.load_questions(cfg["data"]), eval_sets, retriever, cfg["sim_model"], cfg["policy_model"], None
 
 
-def make_engine(backend, cfg, retriever, sim_path, ctx):
+def make_engine(backend, cfg, retriever, sim_path, ctx, knowledge=None):
+    """The search engine of `backend`; `knowledge(query)` (embedded world) feeds the simulator's prompt."""
     import sim
     if backend == "real":
         if retriever is None:
@@ -413,11 +424,11 @@ def make_engine(backend, cfg, retriever, sim_path, ctx):
             raise SystemExit("error: search_backend=http needs sim_model (the served simulator's name or path; "
                              "its tokenizer cuts documents to doc_tokens)")
         import world
-        return sim.HttpEngine(cfg, world.load_tokenizer(sim_path), cfg["sim_served_model"] or sim_path)
+        return sim.HttpEngine(cfg, world.load_tokenizer(sim_path), cfg["sim_served_model"] or sim_path, knowledge)
     if backend == "sim":
         if not sim_path:
             raise SystemExit("error: search_backend=sim needs sim_model (a fine-tuned simulator's name or path)")
-        return sim.SimEngine(sim_path, cfg, ctx.device)
+        return sim.SimEngine(sim_path, cfg, ctx.device, knowledge)
     raise SystemExit(f"error: search_backend must be sim, real or http, got {backend!r}")
 
 
@@ -448,12 +459,12 @@ def main(argv):
             yaml.safe_dump(cfg, f, sort_keys=False)
     random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
-    tok, train_qs, eval_sets, retriever, sim_path, policy_path = setup(cfg, ctx)
+    tok, train_qs, eval_sets, retriever, sim_path, policy_path, knowledge = setup(cfg, ctx)
     real = make_engine("real", cfg, retriever, None, ctx) if retriever else make_engine(cfg["search_backend"], cfg, retriever, sim_path, ctx)
     start = AutoModelForCausalLM.from_pretrained(policy_path).to(ctx.device)
     results = {"(a) warm-up, no search": evaluate(start, tok, eval_sets, real, cfg, ctx, max_turns=0, template=cfg["direct_template"]),
                "(b) warm-up + real search (RAG-like)": evaluate(start, tok, eval_sets, real, cfg, ctx)}
-    engine = make_engine(cfg["search_backend"], cfg, retriever, sim_path, ctx)
+    engine = make_engine(cfg["search_backend"], cfg, retriever, sim_path, ctx, knowledge)
     policy = train(policy_path, tok, train_qs, engine, cfg, ctx, "zerosearch")
     results[f"(c) ZeroSearch ({cfg['algo']}, {cfg['search_backend']} engine)"] = evaluate(policy, tok, eval_sets, real, cfg, ctx)
     if ctx.master:
