@@ -222,7 +222,7 @@ def tiny_model_dir(path, rows):
     cfg = zerosearch.load_config([])
     texts = [cfg["sim_template_finetuned"], "useful noisy Useful Noisy Doc 1 : Doc 2 :"]
     texts += [" ".join([r["query"], r["question"], r["answer"], str(r["documents"])]) for r in rows]
-    tok = world.build_tokenizer(texts, vocab_size=400)
+    tok = world.build_tokenizer(texts)
     world.tiny_model(len(tok), 32, 2, 2, seed=0).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path), cfg

@@ -173,20 +173,23 @@ def warmup_trajectory(q, search, format_docs, names, rng, p_right=0.3, p_vague=0
     return text + f" <answer> {subject} </answer>", queries
 
 
-def build_tokenizer(texts, vocab_size=4096):
-    """A BPE tokenizer trained on the world's text, wrapped as a Hugging Face fast tokenizer.
+def build_tokenizer(texts):
+    """A word-level tokenizer for the world's text, wrapped as a Hugging Face fast tokenizer.
 
-    Words are split on white space and punctuation before BPE, and the vocabulary is large
-    enough for every word of the world to be one token; the tags are atomic added tokens, so
+    Text is split on white space and punctuation, and every word of `texts` is one token (ids in
+    sorted order, so a build is the same in every process: a trained BPE breaks ties between
+    merges in hash order and gave different ids from run to run). One token a name part is what
+    lets a small model copy names it has never seen. The tags are atomic added tokens, so
     `</search>` is one token and a stop string ends exactly at it. Decoding puts one space
-    between words (sub-words carry a ## prefix and are glued back)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    between words; a word not in `texts` becomes <unk>."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE(unk_token="<unk>", continuing_subword_prefix="##"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    split = pre_tokenizers.Whitespace()
+    words = sorted({w for t in texts for w, _ in split.pre_tokenize_str(t)} - set(TAGS))
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>"] + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = split
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, continuing_subword_prefix="##",
-                                                       special_tokens=["<pad>", "<unk>", "<eos>"]))
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in TAGS])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
