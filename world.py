@@ -168,8 +168,8 @@ def warmup_trajectory(q, search, format_docs, names, rng, p_right=0.3, p_vague=0
         docs = search(query)
         queries.append(query)
         text += f" <search> {query} </search> <information> {format_docs(docs)} </information>"
-        read = find_fact(docs, subject, relation)
-        subject = read or next((answer_from_doc(d, relation) for d in docs if answer_from_doc(d, relation)), subject)
+        top = next((v for v in (answer_from_doc(d, relation) for d in docs) if v), subject)
+        subject = find_fact(docs, subject, relation) or top
     return text + f" <answer> {subject} </answer>", queries
 
 
