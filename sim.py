@@ -302,6 +302,21 @@ def sft(model, examples, steps, batch_size, lr, seed=0, desc="sft", pad_id=0):
 TAG_RE = re.compile(r"</?(think|search|information|answer)>")
 
 
+def as_chat(tok, text):
+    """`text` as the user's message in the tokenizer's chat template, ready for the reply (how an
+    instruct model is prompted; the paper prompts a base model with the plain text)."""
+    if not getattr(tok, "chat_template", None):
+        raise SystemExit(f"error: chat_template/sim_chat_template is true but the tokenizer of {tok.name_or_path!r} "
+                         "has no chat template; set it to false (a base model takes plain text)")
+    return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+
+def prompt_ids(tok, text, chat=False):
+    """The token ids of a prompt: plain text, or with `chat` through the chat template (which
+    writes any BOS itself)."""
+    return tok.encode(as_chat(tok, text), add_special_tokens=False) if chat else tok.encode(text)
+
+
 def sim_prompt(template, request, kind, k):
     """The simulator's control prompt for one request: the query, the user's question and gold
     answer, and useful/noisy (the only word that changes between the two)."""
@@ -326,7 +341,8 @@ class SimEngine:
     def search(self, requests, noise_prob, seed):
         requests = with_knowledge(requests, self.knowledge)
         kinds = draw_kinds(len(requests), noise_prob, seed)
-        prompts = [self.tok.encode(sim_prompt(self.template, r, kind, self.cfg["topk"])) for r, kind in zip(requests, kinds)]
+        prompts = [prompt_ids(self.tok, sim_prompt(self.template, r, kind, self.cfg["topk"]), self.cfg["sim_chat_template"])
+                   for r, kind in zip(requests, kinds)]
         outs, _ = sample(self.model, prompts, self.cfg["sim_max_tokens"], temperature=self.cfg["sim_temperature"],
                          eos_token_id=self.tok.eos_token_id, seed=seed)
         texts = [self.tok.decode(out, skip_special_tokens=True) for out in outs]
@@ -384,6 +400,8 @@ class HttpEngine:
         requests = with_knowledge(requests, self.knowledge)
         kinds = draw_kinds(len(requests), noise_prob, seed)
         prompts = [sim_prompt(self.template, r, kind, self.cfg["topk"]) for r, kind in zip(requests, kinds)]
+        if self.cfg["sim_chat_template"]:  # the completions endpoint takes text: render the chat template here
+            prompts = [as_chat(self.tok, p) for p in prompts]
         # the API takes one seed a request: with a seed per request, each chunk sends its first one
         seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
         starts = range(0, len(prompts), HTTP_CHUNK)

@@ -18,7 +18,7 @@ import world
 
 TEMPLATE = "Write {k} {kind} documents . {Kind} Query : {query}"  # ends with the query, so each query has its own chain
 CFG = dict(topk=3, doc_tokens=40, sim_style="finetuned", sim_template_finetuned=TEMPLATE, sim_temperature=0.0,
-           sim_max_tokens=24, sim_url=None, sim_timeout=5, sim_retries=3)
+           sim_max_tokens=24, sim_url=None, sim_timeout=5, sim_retries=3, sim_chat_template=False)
 
 
 def chain(i, n_docs):
@@ -127,6 +127,18 @@ def test_http_engine_gives_the_documents_of_the_in_process_simulator(tmp_path, m
     assert [p for b in sent for p in b["prompt"]] == [sim.sim_prompt(TEMPLATE, r, kind, 3) for r, kind in zip(REQUESTS, kinds)]
     assert all(b["model"] == "tiny-sim" and b["max_tokens"] == 24 and b["temperature"] == 0.0 for b in bodies)
     assert [b["seed"] for b in sent] == [SEEDS[0], SEEDS[4]]  # one seed a request: its first prompt's
+
+
+def test_http_engine_renders_the_chat_template_when_sim_chat_template_is_true(tmp_path):
+    tok = world.load_tokenizer(successor_simulator(tmp_path / "sim"))
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} <assistant>{% endif %}"
+    reply = {"choices": [{"index": 0, "text": "Doc 1: a"}]}
+    with serve(lambda body: (200, reply)) as (url, bodies):
+        sim.HttpEngine(dict(CFG, sim_url=url, sim_chat_template=True), tok, "m").search(REQUESTS[:1], 0.0, 0)
+    assert bodies[0]["prompt"] == ["<user> Write 3 useful documents . Useful Query : q0 <assistant>"]
+    tok.chat_template = None
+    with pytest.raises(SystemExit, match="has no chat template; set it to false"):
+        sim.HttpEngine(dict(CFG, sim_url=url, sim_chat_template=True), tok, "m").search(REQUESTS[:1], 0.0, 0)
 
 
 class WhitespaceTok:

@@ -120,7 +120,7 @@ class RecordingEngine:
 def tiny_tok():
     texts = ["Doc 1: doc about alpha beta gamma . zeta eta theta answer one two three question q0 q1 q2 ."]
     cfg = zs.load_config([])
-    return world.build_tokenizer(texts + [cfg["prompt_template"], cfg["direct_template"]])
+    return world.build_tokenizer(texts + [cfg["prompt_template"], cfg["direct_template"], cfg["invalid_action"]])
 
 
 def test_rollout_stops_at_search_inserts_documents_and_masks_them(tiny_tok, monkeypatch):
@@ -156,6 +156,42 @@ def test_rollout_honours_max_turns_then_disables_search(tiny_tok, monkeypatch):
     assert [c["stop"] for c in scripted.calls] == [("</search>", "</answer>")] * 2 + [("</answer>",)]
     assert ro.searches == [2] and ro.answers == [None]
     assert zs.score(ro, q) == [0.0]
+
+
+def test_a_turn_with_neither_action_gets_the_invalid_action_observation_and_counts_as_a_turn(tiny_tok, monkeypatch):
+    tok, cfg = tiny_tok, zs.load_config(["max_turns=2"])
+    q = [dict(question="q0", golden_answers=["one"])]
+    turns = ["zeta eta", "<search> alpha </search>", "<answer> one </answer>"]
+    scripted = ScriptedPolicy(tok, [{"turns": turns, "done": []}], lambda p: 0)
+    monkeypatch.setattr(sim, "sample", scripted)
+    engine = RecordingEngine()
+    ro = zs.rollout(None, tok, q, engine, cfg)
+    invalid = tok.encode(" " + cfg["invalid_action"])
+    docs = tok.encode(" <information> Doc 1: q0 doc about alpha . </information>")
+    t0, t1, t2 = (tok.encode(t) for t in turns)
+    assert ro.response_ids[0] == t0 + invalid + t1 + docs + t2
+    assert ro.response_mask[0] == [1] * len(t0) + [0] * len(invalid) + [1] * len(t1) + [0] * len(docs) + [1] * len(t2)
+    assert engine.requests == [["alpha"]] and ro.searches == [1] and ro.answers == ["one"]
+    assert [c["stop"] for c in scripted.calls][-1] == ("</answer>",)  # the invalid turn used up turn 0 of max_turns
+    # invalid_action empty: a turn without an action ends the trajectory
+    monkeypatch.setattr(sim, "sample", ScriptedPolicy(tok, [{"turns": turns, "done": []}], lambda p: 0))
+    ro = zs.rollout(None, tok, q, RecordingEngine(), dict(cfg, invalid_action=""))
+    assert ro.response_ids[0] == t0 and ro.answers == [None]
+
+
+def test_chat_template_wraps_the_policy_prompt_and_is_required_when_on(tiny_tok, monkeypatch):
+    tok, cfg = tiny_tok, zs.load_config(["chat_template=true"])
+    q = [dict(question="q1", golden_answers=["two"])]
+    monkeypatch.setattr(sim, "sample", ScriptedPolicy(tok, [{"turns": ["<answer> two </answer>"], "done": []}], lambda p: 0))
+    tok.chat_template = "{% for m in messages %}Question : {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} answer :{% endif %}"
+    try:
+        ro = zs.rollout(None, tok, q, RecordingEngine(), cfg)
+        assert ro.prompt_ids[0] == tok.encode("Question : " + cfg["prompt_template"].format(question="q1") + " answer :")
+        assert ro.answers == ["two"]
+    finally:
+        tok.chat_template = None
+    with pytest.raises(SystemExit, match="has no chat template; set it to false"):
+        zs.rollout(None, tok, q, RecordingEngine(), cfg)
 
 
 def test_answer_is_taken_from_policy_tokens_never_from_documents(tiny_tok, monkeypatch):

@@ -319,7 +319,7 @@ def simulator_rows(world, queries, search, knowledge, rng):
 
 BUILD_KEYS = ["world_seed", "world_persons", "world_companies", "tiny_hidden", "tiny_layers", "tiny_heads",
               "warmup_steps", "warmup_batch_size", "warmup_lr",
-              "sim_sft_steps", "sim_sft_batch_size", "sim_sft_lr", "prompt_template", "direct_template",
+              "sim_sft_steps", "sim_sft_batch_size", "sim_sft_lr", "prompt_template", "direct_template", "invalid_action",
               "sim_template_finetuned", "sim_template_prompted", "topk", "seed"]
 
 
@@ -345,7 +345,7 @@ def prepare_embedded(cfg, cache_dir, log=print):
         log(f"embedded default: loading the world's tokenizer, simulator and warm-up policy from {cache_dir}")
         return world, retriever, sim_dir, policy_dir
     # Every template string goes into the tokenizer's training text, so no word is unknown.
-    fixed = [cfg["prompt_template"], cfg["direct_template"], cfg["sim_template_finetuned"], cfg["sim_template_prompted"],
+    fixed = [cfg["prompt_template"], cfg["direct_template"], cfg["invalid_action"], cfg["sim_template_finetuned"], cfg["sim_template_prompted"],
              "<think> I need to search . </think> Question : Answer : useful noisy Useful Noisy " + " ".join(f"Doc {i}:" for i in range(1, 21))]
     tok = build_tokenizer(world.docs + [q["question"] for q in world.train + world.test] + fixed)
     rng = random.Random(cfg["seed"])

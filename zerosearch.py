@@ -49,9 +49,7 @@ Deliberate differences from the paper (and why)
    names, a skill a base LLM brings); RL masks them out of every loss, as the paper does.
 3. Rollouts sample at temperature 0.5 (paper 1.0): the tiny model's distributions are flat
    and at 1.0 too few samples succeed for RL to start (TINY_WORLD in the design notes).
-4. A turn that ends without an action (length or EOS) ends the trajectory; the paper appends
-   an "invalid action" observation instead.
-5. Sizes are scaled to a 2-core CPU: 3 documents a search (paper 5), short turns (48 tokens,
+4. Sizes are scaled to a 2-core CPU: 3 documents a search (paper 5), short turns (48 tokens,
    paper 500), higher learning rates, 2 PPO epochs. presets/paper.yaml restores the paper's
    settings.
 """
@@ -179,13 +177,14 @@ def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seeds=None, gre
     """Search-R1/ZeroSearch rollout of many sequences at once. Each turn samples every active
     sequence until `</search>` or `</answer>`; the queries of the whole batch go to the engine
     in one call; its documents come back inside <information> (masked out of every loss) and
-    generation resumes. After `max_turns` searches one last turn has search disabled. `seeds`, one
+    generation resumes; a turn with neither action gets the paper's fixed "invalid action" observation
+    (`invalid_action`) and tries again. After `max_turns` turns one last turn has search disabled. `seeds`, one
     int per question (default 0, 1, ...): a row's tokens and its searches draw from streams of its
     own, so a question samples the same in any batch, on one process or N."""
-    from sim import format_docs, sample
+    from sim import format_docs, prompt_ids, sample
     max_turns = cfg["max_turns"] if max_turns is None else max_turns
     template = template or cfg["prompt_template"]
-    prompts = [tok.encode(template.format(question=q["question"])) for q in questions]
+    prompts = [prompt_ids(tok, template.format(question=q["question"]), cfg["chat_template"]) for q in questions]
     resp, mask, searches = [[] for _ in questions], [[] for _ in questions], [0] * len(questions)
     active = list(range(len(questions)))
     seeds = list(range(len(questions))) if seeds is None else seeds
@@ -197,22 +196,28 @@ def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seeds=None, gre
                         temperature=0.0 if greedy else cfg["temperature"], top_p=cfg["top_p"],
                         stop=("</answer>",) if last else ("</search>", "</answer>"),
                         eos_token_id=tok.eos_token_id, seed=[seeds[i] * 1000 + turn for i in active], tokenizer=tok)
-        requests = []  # (batch row, query): rows are kept with their own question (fault 1 of the public code)
+        requests, invalid = [], []  # (batch row, query): rows are kept with their own question (fault 1 of the public code)
         for i, toks in zip(active, new):
             resp[i] += toks
             mask[i] += [1] * len(toks)
             text = tok.decode(toks)
+            if last or len(resp[i]) >= cfg["max_response_tokens"]:
+                continue
             m = re.search(r"<search>(.*?)</search>\s*$", text, flags=re.DOTALL)
-            if m and not last and len(resp[i]) < cfg["max_response_tokens"]:
+            if m:
                 requests.append((i, m.group(1).strip()))
+            elif not re.search(r"<answer>.*?</answer>", text, flags=re.DOTALL) and cfg["invalid_action"]:
+                invalid.append(i)  # neither search nor answer: the fixed "invalid action" observation, try again
         docs = engine.search([dict(questions[i], query=q) for i, q in requests], noise_prob,
                              [seeds[i] * 1000 + turn for i, _ in requests]) if requests else []
-        for (i, _), d in zip(requests, docs):
-            obs = tok.encode(f" <information> {format_docs(d)} </information>")
+        observations = [(i, f" <information> {format_docs(d)} </information>") for (i, _), d in zip(requests, docs)]
+        for i, obs in observations + [(i, " " + cfg["invalid_action"]) for i in invalid]:
+            obs = tok.encode(obs, add_special_tokens=False)
             resp[i] += obs
             mask[i] += [0] * len(obs)
+        for i, _ in requests:
             searches[i] += 1
-        active = [i for i, _ in requests]
+        active = sorted([i for i, _ in requests] + invalid)
     answers = [extract_answer(tok.decode([t for t, m in zip(r, ms) if m])) for r, ms in zip(resp, mask)]
     return Rollout(prompts, [r[:cfg["max_response_tokens"]] for r in resp],
                    [m[:cfg["max_response_tokens"]] for m in mask], answers, searches)
