@@ -217,6 +217,24 @@ def test_to_batch_aligns_response_mask_with_tokens(tiny_tok):
     assert rmask.tolist() == [[0, 0, 1, 0, 1], [0, 1, 0, 0, 0]]
 
 
+# ----------------------------------------------------------------------------- world
+def test_simulator_rows_useful_state_the_fact_noisy_never_state_a_gold():
+    import random
+    w = world.build_world(0, 300, 90)
+    retriever, knowledge = sim.Retriever(w.docs), world.knowledge_index(w.docs)
+    qs = [q for q in w.train if q["hops"] == 1][:400]
+    queries = [(q, world.right_query(q["subject"], q["relation"])) for q in qs]
+    rows = world.simulator_rows(w, queries, lambda x: retriever.search(x, 3), knowledge, random.Random(0), noisy_share=0.25)
+    assert 65 < sum(r["label"] == "noisy" for r in rows) < 135  # Binomial(400, 0.25): mean 100, sd 8.7
+    for (q, query), r in zip(queries, rows):
+        assert r["evidence"] == knowledge(query) and q["evidence"][0] in r["evidence"] and len(r["documents"]) == 3
+        if r["label"] == "useful":
+            assert q["evidence"][0] in r["documents"]
+        else:  # read as a reader would, no noisy document gives a gold answer, for any kind of question
+            assert all(world.answer_from_doc(d, q["relation"]) not in q["golden_answers"] for d in r["documents"])
+            assert all(world.parse_doc(d) for d in r["documents"])  # still well-formed facts
+
+
 def test_smoke_run_end_to_end_writes_config_metrics_and_results(tmp_path):
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, os.path.join(HERE, "zerosearch.py"), "preset=smoke", f"out_dir={out}"],

@@ -261,14 +261,17 @@ def encode_warmup(tok, prompt, response):
 
 def noisy_docs(docs, golds, pools, rng):
     """Plausible but wrong documents for a query: each fact with its value swapped for another
-    of the same kind (a city for a city, a year for a year), never stating a gold answer."""
+    of the same kind (a city for a city, a year for a year), and its subject too where the subject
+    is a gold answer (the founder sentence answers "which company"), so none states a gold answer.
+    `pools[relation]`: the (subject, value) pairs of the corpus."""
     out = []
     for d in docs:
         fact = parse_doc(d)
         if fact:
             s, r, o = fact
-            choices = [v for v in pools[r] if v not in golds and v != o] or [o]
-            d = RELATIONS[r][0].format(s=s, o=rng.choice(choices))
+            if s in golds:
+                s = rng.choice([x for x, _ in pools[r] if x not in golds])
+            d = RELATIONS[r][0].format(s=s, o=rng.choice([v for _, v in pools[r] if v not in golds and v != o] or [o]))
         out.append(d)
     return out
 
@@ -295,21 +298,22 @@ def knowledge_index(docs):
     return knowledge
 
 
-def simulator_rows(world, queries, search, knowledge, rng):
+def simulator_rows(world, queries, search, knowledge, rng, noisy_share=0.5):
     """Labelled rows for simulation fine-tuning, as the paper collects them: (query, question,
     answer, documents, label), plus the simulator's knowledge of the query (`evidence`).
     `useful` documents state what is known about what the query names, then what the real
     engine also returns for it: faithful to the query, so a query about the wrong entity gets
-    that entity's facts and not the answer. `noisy` ones are the same with wrong values. Balanced."""
+    that entity's facts and not the answer. `noisy` ones are the same with wrong values; a row
+    is noisy with probability `noisy_share`."""
     pools = collections.defaultdict(list)
     for d in world.docs:
         fact = parse_doc(d)
         if fact:
-            pools[fact[1]].append(fact[2])
+            pools[fact[1]].append((fact[0], fact[2]))
     rows = []
     for q, query in queries:
         known, found = knowledge(query), search(query)
-        docs, label = (known + [d for d in found if d not in known])[:len(found)], rng.choice(["useful", "noisy"])
+        docs, label = (known + [d for d in found if d not in known])[:len(found)], ("noisy" if rng.random() < noisy_share else "useful")
         if label == "noisy":
             docs = noisy_docs(docs, q["golden_answers"], pools, rng)
         rows.append(dict(query=query, question=q["question"], answer=q["golden_answers"][0],
@@ -317,9 +321,10 @@ def simulator_rows(world, queries, search, knowledge, rng):
     return rows
 
 
+BUILD_VERSION = 2  # bump when the code changes what a build holds, so old caches are not loaded
 BUILD_KEYS = ["world_seed", "world_persons", "world_companies", "tiny_hidden", "tiny_layers", "tiny_heads",
               "warmup_steps", "warmup_batch_size", "warmup_lr",
-              "sim_sft_steps", "sim_sft_batch_size", "sim_sft_lr", "prompt_template", "direct_template", "invalid_action",
+              "sim_sft_steps", "sim_sft_batch_size", "sim_sft_lr", "sim_sft_noisy", "prompt_template", "direct_template", "invalid_action",
               "sim_template_finetuned", "sim_template_prompted", "topk", "seed"]
 
 
@@ -338,7 +343,7 @@ def prepare_embedded(cfg, cache_dir, log=print):
     def search(query):
         return retriever.search(query, cfg["topk"])
 
-    key = hashlib.sha1(json.dumps([cfg[k] for k in BUILD_KEYS]).encode()).hexdigest()[:10]
+    key = hashlib.sha1(json.dumps([BUILD_VERSION] + [cfg[k] for k in BUILD_KEYS]).encode()).hexdigest()[:10]
     cache_dir = os.path.join(cache_dir, key)
     sim_dir, policy_dir = os.path.join(cache_dir, "simulator"), os.path.join(cache_dir, "warmup")
     if os.path.exists(os.path.join(policy_dir, "config.json")) and os.path.exists(os.path.join(sim_dir, "config.json")):
@@ -373,7 +378,7 @@ def prepare_embedded(cfg, cache_dir, log=print):
     tok.save_pretrained(policy_dir)
     # 2. the simulator: simulation fine-tuning of a copy on labelled (query, documents, useful/noisy) rows
     simulator = copy.deepcopy(policy)
-    rows = simulator_rows(world, queries, search, knowledge_index(world.docs), rng)
+    rows = simulator_rows(world, queries, search, knowledge_index(world.docs), rng, cfg["sim_sft_noisy"])
     sim.train_simulator(simulator, tok, rows, cfg, steps=cfg["sim_sft_steps"],
                         batch_size=cfg["sim_sft_batch_size"], lr=cfg["sim_sft_lr"], seed=cfg["seed"])
     simulator.save_pretrained(sim_dir)
