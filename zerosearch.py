@@ -210,14 +210,15 @@ def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seeds=None, gre
                 invalid.append(i)  # neither search nor answer: the fixed "invalid action" observation, try again
         docs = engine.search([dict(questions[i], query=q) for i, q in requests], noise_prob,
                              [seeds[i] * 1000 + turn for i, _ in requests]) if requests else []
-        observations = [(i, f" <information> {format_docs(d)} </information>") for (i, _), d in zip(requests, docs)]
-        for i, obs in observations + [(i, " " + cfg["invalid_action"]) for i in invalid]:
+        observations = {i: f" <information> {format_docs(d)} </information>" for (i, _), d in zip(requests, docs)}
+        observations.update({i: " " + cfg["invalid_action"] for i in invalid})
+        for i, obs in observations.items():
             obs = tok.encode(obs, add_special_tokens=False)
             resp[i] += obs
             mask[i] += [0] * len(obs)
         for i, _ in requests:
             searches[i] += 1
-        active = sorted([i for i, _ in requests] + invalid)
+        active = sorted(observations)
     answers = [extract_answer(tok.decode([t for t, m in zip(r, ms) if m])) for r, ms in zip(resp, mask)]
     return Rollout(prompts, [r[:cfg["max_response_tokens"]] for r in resp],
                    [m[:cfg["max_response_tokens"]] for m in mask], answers, searches)
