@@ -235,6 +235,18 @@ def test_simulator_rows_useful_state_the_fact_noisy_never_state_a_gold():
             assert all(world.parse_doc(d) for d in r["documents"])  # still well-formed facts
 
 
+def test_split_train_keeps_rl_entities_out_of_the_warm_up_founders_with_their_companies():
+    w = world.build_world(0, 300, 90)
+    warm, rl = world.split_train(w.train, 0.3)
+    assert sorted(map(id, warm + rl)) == sorted(map(id, w.train)) and 0.15 < len(rl) / len(w.train) < 0.45
+    side = {q["subject"]: "warm" for q in warm} | {q["subject"]: "rl" for q in rl}
+    assert len(side) == len({q["subject"] for q in warm}) + len({q["subject"] for q in rl})  # no entity in both
+    founders = [(q["subject"], q["golden_answers"][0]) for q in w.train if q["relation"] == "founder"]
+    assert founders and all(side[c] == side[p] for c, p in founders if p in side)
+    assert world.split_train(w.train, 0.0)[1] == [] and world.split_train(w.train, 1.0)[0] == []
+    assert world.split_train(w.train, None) == (w.train, w.train)
+
+
 def test_smoke_run_end_to_end_writes_config_metrics_and_results(tmp_path):
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, os.path.join(HERE, "zerosearch.py"), "preset=smoke", f"out_dir={out}"],

@@ -321,9 +321,24 @@ def simulator_rows(world, queries, search, knowledge, rng, noisy_share=0.5):
     return rows
 
 
+def split_train(train, rl_share):
+    """(warm-up questions, RL questions). With rl_share null (the default) both are all of
+    `train`; with a share, the train questions about disjoint sets of train entities (a company
+    with its founder), `rl_share` of them for RL, by a hash of the name. The warm-up's loss
+    covers the results it read, so a policy warmed up on an entity's facts answers from memory,
+    and RL on those entities rewards recall over reading (measured: reading of held-out "which
+    company" answers fell from 0.55 to 0.22 in RL). README has what the split did."""
+    import zlib
+    if rl_share is None:
+        return train, train
+    company_of = {q["golden_answers"][0]: q["subject"] for q in train if q["relation"] == "founder"}
+    rl = [zlib.crc32(company_of.get(q["subject"], q["subject"]).encode()) % 1000 < 1000 * rl_share for q in train]
+    return [q for q, r in zip(train, rl) if not r], [q for q, r in zip(train, rl) if r]
+
+
 BUILD_VERSION = 2  # bump when the code changes what a build holds, so old caches are not loaded
 BUILD_KEYS = ["world_seed", "world_persons", "world_companies", "tiny_hidden", "tiny_layers", "tiny_heads",
-              "warmup_steps", "warmup_batch_size", "warmup_lr",
+              "warmup_steps", "warmup_batch_size", "warmup_lr", "rl_share",
               "sim_sft_steps", "sim_sft_batch_size", "sim_sft_lr", "sim_sft_noisy", "prompt_template", "direct_template", "invalid_action",
               "sim_template_finetuned", "sim_template_prompted", "topk", "seed"]
 
@@ -355,13 +370,14 @@ def prepare_embedded(cfg, cache_dir, log=print):
     tok = build_tokenizer(world.docs + [q["question"] for q in world.train + world.test] + fixed)
     rng = random.Random(cfg["seed"])
     names, guesses = collections.defaultdict(set), collections.defaultdict(list)
-    for q in world.train:
+    warmup_questions = split_train(world.train, cfg["rl_share"])[0]
+    for q in warmup_questions:
         guesses[q["relation"]].append(q["golden_answers"][0])
         if q["hops"] == 1:
             names[SUBJECT_TYPE[q["relation"]]].add(q["subject"])
     names = {k: sorted(v) for k, v in names.items()}
     trajectories, queries = [], []
-    for q in world.train:
+    for q in warmup_questions:
         if rng.random() < 0.1:  # the no-search prompt's format: an answer straight away (a guess)
             prompt = cfg["direct_template"].format(question=q["question"])
             response = f"<answer> {rng.choice(guesses[q['relation']])} </answer>"

@@ -404,7 +404,7 @@ def setup(cfg, ctx):
         test = {"single-hop": [q for q in w.test if q["hops"] == 1], "two-hop": [q for q in w.test if q["hops"] == 2]}
         eval_sets = {k: v[:cfg["eval_size"] // 2] for k, v in test.items()}
         knowledge = None if cfg["sim_model"] else world.knowledge_index(w.docs)  # a real simulator has its own
-        return tok, w.train, eval_sets, retriever, cfg["sim_model"] or sim_path, cfg["policy_model"] or policy_path, knowledge
+        return tok, world.split_train(w.train, cfg["rl_share"])[1], eval_sets, retriever, cfg["sim_model"] or sim_path, cfg["policy_model"] or policy_path, knowledge
     if not cfg["policy_model"]:
         raise SystemExit("error: data is a file, so policy_model must name a model (e.g. policy_model=Qwen/Qwen2.5-3B)")
     tok = world.load_tokenizer(cfg["policy_model"])
