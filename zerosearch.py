@@ -8,7 +8,7 @@ final answer; PPO (or GRPO, REINFORCE++) updates the policy with the <informatio
 masked out of every loss. Evaluation searches a real engine.
 
 Run
-    python zerosearch.py                        # the embedded default on a 2-core CPU (about 10 min)
+    python zerosearch.py                        # the embedded default on a 2-core CPU (about 12 min)
     python zerosearch.py preset=smoke           # the whole pipeline in under a minute
     torchrun --nproc_per_node=8 zerosearch.py preset=paper   # Qwen2.5-3B on 8 GPUs
     python zerosearch.py algo=grpo steps=40 out_dir=out/grpo # any key of config.yaml as key=value
