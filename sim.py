@@ -53,11 +53,13 @@ class PreallocatedLayer(DynamicLayer):
         super().__init__()
         self.capacity, self.length = capacity, 0
 
-    def lazy_initialization(self, key_states, value_states):
+    def lazy_initialization(self, key_states, value_states, batch_size=None):
         B, H, _, D = key_states.shape
+        B = batch_size or B
         self.device = key_states.device
-        self.key_buffer = key_states.new_empty(B, H, self.capacity, D)
-        self.value_buffer = value_states.new_empty(B, value_states.shape[1], self.capacity, value_states.shape[-1])
+        # zeros: positions a group's prefill leaves unwritten are masked, but 0 * NaN from garbage is NaN
+        self.key_buffer = key_states.new_zeros(B, H, self.capacity, D)
+        self.value_buffer = value_states.new_zeros(B, value_states.shape[1], self.capacity, value_states.shape[-1])
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -69,6 +71,16 @@ class PreallocatedLayer(DynamicLayer):
         self.length = end
         self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
         return self.keys, self.values
+
+    def write(self, rows, start: int, keys, values, batch_size: int):
+        """Prefill of a group of rows: their keys and values [len(rows), H, n, D] go to positions
+        start .. start + n, which must end where the other groups' end."""
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values, batch_size)
+        self.key_buffer[rows, :, start:start + keys.shape[-2]] = keys
+        self.value_buffer[rows, :, start:start + values.shape[-2]] = values
+        self.length = start + keys.shape[-2]
+        self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
 
     def get_seq_length(self) -> int:
         return self.length
@@ -87,17 +99,33 @@ def preallocated_cache(config, capacity: int):
     return cache
 
 
-def prefill(model, prompts, max_new_tokens: int):
-    """Left-pad `prompts` and run them in one forward -> (logits at the last position [B, V],
-    cache, attention mask [B, P + max_new_tokens] with room for the new tokens, next positions [B, 1])."""
-    P = max(len(p) for p in prompts)
+def prefill(model, prompts, max_new_tokens: int, groups: int = 4):
+    """Fill the cache for `prompts`, left-padded to one length P -> (logits at the last position [B, V],
+    cache, attention mask [B, P + max_new_tokens] with room for the new tokens, next positions [B, 1]).
+    Rows run in up to `groups` forwards of similar length, so a short prompt does not pay for the
+    longest one's padding (a third of the work for prompts of 20-60 tokens); each group's keys and
+    values land in the cache's positions P - P_g .. P, where left padding puts them. Models with
+    other kinds of cache layer (sliding window, ...) prefill in one forward."""
+    B, P = len(prompts), max(len(p) for p in prompts)
     input_ids = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts], device=model.device)
     mask = torch.tensor([[0] * (P - len(p)) + [1] * (len(p) + max_new_tokens) for p in prompts],
                         device=model.device)
     position_ids = (mask[:, :P].cumsum(-1) - 1).clamp(min=0)  # left padding: first real token at 0
     cache = preallocated_cache(model.config, P + max_new_tokens)
-    logits = model(input_ids=input_ids, attention_mask=mask[:, :P], position_ids=position_ids,
-                   cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    groups = min(groups, B) if all(type(layer) is PreallocatedLayer for layer in cache.layers) else 1
+    order = sorted(range(B), key=lambda i: len(prompts[i])) if groups > 1 else range(B)
+    logits = None
+    for g in range(groups):
+        rows = torch.tensor(order[g * B // groups:(g + 1) * B // groups], device=model.device)
+        start = P - max(len(prompts[i]) for i in rows.tolist())  # the group's own left padding begins here
+        part = cache if groups == 1 else preallocated_cache(model.config, P - start)
+        out = model(input_ids=input_ids[rows, start:], attention_mask=mask[rows, start:P],
+                    position_ids=position_ids[rows, start:], cache=part, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = out.new_empty(B, out.shape[-1]) if logits is None else logits
+        logits[rows] = out
+        if part is not cache:
+            for layer, group_layer in zip(cache.layers, part.layers):
+                layer.write(rows, start, group_layer.keys, group_layer.values, B)
     return logits, cache, mask, position_ids[:, -1:] + 1
 
 
@@ -105,6 +133,47 @@ def decode_one(model, tokens, mask, position_ids, cache):
     """tokens [b] at position_ids [b, 1]; mask [b, L] covers the cache and the new token -> logits [b, V]."""
     return model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position_ids,
                  cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+
+LEAN_MODEL_TYPES = ("qwen2", "qwen3", "llama")  # pre-norm decoders: RMSNorm, rotary GQA attention, gated MLP
+
+
+def lean_decoding(model) -> bool:
+    """Can `lean_decode_one` replace the Hugging Face forward for this model? A Llama-family decoder
+    with full attention in every layer, whose weights are plain tensors (not FSDP shards)."""
+    from torch.distributed.tensor import DTensor
+    layer_types = getattr(model.config, "layer_types", None) or ["full_attention"]
+    return (model.config.model_type in LEAN_MODEL_TYPES and set(layer_types) == {"full_attention"}
+            and not any(isinstance(p, DTensor) for p in model.parameters()))
+
+
+def lean_decode_one(model, tokens, mask, position_ids, cache):
+    """decode_one for a Llama-family decoder, written out: the model's own modules and math for one
+    new token per row, without the generic forward's per-call work (building the 4-D mask, cache
+    and output bookkeeping, attention dispatch), which is most of a decode step on a small model.
+    test_sampler.py checks it token for token against `model.generate`."""
+    m, b = model.model, len(tokens)
+    x = m.embed_tokens(tokens[:, None])                                       # [b, 1, d]
+    cos, sin = (t[:, None] for t in m.rotary_emb(x, position_ids))            # [b, 1, 1, head_dim]
+    attend = mask.bool()[:, None, None, :]                                    # [b, 1, 1, L]: not the left padding
+    for layer, kv in zip(m.layers, cache.layers):
+        attn, h = layer.self_attn, layer.input_layernorm(x)
+        q, k, v = (proj(h).view(b, 1, -1, attn.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        if hasattr(attn, "q_norm"):  # Qwen3 normalises each head's query and key
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)     # [b, heads, 1, head_dim]
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin  # RoPE
+        keys, values = kv.update(k, v)
+        o = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=attend,
+                                                             scale=attn.scaling, enable_gqa=True)
+        x = x + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.lm_head(m.norm(x))[:, -1]
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
 
 
 def sample_next(logits, temperature: float, top_k: int, top_p: float, uniform):
@@ -181,6 +250,7 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, 
     model.eval()
     try:
         logits, cache, mask, position_ids = prefill(model, prompts, max_new_tokens)
+        decode = lean_decode_one if lean_decoding(model) else decode_one
         B, P = len(prompts), mask.shape[1] - max_new_tokens
         out_tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
         out_logp = torch.zeros(B, max_new_tokens, device=device)
@@ -211,7 +281,7 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, 
                 # compacting at every finish measured as fast as waiting for several rows to finish
                 rows, tokens, mask, position_ids = rows[keep], tokens[keep], mask[keep], position_ids[keep]
                 cache.batch_select_indices(keep)
-            logits = decode_one(model, tokens, mask[:, :P + t + 1], position_ids, cache)
+            logits = decode(model, tokens, mask[:, :P + t + 1], position_ids, cache)
             position_ids = position_ids + 1
     finally:
         model.train(was_training)

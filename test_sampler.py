@@ -5,9 +5,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen2ForCausalLM)
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
-from sim import sample
+from sim import decode_one, lean_decode_one, lean_decoding, prefill, sample
 
 VOCAB = 64
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -24,6 +24,8 @@ def tiny_model(kind="qwen2"):
         model = Qwen2ForCausalLM(Qwen2Config(**TINY, use_sliding_window=True, sliding_window=4, max_window_layers=1))
     elif kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**TINY))
+    elif kind == "qwen3":  # per-head RMSNorm of query and key
+        model = Qwen3ForCausalLM(Qwen3Config(**TINY, head_dim=16))
     else:
         model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
                                            bos_token_id=0, eos_token_id=0))
@@ -62,7 +64,7 @@ def upto_first(tokens, eos):
     return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3", "gpt2"])
 def test_greedy_equals_hf_generate_on_ragged_prompts(kind):
     model, prompts = tiny_model(kind), ragged_prompts()
     tokens, _ = sample(model, prompts, 16, temperature=0, eos_token_id=[])
@@ -74,11 +76,50 @@ def test_greedy_equals_hf_generate_on_ragged_prompts(kind):
     assert any(len(row) < 16 for row in tokens) and any(len(row) == 16 for row in tokens)
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama", "gpt2", "qwen2-sliding"])
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3", "gpt2", "qwen2-sliding"])
 def test_cached_decode_equals_uncached_forward(kind):
     model, prompts = tiny_model(kind), ragged_prompts()
     tokens, _ = sample(model, prompts, 12, temperature=0, eos_token_id=[])
     assert tokens == [uncached_greedy(model, p, 12) for p in prompts]
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3", "gpt2", "qwen2-sliding"])
+def test_lean_decode_step_equals_the_hf_forward(kind):
+    """The written-out decode step against the model's own forward: same logits, same cache, three
+    steps on; models it does not cover (GPT-2, a sliding window) go through the HF forward."""
+    model, prompts = tiny_model(kind), ragged_prompts()
+    assert lean_decoding(model) == (kind in ("qwen2", "llama", "qwen3"))
+    if not lean_decoding(model):
+        return
+    with torch.no_grad():
+        logits, hf_cache, mask, pos = prefill(model, prompts, 3)
+        _, lean_cache, _, _ = prefill(model, prompts, 3)
+        P = mask.shape[1] - 3
+        for t in range(3):
+            tokens = logits.argmax(-1)
+            logits = decode_one(model, tokens, mask[:, :P + t + 1], pos + t, hf_cache)
+            lean = lean_decode_one(model, tokens, mask[:, :P + t + 1], pos + t, lean_cache)
+            torch.testing.assert_close(lean, logits, atol=1e-5, rtol=1e-5)
+        for hf_layer, lean_layer in zip(hf_cache.layers, lean_cache.layers):
+            torch.testing.assert_close(lean_layer.keys, hf_layer.keys)
+            torch.testing.assert_close(lean_layer.values, hf_layer.values)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gpt2"])
+def test_grouped_prefill_equals_one_padded_forward(kind):
+    """Prefill in groups of similar length against one left-padded forward: the same last logits
+    and the same keys and values wherever the mask lets attention see them."""
+    model, prompts = tiny_model(kind), ragged_prompts((3, 17, 9, 1, 6, 11, 2))
+    with torch.no_grad():
+        one_logits, one_cache, mask, one_pos = prefill(model, prompts, 4, groups=1)
+        logits, cache, _, pos = prefill(model, prompts, 4, groups=3)
+    torch.testing.assert_close(logits, one_logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(pos, one_pos)
+    seen = mask[:, None, :17, None].bool()  # [B, 1, P, 1]: the real prompt tokens
+    for layer, one_layer in zip(cache.layers, one_cache.layers):
+        assert layer.get_seq_length() == one_layer.get_seq_length() == 17
+        torch.testing.assert_close(layer.keys * seen, one_layer.keys * seen, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.values * seen, one_layer.values * seen, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "gpt2"])
