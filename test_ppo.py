@@ -468,8 +468,8 @@ def test_micro_batch_accumulation_equals_one_pass_over_the_mini_batch():
         batch, cfg = rollout_batch(actor, critic, "ppo")
         one_pass, accumulated = (update_gradients(actor, critic, batch, dict(cfg, micro_batch_size=micro, loss_agg=agg))
                                  for micro in [4, 1])
-        for g, h in zip(one_pass, accumulated):
-            torch.testing.assert_close(g, h, atol=1e-7, rtol=1e-4)
+        for g, h in zip(one_pass, accumulated):  # gradients are O(0.1-0.5): 1e-6 is summation order, not scaling
+            torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-4)
 
 
 def test_make_optimizer_first_lr_is_positive_then_warms_up_to_lr_and_stays():
