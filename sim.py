@@ -1,12 +1,14 @@
 """Sampling with a KV cache for the policy rollouts and for the simulator; the search engines;
 simulator fine-tuning.
 
-`sample` is the one hand-written sampler: a left-padded prefill in one forward, then a decode
-loop that feeds one token per row through a transformers `DynamicCache` whose full-attention layers
-are preallocated for the whole call (`PreallocatedLayer`). Rows that hit EOS or a
-stop string are dropped from the batch and from the cache, so finished rows cost nothing more.
-It works with any Hugging Face causal LM; test_sampler.py checks it against `model.generate`
-and against an uncached forward, `python bench.py sampler` measures it against `model.generate`.
+`sample` is the one hand-written sampler: the prompts are left-padded to one length and prefilled
+in a few forwards of similar length (`prefill`), then a decode loop feeds one token per row through a
+transformers `DynamicCache` whose full-attention layers are preallocated for the whole call
+(`PreallocatedLayer`). Rows that hit EOS or a stop string are dropped from the batch and from the
+cache, so finished rows cost nothing more. A decode step of a Llama-family model (Qwen2, Qwen3, Llama)
+is written out in `lean_decode_one` from the model's own modules; any other Hugging Face causal LM
+decodes through its own forward. test_sampler.py checks both against `model.generate` and against an
+uncached forward; `python bench.py sampler` measures them against `model.generate`.
 
 Search engines, all with `.search(requests, noise_prob, seed) -> documents per request` and `.stats`:
   SimEngine   search_backend=sim: the simulator LLM in this process, sampled with `sample`.
