@@ -54,7 +54,8 @@ def run(build, out, *args, nproc=1, wait=True):
 
 
 def metrics(out, name="zerosearch"):
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in open(out / f"metrics_{name}.jsonl")]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows if row["run"] == name]
 
 
 def wait_for(condition, proc, what, timeout=120):
@@ -142,8 +143,8 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run(build, uninterrupted
 
 def test_ctrl_c_saves_at_the_end_of_the_step_and_resume_repeats_the_uninterrupted_run(build, uninterrupted, tmp_path):
     proc = run(build, tmp_path, *RESUME, wait=False)
-    rows = tmp_path / "metrics_search_r1.jsonl"  # Ctrl-C in the second run: the first is finished
-    wait_for(lambda: rows.exists() and rows.read_text().count("\n") >= 1, proc, "a search_r1 step")
+    rows = tmp_path / "metrics.jsonl"  # Ctrl-C in the second run: the first is finished
+    wait_for(lambda: rows.exists() and '"run": "search_r1"' in rows.read_text(), proc, "a search_r1 step")
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]

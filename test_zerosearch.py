@@ -252,8 +252,8 @@ def test_smoke_run_end_to_end_writes_config_metrics_and_results(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "zerosearch.py"), "preset=smoke", f"out_dir={out}"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = [json.loads(line) for line in open(out / "metrics_zerosearch.jsonl")]
-    assert [row["step"] for row in rows] == [0, 1, 2]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [(row["run"], row["step"]) for row in rows] == [(run, step) for run in ("zerosearch", "search_r1") for step in range(3)]
     assert all(math.isfinite(row["reward"]) and 0 <= row["noise_prob"] <= 0.5 for row in rows)
     assert rows[0]["sim/useful"] + rows[0]["sim/noisy"] > 0 or rows[0]["searches"] == 0
     results = json.load(open(out / "results.json"))

@@ -295,8 +295,8 @@ def load_models(policy_path, cfg, ctx):
 def resume_or_start_over(run_dir, metrics_path, models, engine, cfg, ctx):
     """-> the first step to run. With a checkpoint to resume from (cfg["resume"]), its step, after
     restoring the models, optimizers, schedulers, RNG states, kl_coef (into cfg) and the engine's
-    counters; else 0, after removing the run's old checkpoints. The metrics file keeps its rows
-    before that step: the steps after it are written again."""
+    counters; else 0, after removing the run's old checkpoints. The metrics file keeps the other
+    runs' rows and this run's before that step: the steps after it are written again."""
     import parallel
     start, checkpoint = 0, parallel.checkpoint_to_resume(cfg["resume"], run_dir)
     if checkpoint:
@@ -307,9 +307,9 @@ def resume_or_start_over(run_dir, metrics_path, models, engine, cfg, ctx):
     else:
         parallel.start_over(run_dir, ctx)
     if ctx.master:
-        rows = [line for line in open(metrics_path) if json.loads(line)["step"] < start] if os.path.exists(metrics_path) else []
+        name, rows = os.path.basename(run_dir), [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
         with open(metrics_path, "w") as f:
-            f.writelines(rows)
+            f.writelines(json.dumps(r) + "\n" for r in rows if r.get("run") != name or r["step"] < start)
     return start
 
 
@@ -325,7 +325,7 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
     actor_opt, actor_sched = ppo.make_optimizer(actor, cfg["actor_lr"], cfg["weight_decay"], cfg["lr_warmup_steps"], cfg["steps"])
     critic_opt, critic_sched = ppo.make_optimizer(critic, cfg["critic_lr"], cfg["weight_decay"], 0, cfg["steps"]) if critic else (None, None)
     models = {"actor": (actor, actor_opt, actor_sched), **({"critic": (critic, critic_opt, critic_sched)} if critic else {})}
-    run_dir, metrics_path = os.path.join(cfg["out_dir"], "checkpoints", name), os.path.join(cfg["out_dir"], f"metrics_{name}.jsonl")
+    run_dir, metrics_path = os.path.join(cfg["out_dir"], "checkpoints", name), os.path.join(cfg["out_dir"], "metrics.jsonl")
     start = resume_or_start_over(run_dir, metrics_path, models, engine, cfg, ctx)
     order = random.Random(cfg["seed"]).sample(range(len(questions)), len(questions))
     ctrl_c, restore_sigint = parallel.catch_ctrl_c()
@@ -368,7 +368,7 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
         local = [scores.sum().item(), sum(em), sum(ro.searches), sampled, len(qs), *engine.stats.values()]
         total = ctx.all_sum(torch.tensor(local, dtype=torch.float64)).tolist()
         engine_totals = {k: int(v) for k, v in zip(engine.stats, total[5:])}
-        row = {"step": step, "reward": total[0] / total[4], "em": total[1] / total[4], "searches": total[2] / total[4],
+        row = {"run": name, "step": step, "reward": total[0] / total[4], "em": total[1] / total[4], "searches": total[2] / total[4],
                "noise_prob": p_noise, "tokens_per_s": total[3] / max(t_rollout, 1e-9), "step_time": time.time() - t0,
                **adv_stats, **ctx.mean_stats(stats), **{f"sim/{k}": v for k, v in engine_totals.items()}}
         if ctx.master:
