@@ -114,20 +114,21 @@ def prefill(model, prompts, max_new_tokens: int, groups: int = 4):
                         device=model.device)
     position_ids = (mask[:, :P].cumsum(-1) - 1).clamp(min=0)  # left padding: first real token at 0
     cache = preallocated_cache(model.config, P + max_new_tokens)
-    groups = min(groups, B) if all(type(layer) is PreallocatedLayer for layer in cache.layers) else 1
-    order = sorted(range(B), key=lambda i: len(prompts[i])) if groups > 1 else range(B)
-    logits = None
+    if not all(type(layer) is PreallocatedLayer for layer in cache.layers):  # e.g. a sliding window
+        logits = model(input_ids=input_ids, attention_mask=mask[:, :P], position_ids=position_ids,
+                       cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        return logits, cache, mask, position_ids[:, -1:] + 1
+    order, groups = sorted(range(B), key=lambda i: len(prompts[i])), min(groups, B)
     for g in range(groups):
         rows = torch.tensor(order[g * B // groups:(g + 1) * B // groups], device=model.device)
         start = P - max(len(prompts[i]) for i in rows.tolist())  # the group's own left padding begins here
-        part = cache if groups == 1 else preallocated_cache(model.config, P - start)
+        part = preallocated_cache(model.config, P - start)
         out = model(input_ids=input_ids[rows, start:], attention_mask=mask[rows, start:P],
                     position_ids=position_ids[rows, start:], cache=part, use_cache=True, logits_to_keep=1).logits[:, -1]
-        logits = out.new_empty(B, out.shape[-1]) if logits is None else logits
+        logits = out.new_empty(B, out.shape[-1]) if g == 0 else logits
         logits[rows] = out
-        if part is not cache:
-            for layer, group_layer in zip(cache.layers, part.layers):
-                layer.write(rows, start, group_layer.keys, group_layer.values, B)
+        for layer, group_layer in zip(cache.layers, part.layers):
+            layer.write(rows, start, group_layer.keys, group_layer.values, B)
     return logits, cache, mask, position_ids[:, -1:] + 1
 
 
