@@ -9,7 +9,8 @@ logprob  peak memory and time of per-token log-prob + entropy + backward, fused 
          machine the figures are for the torch (CPU) path; GPU figures for the Triton kernels
          cannot be measured here.
 sampler  tokens/s of sim.sample against Hugging Face generate, against batch size; the same with the
-         HF forward for decode steps; and the linear layers' matmuls alone, which bound any sampler.
+         HF forward for decode steps; and the matmuls alone (linear layers, attention products), which
+         bound any sampler.
 """
 import json
 import os
@@ -23,6 +24,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from kernels import logprob_entropy_from_hidden
 import sim
 from sim import sample
+from world import build_world, tiny_model, world_tokenizer
+from zerosearch import load_config
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 
@@ -98,14 +101,25 @@ def bench_logprob():
 # Sampling at temperature 1 with EOS disabled, so both produce MAX_NEW_TOKENS per row; prompts are
 # ragged (20-60 tokens).
 MAX_NEW_TOKENS = 4 if QUICK else 64
-SAMPLER_MODELS = {  # name -> (config, batch sizes)
-    "tiny policy (1024 vocab, 4x128)": (Qwen2Config(
-        vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True), [1, 8] if QUICK else [1, 8, 32, 64, 128]),
-    "random Qwen2 ~100M (32k vocab, 10x640)": (Qwen2Config(
-        vocab_size=32000, hidden_size=640, intermediate_size=1728, num_hidden_layers=2 if QUICK else 10,
-        num_attention_heads=10, num_key_value_heads=2), [2] if QUICK else [64]),
-}
+
+
+def default_tiny_policy_config():
+    """The embedded default's policy architecture, built as zerosearch.py builds it (random weights)."""
+    cfg = load_config([])
+    world = build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"])
+    vocab_size = len(world_tokenizer(world, cfg))
+    return tiny_model(vocab_size, cfg["tiny_hidden"], cfg["tiny_layers"], cfg["tiny_heads"], cfg["seed"]).config
+
+
+def sampler_models():  # name -> (config, batch sizes)
+    tiny = default_tiny_policy_config()
+    return {
+        f"default tiny policy ({tiny.vocab_size} vocab, {tiny.num_hidden_layers}x{tiny.hidden_size})":
+            (tiny, [1, 8] if QUICK else [1, 8, 32, 64, 128]),
+        "random Qwen2 ~100M (32k vocab, 10x640)": (Qwen2Config(
+            vocab_size=32000, hidden_size=640, intermediate_size=1728, num_hidden_layers=2 if QUICK else 10,
+            num_attention_heads=10, num_key_value_heads=2), [2] if QUICK else [64]),
+    }
 
 
 def sampler_prompts(batch_size: int, vocab_size: int, seed: int = 0):
@@ -135,10 +149,12 @@ def ours_hf_forward(model, prompts):
         sim.lean_decoding = lean_decoding
 
 
-def linear_floor(config, prompts):
+def matmul_floor(config, prompts):
     """Seconds of the matmuls no sampler can skip: every linear layer once for each prompt token (no
-    padding) and each new token, and the LM head once for each new token; fp32, inputs preallocated.
-    Attention, norms and sampling are left out, so HF generate's time over this bounds any speed-up."""
+    padding) and each new token, the LM head once for each new token, and each decode step's two
+    attention products per layer (query x keys, weights x values, over the mean prompt length plus
+    the tokens so far); fp32, inputs preallocated. Norms, RoPE, softmax, cache writes and sampling
+    are left out, so HF generate's time over this bounds any speed-up."""
     d, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
     hd = d // heads
     shapes = [(d, heads * hd), (d, kv_heads * hd), (d, kv_heads * hd), (heads * hd, d),
@@ -147,18 +163,24 @@ def linear_floor(config, prompts):
     head = torch.randn(config.vocab_size, d)
     B, prompt_tokens = len(prompts), sum(len(p) for p in prompts)
     inputs = {rows: {n_in: torch.randn(rows, n_in) for n_in, _ in shapes} for rows in (prompt_tokens, B)}
+    L = prompt_tokens // B + MAX_NEW_TOKENS
+    query, keys, values = torch.randn(B, kv_heads, heads // kv_heads, hd), torch.randn(B, kv_heads, L, hd), torch.randn(B, kv_heads, L, hd)
+    attention_weights = torch.rand(B, kv_heads, heads // kv_heads, L)
 
-    def layers(rows):
+    def layers(rows, length=None):
         for _ in range(config.num_hidden_layers):
             for w in weights:
                 torch.nn.functional.linear(inputs[rows][w.shape[1]], w)
+            if length:
+                query @ keys[:, :, :length].transpose(-1, -2)
+                attention_weights[..., :length] @ values[:, :, :length]
 
     def call():
         layers(prompt_tokens)
         for t in range(MAX_NEW_TOKENS):
             torch.nn.functional.linear(inputs[B][d], head)
             if t < MAX_NEW_TOKENS - 1:
-                layers(B)
+                layers(B, length=L - MAX_NEW_TOKENS + t + 1)
     call()
     start = time.perf_counter()
     call()
@@ -183,16 +205,17 @@ def bench_sampler():
     print(f"### sampler: tokens/s, {torch.get_num_threads()} torch threads, {MAX_NEW_TOKENS} new tokens a row, "
           "prompts 20-60 tokens; generated tokens over the whole call (prefill included)\n")
     print("| model | batch | HF generate tok/s | sim.sample tok/s | speed-up | sim.sample, HF forward tok/s "
-          "| linear layers alone tok/s | bound |")
+          "| matmuls alone tok/s | bound |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, (config, batch_sizes) in SAMPLER_MODELS.items():
+    for name, (config, batch_sizes) in sampler_models().items():
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(config).eval()
+        model.generation_config.eos_token_id = None  # no EOS: every row makes MAX_NEW_TOKENS, in both samplers
         repeats = 1 if QUICK else 3 if config.hidden_size < 256 else 2
         for batch_size in batch_sizes:
             prompts = sampler_prompts(batch_size, config.vocab_size)
             seconds = best_seconds([hf_generate, ours, ours_hf_forward], model, prompts, repeats)
-            seconds.append(linear_floor(config, prompts))
+            seconds.append(matmul_floor(config, prompts))
             hf, ws, wh, fl = (len(prompts) * MAX_NEW_TOKENS / s for s in seconds)
             print(f"| {name} | {batch_size} | {hf:,.0f} | {ws:,.0f} | {ws / hf:.2f}x | {wh:,.0f} | {fl:,.0f} | {fl / hf:.1f}x |",
                   flush=True)

@@ -158,7 +158,8 @@ def lean_decode_one(model, tokens, mask, position_ids, cache):
     m, b = model.model, len(tokens)
     x = m.embed_tokens(tokens[:, None])                                       # [b, 1, d]
     cos, sin = (t[:, None] for t in m.rotary_emb(x, position_ids))            # [b, 1, 1, head_dim]
-    attend = mask.bool()[:, None, None, :]                                    # [b, 1, 1, L]: not the left padding
+    bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(mask == 0, float("-inf"))
+    bias = bias[:, None, None, :]                                             # [b, 1, 1, L]: -inf on the left padding
     for layer, kv in zip(m.layers, cache.layers):
         attn, h = layer.self_attn, layer.input_layernorm(x)
         q, k, v = (proj(h).view(b, 1, -1, attn.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
@@ -166,10 +167,12 @@ def lean_decode_one(model, tokens, mask, position_ids, cache):
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)     # [b, heads, 1, head_dim]
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin  # RoPE
-        keys, values = kv.update(k, v)
-        o = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=attend,
-                                                             scale=attn.scaling, enable_gqa=True)
-        x = x + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
+        keys, values = kv.update(k, v)                                        # [b, kv_heads, L, head_dim]
+        # attention for one query: the query heads of a group share their key/value head (GQA). Two
+        # batched matmuls, not SDPA, whose CPU kernel is tuned for long queries and took twice as long here
+        scores = q.reshape(b, keys.shape[1], -1, attn.head_dim) @ keys.transpose(-1, -2)  # [b, kv_heads, group, L]
+        weights = (scores * attn.scaling + bias).softmax(-1, dtype=torch.float32).to(values.dtype)
+        x = x + attn.o_proj((weights @ values).reshape(b, 1, -1))            # heads in order kv_head * group + g
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return model.lm_head(m.norm(x))[:, -1]
 

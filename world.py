@@ -343,6 +343,14 @@ BUILD_KEYS = ["world_seed", "world_persons", "world_companies", "tiny_hidden", "
               "sim_template_finetuned", "sim_template_prompted", "topk", "seed"]
 
 
+def world_tokenizer(world, cfg):
+    """The embedded default's tokenizer: every word of the world's documents, its questions and the
+    config's templates, so no word is unknown."""
+    fixed = [cfg["prompt_template"], cfg["direct_template"], cfg["invalid_action"], cfg["sim_template_finetuned"], cfg["sim_template_prompted"],
+             "<think> I need to search . </think> Question : Answer : useful noisy Useful Noisy " + " ".join(f"Doc {i}:" for i in range(1, 21))]
+    return build_tokenizer(world.docs + [q["question"] for q in world.train + world.test] + fixed)
+
+
 def prepare_embedded(cfg, cache_dir, log=print):
     """Build (or load from `cache_dir`) everything the embedded default needs: the world, its
     tokenizer, the real retriever, the format-warmed tiny policy and the tiny simulator
@@ -364,10 +372,7 @@ def prepare_embedded(cfg, cache_dir, log=print):
     if os.path.exists(os.path.join(policy_dir, "config.json")) and os.path.exists(os.path.join(sim_dir, "config.json")):
         log(f"embedded default: loading the world's tokenizer, simulator and warm-up policy from {cache_dir}")
         return world, retriever, sim_dir, policy_dir
-    # Every template string goes into the tokenizer's training text, so no word is unknown.
-    fixed = [cfg["prompt_template"], cfg["direct_template"], cfg["invalid_action"], cfg["sim_template_finetuned"], cfg["sim_template_prompted"],
-             "<think> I need to search . </think> Question : Answer : useful noisy Useful Noisy " + " ".join(f"Doc {i}:" for i in range(1, 21))]
-    tok = build_tokenizer(world.docs + [q["question"] for q in world.train + world.test] + fixed)
+    tok = world_tokenizer(world, cfg)
     rng = random.Random(cfg["seed"])
     names, guesses = collections.defaultdict(set), collections.defaultdict(list)
     warmup_questions = split_train(world.train, cfg["rl_share"])[0]
