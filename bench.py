@@ -150,7 +150,7 @@ def ours_hf_forward(model, prompts):
 
 
 def matmul_floor(config, prompts):
-    """Seconds of the matmuls no sampler can skip: every linear layer once for each prompt token (no
+    """A run of the matmuls no sampler can skip: every linear layer once for each prompt token (no
     padding) and each new token, the LM head once for each new token, and each decode step's two
     attention products per layer (query x keys, weights x values, over the mean prompt length plus
     the tokens so far); fp32, inputs preallocated. Norms, RoPE, softmax, cache writes and sampling
@@ -175,21 +175,18 @@ def matmul_floor(config, prompts):
                 query @ keys[:, :, :length].transpose(-1, -2)
                 attention_weights[..., :length] @ values[:, :, :length]
 
-    def call():
+    def call(model, prompts):  # the sampler's signature; both are unused
         layers(prompt_tokens)
         for t in range(MAX_NEW_TOKENS):
             torch.nn.functional.linear(inputs[B][d], head)
             if t < MAX_NEW_TOKENS - 1:
                 layers(B, length=L - MAX_NEW_TOKENS + t + 1)
-    call()
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
+    return call
 
 
 def best_seconds(fns, model, prompts, repeats: int):
     """Best of `repeats` timed runs of each fn, after one warm-up run; runs interleave so that
-    load from other processes hits both alike."""
+    load from other processes hits them alike."""
     for fn in fns:
         fn(model, prompts)
     best = [float("inf")] * len(fns)
@@ -207,19 +204,35 @@ def bench_sampler():
     print("| model | batch | HF generate tok/s | sim.sample tok/s | speed-up | sim.sample, HF forward tok/s "
           "| matmuls alone tok/s | bound |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, (config, batch_sizes) in sampler_models().items():
+    models = sampler_models()
+    for name, (config, batch_sizes) in models.items():
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(config).eval()
         model.generation_config.eos_token_id = None  # no EOS: every row makes MAX_NEW_TOKENS, in both samplers
-        repeats = 1 if QUICK else 3 if config.hidden_size < 256 else 2
+        repeats = 1 if QUICK else 5 if config.hidden_size < 256 else 2
         for batch_size in batch_sizes:
             prompts = sampler_prompts(batch_size, config.vocab_size)
-            seconds = best_seconds([hf_generate, ours, ours_hf_forward], model, prompts, repeats)
-            seconds.append(matmul_floor(config, prompts))
+            seconds = best_seconds([hf_generate, ours, ours_hf_forward, matmul_floor(config, prompts)], model, prompts, repeats)
             hf, ws, wh, fl = (len(prompts) * MAX_NEW_TOKENS / s for s in seconds)
             print(f"| {name} | {batch_size} | {hf:,.0f} | {ws:,.0f} | {ws / hf:.2f}x | {wh:,.0f} | {fl:,.0f} | {fl / hf:.1f}x |",
                   flush=True)
     print()
+    small_op_costs(next(iter(models.values()))[0])
+
+
+def small_op_costs(config):
+    """What a decode step's pieces cost one by one on the tiny policy at batch 64: the matmuls' rate
+    and the eager cost of one small op, which is what the time beyond "matmuls alone" is made of."""
+    d, b = config.hidden_size, 64
+    model = Qwen2ForCausalLM(config).eval()
+    x, y, w = torch.randn(b, 1, d), torch.randn(b, 1, d), torch.randn(config.intermediate_size, d)
+    ops = {"linear": lambda: torch.nn.functional.linear(x, w), "add": lambda: x + y, "RMSNorm": lambda: model.model.norm(x)}
+    with torch.inference_mode():
+        seconds = dict(zip(ops, best_seconds([lambda *_, f=f: [f() for _ in range(100)] for f in ops.values()], None, None, 5)))
+    gflops = 2 * b * d * config.intermediate_size * 100 / seconds["linear"] / 1e9
+    print(f"At batch {b}, one decode step's [{b}x{d}] x [{d}x{config.intermediate_size}] linear runs at {gflops:.0f} GFLOP/s; "
+          f"an add of two [{b}x1x{d}] tensors takes {seconds['add'] * 1e4:.1f} us and the model's RMSNorm "
+          f"{seconds['RMSNorm'] * 1e4:.1f} us.\n")
 
 
 SECTIONS = {"logprob": bench_logprob, "sampler": bench_sampler}

@@ -267,3 +267,18 @@ def test_training_flag_is_restored():
     model.eval()
     sample(model, ragged_prompts(), 3, seed=0)
     assert not model.training
+
+
+def test_bench_sampler_runs():
+    """bench.py's sampler section, shrunk (BENCH_QUICK=1): one table row per model and batch size,
+    each with a positive speed-up; the README's figures come from its full run."""
+    import os
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, os.path.join(here, "bench.py"), "sampler"], capture_output=True, text=True,
+                         env={**os.environ, "BENCH_QUICK": "1"}, cwd=here, check=True).stdout
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "tok/s" not in line]
+    assert [(r[0].strip().split(" (")[0], r[1].strip()) for r in rows] == [
+        ("default tiny policy", "1"), ("default tiny policy", "8"), ("random Qwen2 ~100M", "2")]
+    assert all(float(r[4].strip().rstrip("x")) > 0 for r in rows)
