@@ -300,8 +300,13 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, 
 
 
 def format_docs(docs):
-    """The engine's output form (Search-R1/ZeroSearch): one `Doc i: text` per document."""
-    return " ".join(f"Doc {i + 1}: {d}" for i, d in enumerate(docs))
+    """The engine's output form (Search-R1/ZeroSearch): one `Doc i: text` a line."""
+    return "\n".join(f"Doc {i + 1}: {d}" for i, d in enumerate(docs))
+
+
+def information(docs):
+    """The observation a search appends to the policy's response, as Search-R1/ZeroSearch write it."""
+    return f"\n\n<information>{format_docs(docs)}</information>\n\n"
 
 
 def parse_docs(text, k):

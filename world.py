@@ -149,7 +149,7 @@ def right_query(subject, relation):
     return RELATIONS[relation][1].format(s=subject)
 
 
-def warmup_trajectory(q, search, format_docs, names, rng, p_right=0.3, p_vague=0.45):
+def warmup_trajectory(q, search, information, names, rng, p_right=0.3, p_vague=0.45):
     """One warm-up (format-teaching) response for question q, searching the real engine.
 
     It teaches the *format* only: each query names the right entity with probability p_right,
@@ -167,7 +167,7 @@ def warmup_trajectory(q, search, format_docs, names, rng, p_right=0.3, p_vague=0
                  else right_query(rng.choice(names[SUBJECT_TYPE[relation]]), relation))
         docs = search(query)
         queries.append(query)
-        text += f" <search> {query} </search> <information> {format_docs(docs)} </information>"
+        text += f" <search> {query} </search>{information(docs)}"
         top = next((v for v in (answer_from_doc(d, relation) for d in docs) if v), subject)
         subject = find_fact(docs, subject, relation) or top
     return text + f" <answer> {subject} </answer>", queries
@@ -388,7 +388,7 @@ def prepare_embedded(cfg, cache_dir, log=print):
             response = f"<answer> {rng.choice(guesses[q['relation']])} </answer>"
         else:
             prompt = cfg["prompt_template"].format(question=q["question"])
-            response, qs = warmup_trajectory(q, search, sim.format_docs, names, rng)
+            response, qs = warmup_trajectory(q, search, sim.information, names, rng)
             queries += [(q, query) for query in qs]
         trajectories.append(encode_warmup(tok, prompt, response))
     # 1. the policy: the format warm-up (queries and answers not reliably right)

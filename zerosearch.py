@@ -103,11 +103,12 @@ def exact_match(prediction, golds):
 
 
 def substring_match(prediction, golds):
-    """What the paper's tables call EM: a normalised gold answer occurs in the normalised prediction."""
+    """What the paper's tables call EM (the official code's check): a normalised gold answer occurs
+    in the normalised prediction, as a plain substring ("1990" is in "1990s")."""
     if prediction is None:
         return 0.0
-    pred = f" {normalize_answer(prediction)} "
-    return float(any(f" {normalize_answer(g)} " in pred for g in golds if normalize_answer(g)))
+    pred = normalize_answer(prediction)
+    return float(any(normalize_answer(g) in pred for g in golds if normalize_answer(g)))
 
 
 # ----------------------------------------------------------------------------- curriculum
@@ -181,7 +182,7 @@ def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seeds=None, gre
     (`invalid_action`) and tries again. After `max_turns` turns one last turn has search disabled. `seeds`, one
     int per question (default 0, 1, ...): a row's tokens and its searches draw from streams of its
     own, so a question samples the same in any batch, on one process or N."""
-    from sim import format_docs, prompt_ids, sample
+    from sim import information, prompt_ids, sample
     max_turns = cfg["max_turns"] if max_turns is None else max_turns
     template = template or cfg["prompt_template"]
     prompts = [prompt_ids(tok, template.format(question=q["question"]), cfg["chat_template"]) for q in questions]
@@ -203,14 +204,14 @@ def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seeds=None, gre
             text = tok.decode(toks)
             if last or len(resp[i]) >= cfg["max_response_tokens"]:
                 continue
-            m = re.search(r"<search>(.*?)</search>\s*$", text, flags=re.DOTALL)
-            if m:
-                requests.append((i, m.group(1).strip()))
-            elif not re.search(r"<answer>.*?</answer>", text, flags=re.DOTALL) and cfg["invalid_action"]:
+            action = re.search(r"<(search|answer)>(.*?)</\1>", text, flags=re.DOTALL)  # the turn's first action
+            if action and action.group(1) == "search":
+                requests.append((i, action.group(2).strip()))
+            elif not action and cfg["invalid_action"]:
                 invalid.append(i)  # neither search nor answer: the fixed "invalid action" observation, try again
         docs = engine.search([dict(questions[i], query=q) for i, q in requests], noise_prob,
                              [seeds[i] * 1000 + turn for i, _ in requests]) if requests else []
-        observations = {i: f" <information> {format_docs(d)} </information>" for (i, _), d in zip(requests, docs)}
+        observations = {i: information(d) for (i, _), d in zip(requests, docs)}
         observations.update({i: " " + cfg["invalid_action"] for i in invalid})
         for i, obs in observations.items():
             obs = tok.encode(obs, add_special_tokens=False)
@@ -219,9 +220,10 @@ def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seeds=None, gre
         for i, _ in requests:
             searches[i] += 1
         active = sorted(observations)
+    # the response is cut to its budget before the answer is read: the reward is for tokens that are trained
+    resp, mask = [r[:cfg["max_response_tokens"]] for r in resp], [m[:cfg["max_response_tokens"]] for m in mask]
     answers = [extract_answer(tok.decode([t for t, m in zip(r, ms) if m])) for r, ms in zip(resp, mask)]
-    return Rollout(prompts, [r[:cfg["max_response_tokens"]] for r in resp],
-                   [m[:cfg["max_response_tokens"]] for m in mask], answers, searches)
+    return Rollout(prompts, resp, mask, answers, searches)
 
 
 def to_batch(ro, pad_id, device):
