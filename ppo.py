@@ -1,4 +1,4 @@
-"""The RL maths of zerosearch: advantages (PPO/GAE, GRPO, REINFORCE++), losses, the actor and
+"""The RL maths of zerosearch: advantages (PPO/GAE, GRPO, REINFORCE, REINFORCE++), losses, the actor and
 critic wrappers, and one `update` that runs the PPO epochs over a rollout batch.
 
 Every loss is taken over `response_mask` only: tokens the policy generated. Prompt tokens,
@@ -7,7 +7,8 @@ contribute to the actor loss, the critic loss, the entropy bonus or the KL term.
 
 Where the KL goes (as in the official scripts, shared/METHOD.md):
   ppo          r_t = -β (log π_old - log π_ref) on every generated token (+ score on the last)
-  grpo, rein++ loss += β mean(KL_t), KL_t of `kl_type` (k3 in the paper), with the sign that
+  grpo, reinforce, reinforce++
+               loss += β mean(KL_t), KL_t of `kl_type` (k3 in the paper), with the sign that
                penalises divergence (the public code subtracted it, rewarding divergence).
 No torch.distributed here: whitening takes a `reduce` callable, DDP/FSDP wrap the models outside.
 """
@@ -190,7 +191,9 @@ def compute_advantages(algo, scores, response_mask, old_logp, ref_logp, values, 
     if algo == "reinforce++":
         rewards = token_level_rewards(scores, mask)
         return reinforce_pp_advantages(rewards, mask, cfg["gamma"], reduce=reduce), None, stats
-    raise ValueError(f"algo must be ppo, grpo or reinforce++, got {algo!r}")
+    if algo == "reinforce":  # the paper's REINFORCE: the raw outcome is every token's advantage, no baseline
+        return scores.float().unsqueeze(1) * mask, None, stats
+    raise ValueError(f"algo must be ppo, grpo, reinforce or reinforce++, got {algo!r}")
 
 
 def position_ids_from_mask(attention_mask):
@@ -204,19 +207,28 @@ def scored_positions(attention_mask):
     return torch.cat([torch.zeros_like(valid[:, :1]), valid[:, 1:] & valid[:, :-1]], 1)
 
 
-class Actor(torch.nn.Module):
-    """A Hugging Face causal LM that returns per-token log-probs and entropies of the given tokens."""
+def autocast(compute_dtype, device):
+    """Mixed precision as veRL: the weights (and Adam's states) stay fp32, the decoder's matmuls run in
+    compute_dtype; nothing changes for fp32. An Adam step of lr 1e-6 on bf16 weights rounds away."""
+    return torch.autocast(torch.device(device).type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
 
-    def __init__(self, lm):
+
+class Actor(torch.nn.Module):
+    """A Hugging Face causal LM that returns per-token log-probs and entropies of the given tokens;
+    its decoder runs in `compute_dtype` (see `autocast`)."""
+
+    def __init__(self, lm, compute_dtype=torch.float32):
         super().__init__()
-        self.lm = lm
+        self.lm, self.compute_dtype = lm, compute_dtype
 
     def forward(self, input_ids, attention_mask, temperature=1.0):
         """-> logp [B, T], entropy [B, T]; logp[:, t] = log π(x_t | x_<t) at `temperature`,
-        0 on padding and on each row's first token."""
-        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                       position_ids=position_ids_from_mask(attention_mask),
-                                       use_cache=False).last_hidden_state
+        0 on padding and on each row's first token. The LM head and log-softmax run in the hidden
+        state's dtype: fp32 under autocast, whose residual stream stays fp32."""
+        with autocast(self.compute_dtype, input_ids.device):
+            hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                           position_ids=position_ids_from_mask(attention_mask),
+                                           use_cache=False).last_hidden_state
         scored = scored_positions(attention_mask)  # the lm_head runs on these positions only
         logp, entropy = logprob_entropy_from_hidden(hidden[:, :-1][scored[:, 1:]],
                                                     self.lm.get_output_embeddings().weight,
@@ -225,12 +237,13 @@ class Actor(torch.nn.Module):
         return full.masked_scatter(scored, logp), full.masked_scatter(scored, entropy)
 
 
-def token_values(critic, input_ids, attention_mask):
+def token_values(critic, input_ids, attention_mask, compute_dtype=torch.float32):
     """-> values [B, T] with values[:, t] = V(x_<t): the critic's output at t-1, aligned with logp
     (0 where logp is 0). The critic is an AutoModelForTokenClassification with num_labels=1; build it
     with classifier_dropout=0.0, as the head's default dropout of 0.1 would make V noisy."""
-    out = critic(input_ids=input_ids, attention_mask=attention_mask,
-                 position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+    with autocast(compute_dtype, input_ids.device):
+        out = critic(input_ids=input_ids, attention_mask=attention_mask,
+                     position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
     out = out.squeeze(-1).float()
     shifted = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], 1)
     return torch.where(scored_positions(attention_mask), shifted, torch.zeros_like(shifted))
@@ -302,7 +315,7 @@ def update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, batc
                     log({"actor/pg_loss": pg_loss.item(), "actor/entropy": entropy_mean.item(),
                          "actor/clipfrac": pg_stats["clipfrac"], "actor/approx_kl": pg_stats["approx_kl"]})
                 if use_critic:
-                    vpred = token_values(critic, ids, attn)
+                    vpred = token_values(critic, ids, attn, getattr(torch, cfg.get("dtype", "float32")))
                     vf_loss, vf_clipfrac = value_loss(vpred, batch.values[micro], batch.returns[micro], mask,
                                                       cfg["value_clip"])
                     _check_finite(vf_loss, "critic", "loss", step)
@@ -318,8 +331,9 @@ def update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, batc
                 log({f"{name}/loss": objective[name], f"{name}/grad_norm": grad_norm.item(),
                      f"{name}/lr": opt.param_groups[0]["lr"]})
                 opt.step()
-                sched.step()
                 opt.zero_grad(set_to_none=True)
+    for sched in ([actor_sched] if train_actor else []) + ([critic_sched] if use_critic else []):
+        sched.step()  # once per RL step, as veRL: lr_warmup_steps counts RL steps, not optimizer steps
     if use_critic:
         log({"critic/explained_variance": explained_variance(batch.values, batch.returns, mask_all)})
     return {k: sum(v) / len(v) for k, v in stats.items()}

@@ -210,6 +210,15 @@ def test_reinforce_pp_advantages_are_whitened_discounted_returns_over_generated_
     torch.testing.assert_close(ppo.reinforce_pp_advantages(r, m, gamma), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_reinforce_advantage_is_the_raw_score_on_every_generated_token():
+    """The paper's REINFORCE row: advantage = raw F1, no baseline, 0 off the response."""
+    gen = torch.Generator().manual_seed(9)
+    m, scores = random_mask(5, 7, gen), torch.rand(5, generator=gen)
+    adv, returns, _ = ppo.compute_advantages("reinforce", scores, m, torch.zeros(5, 7), torch.zeros(5, 7), None, CFG)
+    expected = [[scores[b].item() if m[b, t] else 0.0 for t in range(7)] for b in range(5)]
+    assert returns is None and adv.tolist() == expected
+
+
 def test_token_level_rewards_put_score_on_last_generated_token_and_kl_on_every_one():
     gen = torch.Generator().manual_seed(8)
     m, scores, kl = random_mask(5, 7, gen), torch.rand(5, generator=gen), torch.randn(5, 7, generator=gen)
@@ -481,6 +490,39 @@ def test_make_optimizer_first_lr_is_positive_then_warms_up_to_lr_and_stays():
         sched.step()
     assert lrs[0] == pytest.approx(1e-3 / 4) and lrs[3:] == [pytest.approx(1e-3)] * 3
     assert opt.param_groups[0]["weight_decay"] == 0.01
+
+
+def test_learning_rate_schedule_steps_once_per_update_not_per_optimizer_step():
+    """lr_warmup_steps counts RL steps (veRL steps the scheduler once per update_actor), however many
+    mini-batches an update has: after 2 updates of 2 optimizer steps each, warm-up 3 is at (2+1)/4."""
+    actor, critic = tiny_models()
+    batch, cfg = rollout_batch(actor, critic, "ppo")
+    a_opt, a_sched = ppo.make_optimizer(actor, 1e-3, 0.0, 3, 100)
+    c_opt, c_sched = ppo.make_optimizer(critic, 1e-2, 0.0, 3, 100)
+    for step in range(2):
+        ppo.update(actor, critic, a_opt, c_opt, a_sched, c_sched, batch, dict(cfg, mini_batch_size=2), step=step)
+    assert a_opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 3 / 4)
+    assert c_opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 3 / 4)
+
+
+def test_bf16_compute_keeps_fp32_weights_so_a_small_adam_step_is_not_rounded_away():
+    """dtype=bfloat16 as veRL's mixed precision: the decoders run in bf16, weights and Adam stay fp32.
+    Adam's first step moves every weight with a gradient by about lr; at lr 1e-6 almost none of
+    those steps would survive rounding to bf16 weights (spacing ~1e-3 at 0.2)."""
+    actor, critic = tiny_models()
+    actor.compute_dtype = torch.bfloat16
+    batch, cfg = rollout_batch(actor, critic, "ppo")
+    logp, _ = actor(batch.input_ids, batch.attention_mask)
+    fp32_logp, _ = ppo.Actor(actor.lm)(batch.input_ids, batch.attention_mask)
+    assert 1e-4 < (logp - fp32_logp).abs().max() < 0.2  # the decoder ran in bf16, the log-probs are fp32
+    assert logp.dtype == torch.float32
+    before = {model: [p.detach().clone() for p in model.parameters()] for model in (actor, critic)}
+    run_update(actor, critic, batch, dict(cfg, dtype="bfloat16"), lr=1e-6)
+    for model, old in before.items():
+        steps = torch.cat([(p.detach() - q).flatten() for p, q in zip(model.parameters(), old)])
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        moved = steps[steps != 0].abs()
+        assert len(moved) > 0.9 * len(steps) and 0.5e-6 < moved.median() < 1.5e-6
 
 
 def test_nan_in_advantages_raises_a_clear_error_before_the_optimizer_steps():

@@ -90,6 +90,26 @@ def test_unknown_config_key_is_one_line_error_naming_the_nearest_key(capsys):
         zs.load_config(["preset=nonexistent"])
 
 
+@pytest.mark.parametrize("arg, message", [
+    ("reward=F1", "reward must be one of f1, em; got 'F1'"),
+    ("sim_style=finetune", "sim_style must be one of finetuned, prompted"),
+    ("algo=dpo", "algo must be one of ppo, grpo, reinforce, reinforce[+][+]"),
+    ("curriculum_base=1", "curriculum_base .* must be positive and not 1"),
+    ("steps=0", "steps must be at least 1, got 0"),
+    ("steps=2.5", "steps must be a whole number, got 2.5"),
+    ("actor_lr=abc", "actor_lr must be a number, got 'abc'"),
+    ("curriculum=maybe", "curriculum must be true or false"),
+    ("p_end=1.5", "p_start and p_end are probabilities")])
+def test_bad_config_values_are_one_line_errors_before_anything_runs(arg, message):
+    with pytest.raises(SystemExit, match="error: " + message) as e:
+        zs.load_config([arg])
+    assert "\n" not in str(e.value)
+
+
+def test_whole_numbers_may_be_written_as_floats():
+    assert zs.load_config(["steps=1e3"])["steps"] == 1000 and isinstance(zs.load_config(["steps=1e3"])["steps"], int)
+
+
 # ----------------------------------------------------------------------------- rollout
 class ScriptedPolicy:
     """Stands in for `sim.sample`: row r's k-th call returns script[r][k] (text), tokenised."""
@@ -136,7 +156,7 @@ def test_rollout_stops_at_search_inserts_documents_and_masks_them(tiny_tok, monk
     ro = zs.rollout(None, tok, questions, engine, cfg)
     assert engine.requests == [["alpha"]]                      # one batched call, only the searching row
     assert scripted.calls[0]["stop"] == ("</search>", "</answer>") and scripted.calls[1]["n"] == 1
-    obs = tok.encode(" <information> Doc 1: q0 doc about alpha . </information>")
+    obs = tok.encode("\n\n<information>Doc 1: q0 doc about alpha .</information>\n\n")  # Search-R1's form
     first, second = tok.encode(scripts[0]["turns"][0]), tok.encode(scripts[0]["turns"][1])
     assert ro.response_ids[0] == first + obs + second         # the sampled ids are kept as sampled
     assert ro.response_mask[0] == [1] * len(first) + [0] * len(obs) + [1] * len(second)
@@ -168,7 +188,7 @@ def test_a_turn_with_neither_action_gets_the_invalid_action_observation_and_coun
     engine = RecordingEngine()
     ro = zs.rollout(None, tok, q, engine, cfg)
     invalid = tok.encode(" " + cfg["invalid_action"])
-    docs = tok.encode(" <information> Doc 1: q0 doc about alpha . </information>")
+    docs = tok.encode("\n\n<information>Doc 1: q0 doc about alpha .</information>\n\n")
     t0, t1, t2 = (tok.encode(t) for t in turns)
     assert ro.response_ids[0] == t0 + invalid + t1 + docs + t2
     assert ro.response_mask[0] == [1] * len(t0) + [0] * len(invalid) + [1] * len(t1) + [0] * len(docs) + [1] * len(t2)
@@ -178,6 +198,30 @@ def test_a_turn_with_neither_action_gets_the_invalid_action_observation_and_coun
     monkeypatch.setattr(sim, "sample", ScriptedPolicy(tok, [{"turns": turns, "done": []}], lambda p: 0))
     ro = zs.rollout(None, tok, q, RecordingEngine(), dict(cfg, invalid_action=""))
     assert ro.response_ids[0] == t0 and ro.answers == [None]
+
+
+def test_the_turns_first_action_is_taken_even_with_text_after_it(tiny_tok, monkeypatch):
+    """A byte-level tokenizer's last token can hold more than the `>` of `</search>`."""
+    tok, cfg = tiny_tok, zs.load_config(["max_turns=2"])
+    q = [dict(question="q0", golden_answers=["one"])]
+    turns = ["<search> alpha </search> .", "<answer> one </answer> <search> beta </search>"]
+    monkeypatch.setattr(sim, "sample", ScriptedPolicy(tok, [{"turns": turns, "done": []}], lambda p: 0))
+    engine = RecordingEngine()
+    ro = zs.rollout(None, tok, q, engine, cfg)
+    assert engine.requests == [["alpha"]] and ro.searches == [1] and ro.answers == ["one"]
+
+
+def test_an_answer_cut_off_by_the_response_budget_is_not_rewarded(tiny_tok, monkeypatch):
+    """The reward is for the tokens that are trained: the answer is read after the cut."""
+    tok = tiny_tok
+    q = [dict(question="q0", golden_answers=["one"])]
+    turns = ["<search> alpha </search>", "<answer> one </answer>"]
+    kept = len(tok.encode(turns[0])) + len(tok.encode("\n\n<information>Doc 1: q0 doc about alpha .</information>\n\n")) + 2
+    for budget, answer in ((kept, None), (kept + 10, "one")):
+        monkeypatch.setattr(sim, "sample", ScriptedPolicy(tok, [{"turns": list(turns), "done": []}], lambda p: 0))
+        ro = zs.rollout(None, tok, q, RecordingEngine(), zs.load_config(["max_turns=2", f"max_response_tokens={budget}"]))
+        assert len(ro.response_ids[0]) <= budget and ro.answers == [answer]
+        assert zs.score(ro, q) == [0.0 if answer is None else 1.0]
 
 
 def test_chat_template_wraps_the_policy_prompt_and_is_required_when_on(tiny_tok, monkeypatch):

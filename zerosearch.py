@@ -142,6 +142,40 @@ def load_config(argv):
         with open(path) as f:
             _merge(cfg, yaml.safe_load(f) or {}, path)
     _merge(cfg, overrides, "the command line")
+    return check_values(cfg)
+
+
+CHOICES = {"algo": ("ppo", "grpo", "reinforce", "reinforce++"), "reward": ("f1", "em"), "dtype": ("float32", "bfloat16"),
+           "search_backend": ("sim", "real", "http"), "sim_style": ("finetuned", "prompted"), "sharding": ("ddp", "fsdp"),
+           "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"), "kl_type": ("k1", "abs", "k2", "k3")}
+AT_LEAST_ONE = ["steps", "batch_size", "n_samples", "mini_batch_size", "micro_batch_size", "ppo_epochs", "topk", "doc_tokens",
+                "max_turn_tokens", "max_response_tokens", "sim_max_tokens", "eval_size", "threads", "sim_retries"]
+
+
+def check_values(cfg):
+    """Each value of the right kind, one clear line if not: a number where config.yaml has a number
+    (1e3 is taken as 1000 where a whole number is due), a choice from CHOICES, counts of at least 1."""
+    with open(os.path.join(HERE, "config.yaml")) as f:
+        defaults = yaml.safe_load(f)
+    for key, default in defaults.items():
+        value = cfg[key]
+        if isinstance(default, bool) and not isinstance(value, bool) and key != "resume":  # resume may name a folder
+            raise SystemExit(f"error: {key} must be true or false, got {value!r}")
+        if type(default) is int and isinstance(value, float) and value.is_integer():
+            cfg[key] = value = int(value)
+        if type(default) in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                                or type(default) is int and not isinstance(value, int)):
+            raise SystemExit(f"error: {key} must be a {'whole ' if type(default) is int else ''}number, got {value!r}")
+    for key, allowed in CHOICES.items():
+        if cfg[key] not in allowed:
+            raise SystemExit(f"error: {key} must be one of {', '.join(allowed)}; got {cfg[key]!r}")
+    for key in AT_LEAST_ONE:
+        if cfg[key] < 1:
+            raise SystemExit(f"error: {key} must be at least 1, got {cfg[key]}")
+    if not 0 <= cfg["p_start"] <= 1 or not 0 <= cfg["p_end"] <= 1:
+        raise SystemExit("error: p_start and p_end are probabilities: each must be between 0 and 1")
+    if cfg["curriculum_base"] <= 0 or cfg["curriculum_base"] == 1:
+        raise SystemExit(f"error: curriculum_base (b in (b^(i/m) - 1)/(b - 1)) must be positive and not 1, got {cfg['curriculum_base']}")
     return cfg
 
 
@@ -210,7 +244,7 @@ def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seeds=None, gre
             elif not action and cfg["invalid_action"]:
                 invalid.append(i)  # neither search nor answer: the fixed "invalid action" observation, try again
         docs = engine.search([dict(questions[i], query=q) for i, q in requests], noise_prob,
-                             [seeds[i] * 1000 + turn for i, _ in requests]) if requests else []
+                             [seeds[i] * 1000 + 500 + turn for i, _ in requests]) if requests else []  # not the policy's stream
         observations = {i: information(d) for (i, _), d in zip(requests, docs)}
         observations.update({i: " " + cfg["invalid_action"] for i in invalid})
         for i, obs in observations.items():
@@ -272,25 +306,27 @@ def evaluate(policy, tok, eval_sets, engine, cfg, ctx, max_turns=None, template=
 def load_models(policy_path, cfg, ctx):
     """The trained actor, its frozen reference and (PPO) a critic -- the same weights with a value head --
     each wrapped for cfg["sharding"] (parallel.parallelize); and with fsdp on N processes a plain copy of
-    the policy for the sampler (else None: the sampler uses the actor's own model)."""
+    the policy for the sampler (else None: the sampler uses the actor's own model). Trained and
+    reference weights are fp32; forward passes run in cfg["dtype"] (ppo.autocast), the sampler's copy
+    holds its weights in it."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
     import parallel
     import ppo
-    dtype = getattr(torch, cfg["dtype"])
+    compute = getattr(torch, cfg["dtype"])  # fp32 weights, compute in `dtype` (ppo.autocast)
 
-    def policy():
-        return ppo.Actor(AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype)).to(ctx.device)
+    def policy(weights=torch.float32):
+        return ppo.Actor(AutoModelForCausalLM.from_pretrained(policy_path, dtype=weights), compute).to(ctx.device)
 
     actor = parallel.parallelize(policy(), cfg, ctx)
-    ref = parallel.parallelize(policy().eval().requires_grad_(False), cfg, ctx, frozen=True)
+    ref = parallel.parallelize(policy().eval().requires_grad_(False), cfg, ctx, frozen=True)  # fp32 too: KL = 0 at step 0
     critic = None
     if cfg["algo"] == "ppo":
         config = AutoConfig.from_pretrained(policy_path, num_labels=1)
         config.classifier_dropout = 0.0  # no dropout in the value head (from_pretrained drops this keyword)
-        critic = AutoModelForTokenClassification.from_pretrained(policy_path, config=config, dtype=dtype).to(ctx.device)
+        critic = AutoModelForTokenClassification.from_pretrained(policy_path, config=config, dtype=torch.float32).to(ctx.device)
         critic = parallel.parallelize(critic, cfg, ctx)
-    sampler_copy = policy().eval().requires_grad_(False) if cfg["sharding"] == "fsdp" and ctx.world > 1 else None
+    sampler_copy = policy(compute).eval().requires_grad_(False) if cfg["sharding"] == "fsdp" and ctx.world > 1 else None
     return actor, ref, critic, sampler_copy
 
 
@@ -351,7 +387,7 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
         with torch.no_grad():
             old_logp, _ = actor(input_ids, attention_mask, cfg["temperature"])
             ref_logp, _ = ref(input_ids, attention_mask, cfg["temperature"])
-            values = ppo.token_values(critic, input_ids, attention_mask) if critic else None
+            values = ppo.token_values(critic, input_ids, attention_mask, getattr(torch, cfg["dtype"])) if critic else None
         # 5. advantages (GAE / group-normalised / REINFORCE++), whitened with global statistics
         advantages, returns, adv_stats = ppo.compute_advantages(cfg["algo"], scores.to(ctx.device), response_mask, old_logp,
                                                                 ref_logp, values, cfg, reduce=ctx.all_sum)
@@ -392,7 +428,7 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
 
 # ----------------------------------------------------------------------------- main
 def setup(cfg, ctx):
-    """Tokenizer, train questions, evaluation sets, the real retriever (or None), the simulator's
+    """Tokenizer, train questions, evaluation sets, the real retriever, the simulator's
     and the starting policy's paths: built here for the embedded world, else from the config."""
     import sim
     import world
@@ -409,6 +445,8 @@ def setup(cfg, ctx):
         return tok, world.split_train(w.train, cfg["rl_share"])[1], eval_sets, retriever, cfg["sim_model"] or sim_path, cfg["policy_model"] or policy_path, knowledge
     if not cfg["policy_model"]:
         raise SystemExit("error: data is a file, so policy_model must name a model (e.g. policy_model=Qwen/Qwen2.5-3B)")
+    if not cfg["corpus"]:  # the simulator sees the gold answer, so it must never be the evaluation's engine
+        raise SystemExit("error: data is a file, so evaluation needs a real engine: set corpus=path/to/corpus.jsonl")
     tok = world.load_tokenizer(cfg["policy_model"])
     eval_sets = {}
     for item in str(cfg["eval_data"]).split(","):
@@ -416,7 +454,7 @@ def setup(cfg, ctx):
         if not path:
             raise SystemExit(f"error: eval_data item {item!r} must be name=path (e.g. nq=data/nq_test.jsonl)")
         eval_sets[name] = world.load_questions(path)[:cfg["eval_size"]]
-    retriever = sim.Retriever(world.load_corpus(cfg["corpus"])) if cfg["corpus"] else None
+    retriever = sim.Retriever(world.load_corpus(cfg["corpus"]))
     return tok, world.load_questions(cfg["data"]), eval_sets, retriever, cfg["sim_model"], cfg["policy_model"], None
 
 
@@ -424,8 +462,6 @@ def make_engine(backend, cfg, retriever, sim_path, ctx, knowledge=None):
     """The search engine of `backend`; `knowledge(query)` (embedded world) feeds the simulator's prompt."""
     import sim
     if backend == "real":
-        if retriever is None:
-            raise SystemExit("error: search_backend=real needs a corpus (set corpus=path/to/corpus.jsonl)")
         return sim.RealEngine(retriever, cfg)
     if backend == "http":
         if not sim_path:
@@ -468,7 +504,7 @@ def main(argv):
     random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
     tok, train_qs, eval_sets, retriever, sim_path, policy_path, knowledge = setup(cfg, ctx)
-    real = make_engine("real", cfg, retriever, None, ctx) if retriever else make_engine(cfg["search_backend"], cfg, retriever, sim_path, ctx)
+    real = make_engine("real", cfg, retriever, None, ctx)  # evaluation always searches the real engine, as the paper
     start = AutoModelForCausalLM.from_pretrained(policy_path).to(ctx.device)
     results = {"(a) warm-up, no search": evaluate(start, tok, eval_sets, real, cfg, ctx, max_turns=0, template=cfg["direct_template"]),
                "(b) warm-up + real search (RAG-like)": evaluate(start, tok, eval_sets, real, cfg, ctx)}
@@ -478,7 +514,7 @@ def main(argv):
     if ctx.master:
         policy.save_pretrained(os.path.join(cfg["out_dir"], "policy_zerosearch"))
         tok.save_pretrained(os.path.join(cfg["out_dir"], "policy_zerosearch"))
-    if cfg["baseline"] and retriever is not None:
+    if cfg["baseline"]:
         baseline = train(policy_path, tok, train_qs, real, cfg, ctx, "search_r1")
         results[f"(d) Search-R1 ({cfg['algo']}, real engine)"] = evaluate(baseline, tok, eval_sets, real, cfg, ctx)
     table = results_table(results, list(eval_sets))
