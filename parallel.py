@@ -10,7 +10,9 @@ Sharding (config `sharding`, with torchrun):
         averaged. The frozen reference is not wrapped: it has no gradients to average.
   fsdp  FSDP2: `fully_shard` on every decoder layer, then on the whole model, so a process holds 1/N of
         the weights, gradients and Adam states; the reference too, its shards on the CPU with
-        ref_offload. A sharded forward all-gathers each layer's weights.
+        ref_offload. A sharded forward all-gathers each layer's weights, in fp32: the weights are fp32
+        and dtype=bfloat16 computes under autocast (ppo.autocast); FSDP2's MixedPrecisionPolicy
+        (param_dtype=bf16) would halve that traffic and is not used here.
 
 Rollouts: the sampler (sim.sample) calls the Hugging Face model directly, a data-dependent number of
 times (a batch stops when its last row stops), so processes make different numbers of calls. With ddp

@@ -17,16 +17,20 @@ Search engines, all with `.search(requests, noise_prob, seed) -> documents per r
   RealEngine  search_backend=real: BM25 over a local corpus.
 
 Simulator fine-tuning (the embedded default runs the same `train_simulator` on the world's rows):
-    python sim.py train data=rows.jsonl model=Qwen/Qwen2.5-7B out=my_simulator [steps=1000 batch_size=2 lr=1e-6 seed=0]
+    python sim.py train data=rows.jsonl model=Qwen/Qwen2.5-7B out=my_simulator preset=paper [steps=1000 batch_size=2 lr=1e-6 seed=0]
 rows.jsonl holds one JSON object a line:
     {"query": "...", "question": "...", "answer": "...", "label": "useful" | "noisy",
      "documents": ["first document", "second document", ...] | "Doc 1: ... Doc 2: ...",
      "evidence": ["...", ...]}   # optional: facts shown to the simulator (`{evidence}` in the template)
-The simulator learns to write the documents after the control prompt `sim_template_finetuned` of
-config.yaml (with `topk` as k); the loss is on the documents only. Defaults are the paper's SFT
-(1000 steps, batch 2, lr 1e-6); it runs in one process, on the GPU if there is one.
+The simulator learns to write the documents after the control prompt it will be served with,
+`sim_template_{sim_style}` with `topk` as k, from the config chosen as for zerosearch.py: config.yaml
+< preset=NAME < --config FILE < any other config key=value. preset=paper gives the paper's prompt
+and k=5; without it the prompt is the tiny world's, k=3. data, steps, batch_size, lr and seed are
+the fine-tuning's own, not the RL config's. The loss is on the documents only. Defaults are the
+paper's SFT (1000 steps, batch 2, lr 1e-6); it runs in one process, on the GPU if there is one.
 """
 import functools
+import http.client
 import json
 import os
 import random
@@ -398,12 +402,15 @@ def prompt_ids(tok, text, chat=False):
     return tok.encode(as_chat(tok, text), add_special_tokens=False) if chat else tok.encode(text)
 
 
-def sim_prompt(template, request, kind, k):
-    """The simulator's control prompt for one request: the query, the user's question and gold
-    answer, and useful/noisy (the only word that changes between the two)."""
-    return template.format(k=k, kind=kind, Kind=kind.capitalize(), question=request["question"],
-                           answer=request["golden_answers"][0], evidence=format_docs(request.get("evidence", [])),
-                           query=request["query"])
+def sim_prompt(cfg, request, kind):
+    """The simulator's control prompt for one request, `sim_template_{sim_style}` with topk as k: the
+    query, the user's question and gold answer, and useful/noisy (in the fine-tuned style the only
+    word that changes between the two). The prompted style's noisy variant, as the paper's, leaves
+    the question and answer out: `sim_template_prompted_noisy`."""
+    style = cfg["sim_style"] + ("_noisy" if cfg["sim_style"] == "prompted" and kind == "noisy" else "")
+    return cfg[f"sim_template_{style}"].format(
+        k=cfg["topk"], kind=kind, Kind=kind.capitalize(), question=request["question"], answer=request["golden_answers"][0],
+        evidence=format_docs(request.get("evidence", [])), query=request["query"])
 
 
 class SimEngine:
@@ -416,13 +423,12 @@ class SimEngine:
         self.model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
         import world
         self.tok, self.cfg, self.knowledge = world.load_tokenizer(path), cfg, knowledge
-        self.template = cfg[f"sim_template_{cfg['sim_style']}"]
         self.stats = {"useful": 0, "noisy": 0, "malformed": 0}
 
     def search(self, requests, noise_prob, seed):
         requests = with_knowledge(requests, self.knowledge)
         kinds = draw_kinds(len(requests), noise_prob, seed)
-        prompts = [prompt_ids(self.tok, sim_prompt(self.template, r, kind, self.cfg["topk"]), self.cfg["sim_chat_template"])
+        prompts = [prompt_ids(self.tok, sim_prompt(self.cfg, r, kind), self.cfg["sim_chat_template"])
                    for r, kind in zip(requests, kinds)]
         outs, _ = sample(self.model, prompts, self.cfg["sim_max_tokens"], temperature=self.cfg["sim_temperature"],
                          eos_token_id=self.tok.eos_token_id, seed=seed)
@@ -471,7 +477,6 @@ class HttpEngine:
 
     def __init__(self, cfg, tok, served_model, knowledge=None):
         self.cfg, self.tok, self.served_model, self.knowledge = cfg, tok, served_model, knowledge
-        self.template = cfg[f"sim_template_{cfg['sim_style']}"]
         self.url = cfg["sim_url"].rstrip("/") + "/completions"
         self.stats = {"useful": 0, "noisy": 0, "malformed": 0}
 
@@ -480,7 +485,7 @@ class HttpEngine:
             return []
         requests = with_knowledge(requests, self.knowledge)
         kinds = draw_kinds(len(requests), noise_prob, seed)
-        prompts = [sim_prompt(self.template, r, kind, self.cfg["topk"]) for r, kind in zip(requests, kinds)]
+        prompts = [sim_prompt(self.cfg, r, kind) for r, kind in zip(requests, kinds)]
         if self.cfg["sim_chat_template"]:  # the completions endpoint takes text: render the chat template here
             prompts = [as_chat(self.tok, p) for p in prompts]
         # the API takes one seed a request: with a seed per request, each chunk sends its first one
@@ -492,8 +497,9 @@ class HttpEngine:
         return read_documents(self.tok, texts, kinds, self.cfg, self.stats)
 
     def complete(self, prompts, seed: int):
-        """One request for a list of prompts -> their texts (choices ordered by `index`; a choice
-        that is missing gives ""). Bounded retries with doubling backoff, then one clear error."""
+        """One request for a list of prompts -> their texts (choices ordered by `index`, or in list
+        order when no choice has one; a choice that is missing gives ""). Bounded retries with
+        doubling backoff, then one clear error."""
         body = json.dumps({"model": self.served_model, "prompt": prompts, "max_tokens": self.cfg["sim_max_tokens"],
                            "temperature": self.cfg["sim_temperature"], "top_p": 1.0, "seed": seed}).encode()
         request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
@@ -501,18 +507,25 @@ class HttpEngine:
         for attempt in range(1, attempts + 1):
             try:
                 with urllib.request.urlopen(request, timeout=self.cfg["sim_timeout"]) as response:
-                    texts = [""] * len(prompts)
-                    for choice in json.load(response)["choices"]:
-                        if choice.get("index") in range(len(prompts)):
-                            texts[choice["index"]] = choice.get("text") or ""
-                    return texts
+                    choices = json.load(response)["choices"]
+                if not any("index" in choice for choice in choices):  # a server that omits it answers in order
+                    if len(choices) != len(prompts):
+                        raise SystemExit(f"error: search_backend=http: {self.url} returned {len(choices)} choices without "
+                                         f"`index` for {len(prompts)} prompts; the server must answer every prompt")
+                    choices = [dict(choice, index=i) for i, choice in enumerate(choices)]
+                texts = [""] * len(prompts)
+                for choice in choices:
+                    if choice.get("index") in range(len(prompts)):
+                        texts[choice["index"]] = choice.get("text") or ""
+                return texts
             except urllib.error.HTTPError as e:
-                reason = f"HTTP {e.code} {e.read()[:200].decode(errors='replace')}"
+                reason = " ".join(f"HTTP {e.code} {e.read()[:200].decode(errors='replace')}".split())  # on one line
                 if 400 <= e.code < 500 and e.code not in (408, 429):  # the request itself is wrong: retrying can't help
                     raise SystemExit(f"error: search_backend=http: {self.url} refused the request: {reason}; "
                                      f"check sim_served_model (sent {self.served_model!r})")
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # refused, timed out, or not JSON with choices
-                reason = f"{type(e).__name__}: {e}"
+            except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError, AttributeError) as e:
+                # refused, timed out, cut off, not HTTP, or not JSON with choices
+                reason = " ".join(f"{type(e).__name__}: {e}".split())
             if attempt < attempts:
                 time.sleep(RETRY_BACKOFF * 2 ** (attempt - 1))
         raise SystemExit(f"error: search_backend=http: {self.url} failed after {attempts} attempts: {reason}; "
@@ -520,7 +533,7 @@ class HttpEngine:
 
 
 def truncate(tok, text, n_tokens):
-    ids = tok.encode(text)
+    ids = tok.encode(text, add_special_tokens=False)  # a document is mid-sequence text: no BOS
     return text if len(ids) <= n_tokens else tok.decode(ids[:n_tokens])
 
 
@@ -538,13 +551,13 @@ class RealEngine:
 def train_simulator(model, tok, rows, cfg, steps, batch_size, lr, seed=0):
     """Simulation fine-tuning: teach a causal LM to write the labelled documents of each row
     from the control prompt (query, question, answer, useful/noisy). Loss on the documents only."""
-    template = cfg[f"sim_template_{cfg['sim_style']}"]
     examples = []
     for r in rows:
         request = dict(query=r["query"], question=r["question"], golden_answers=[r["answer"]], evidence=r.get("evidence", []))
-        prompt = tok.encode(sim_prompt(template, request, r["label"], cfg["topk"]))
+        prompt = prompt_ids(tok, sim_prompt(cfg, request, r["label"]), cfg["sim_chat_template"])  # as it is served
         docs = r["documents"] if isinstance(r["documents"], list) else parse_docs(r["documents"], cfg["topk"])
-        target = tok.encode(" " + format_docs(docs)) + [tok.eos_token_id]
+        # the continuation of the prompt: no BOS inside the loss-bearing target
+        target = tok.encode(" " + format_docs(docs), add_special_tokens=False) + [tok.eos_token_id]
         examples.append((prompt + target, [0] * len(prompt) + [1] * len(target)))
     return sft(model, examples, steps, batch_size, lr, seed, "simulator fine-tuning", tok.pad_token_id)
 
@@ -581,28 +594,38 @@ def read_simulator_rows(path):
 
 
 def main(argv):
-    """`python sim.py train data=rows.jsonl model=NAME_OR_DIR [out=DIR steps=N batch_size=N lr=X seed=N]`"""
+    """`python sim.py train data=rows.jsonl model=NAME_OR_DIR [out=DIR steps=N batch_size=N lr=X seed=N]
+    [preset=NAME --config FILE key=value ...]`: the arguments of TRAIN_DEFAULTS are the fine-tuning's
+    own; the rest choose the config (its `topk` and control prompt) exactly as for zerosearch.py."""
     if not argv or argv[0] != "train":
-        raise SystemExit("usage: python sim.py train data=rows.jsonl model=NAME_OR_DIR [out=DIR steps=N batch_size=N lr=X seed=N]")
-    args = dict(TRAIN_DEFAULTS)
-    for arg in argv[1:]:
+        raise SystemExit("usage: python sim.py train data=rows.jsonl model=NAME_OR_DIR [out=DIR steps=N batch_size=N lr=X seed=N] "
+                         "[preset=NAME] [--config FILE] [config key=value ...]")
+    import zerosearch
+    args, config_args = dict(TRAIN_DEFAULTS), []
+    it = iter(argv[1:])
+    for arg in it:
         key, eq, value = arg.partition("=")
-        if not eq or key not in args:
-            raise SystemExit(f"error: sim.py train takes key=value with key one of {', '.join(args)}; got {arg!r}")
+        if eq and key in args:
+            args[key] = value
+        else:
+            config_args += [arg, next(it, "")] if arg == "--config" else [arg]
+    cfg = zerosearch.load_config(config_args)
+    for key in ("steps", "batch_size", "lr", "seed"):
+        kind, text = type(TRAIN_DEFAULTS[key]), args[key]
         try:
-            args[key] = value if TRAIN_DEFAULTS[key] is None or isinstance(TRAIN_DEFAULTS[key], str) \
-                else type(TRAIN_DEFAULTS[key])(value)
+            args[key] = kind(text)
+            ok = key == "seed" or args[key] > 0
         except ValueError:
-            raise SystemExit(f"error: {key}={value} is not a number of type {type(TRAIN_DEFAULTS[key]).__name__}")
+            ok = False
+        if not ok:
+            what = ("an" if key == "seed" else "a positive") + (" integer" if kind is int else " number")
+            raise SystemExit(f"error: sim.py train: {key}={text}: set {key} to {what} (default {TRAIN_DEFAULTS[key]})")
     if not args["data"] or not args["model"]:
         raise SystemExit("error: sim.py train needs data=rows.jsonl and model=... (a Hugging Face name, or a "
                          "directory holding a model and its tokenizer)")
     rows = read_simulator_rows(args["data"])
-    import yaml
     from transformers import AutoModelForCausalLM
     import world
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.yaml")) as f:
-        cfg = yaml.safe_load(f)  # the control prompt and k the simulator will be prompted with
     try:
         tok = world.load_tokenizer(args["model"])
         model = AutoModelForCausalLM.from_pretrained(args["model"])
@@ -614,8 +637,7 @@ def main(argv):
         tok.pad_token = tok.eos_token
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args["seed"])
-    loss = train_simulator(model, tok, rows, dict(cfg, sim_style="finetuned"), args["steps"], args["batch_size"],
-                           args["lr"], args["seed"])
+    loss = train_simulator(model, tok, rows, cfg, args["steps"], args["batch_size"], args["lr"], args["seed"])
     model.save_pretrained(args["out"])
     tok.save_pretrained(args["out"])
     print(f"simulator fine-tuned on {len(rows)} rows ({args['steps']} steps, last loss {loss:.3f}), saved to {args['out']}")

@@ -4,6 +4,7 @@ documents is a simulator whose greedy output is known by construction (a word-su
 import contextlib
 import http.server
 import json
+import os
 import socket
 import threading
 import time
@@ -68,14 +69,19 @@ def successor_simulator(path):
 @contextlib.contextmanager
 def serve(respond):
     """A ThreadingHTTPServer on 127.0.0.1 (a free port) whose POST /v1/completions answers
-    respond(request body) -> (status, reply body); yields (base url, list of request bodies)."""
+    respond(request body) -> (status, reply body), or bytes: the whole raw reply, then the connection
+    closes; yields (base url, list of request bodies)."""
     bodies = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             bodies.append(body)
-            status, reply = respond(body) if self.path == "/v1/completions" else (404, {"error": "not found"})
+            answer = respond(body) if self.path == "/v1/completions" else (404, {"error": "not found"})
+            if isinstance(answer, bytes):
+                self.wfile.write(answer)
+                return
+            status, reply = answer
             data = json.dumps(reply).encode() if not isinstance(reply, bytes) else reply
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -124,7 +130,7 @@ def test_http_engine_gives_the_documents_of_the_in_process_simulator(tmp_path, m
     assert 0 < engine.stats["useful"] < 6
     kinds = sim.draw_kinds(6, 0.5, SEEDS)
     sent = sorted(bodies, key=lambda b: len(b["prompt"]), reverse=True)
-    assert [p for b in sent for p in b["prompt"]] == [sim.sim_prompt(TEMPLATE, r, kind, 3) for r, kind in zip(REQUESTS, kinds)]
+    assert [p for b in sent for p in b["prompt"]] == [sim.sim_prompt(CFG, r, kind) for r, kind in zip(REQUESTS, kinds)]
     assert all(b["model"] == "tiny-sim" and b["max_tokens"] == 24 and b["temperature"] == 0.0 for b in bodies)
     assert [b["seed"] for b in sent] == [SEEDS[0], SEEDS[4]]  # one seed a request: its first prompt's
 
@@ -143,8 +149,32 @@ def test_http_engine_renders_the_chat_template_when_sim_chat_template_is_true(tm
 
 class WhitespaceTok:
     """Stands in for a tokenizer where documents are never cut: one token a word."""
-    def encode(self, text):
+    def encode(self, text, add_special_tokens=True):
         return text.split()
+
+
+def bos_tokenizer(texts):
+    """A word-level tokenizer that adds BOS to every encode, as Llama-3's, Mistral's and Gemma's do."""
+    from tokenizers import processors
+    inner = world.build_tokenizer(texts).backend_tokenizer
+    inner.add_special_tokens(["<bos>"])
+    inner.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", inner.token_to_id("<bos>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", bos_token="<bos>")
+
+
+def test_documents_and_the_simulator_target_hold_no_bos(monkeypatch):
+    tok = bos_tokenizer([TEMPLATE, "useful Useful Doc 1 : 2 alpha beta gamma zeta eta theta q0 question"])
+    assert tok.encode("alpha")[0] == tok.bos_token_id  # the tokenizer does add BOS
+    doc = "alpha beta gamma zeta eta theta"
+    assert sim.truncate(tok, doc, 5) == "alpha beta gamma zeta eta"  # the first 5 words, nothing else
+    examples = []
+    monkeypatch.setattr(sim, "sft", lambda model, ex, *args, **kwargs: examples.extend(ex) or 0.0)
+    row = dict(query="q0", question="question", answer="alpha", label="useful", documents=["beta gamma", "zeta"])
+    sim.train_simulator(None, tok, [row], CFG, steps=1, batch_size=1, lr=1e-6)
+    (ids, mask), = examples
+    target = [t for t, m in zip(ids, mask) if m]
+    assert ids[0] == tok.bos_token_id and tok.bos_token_id not in target  # the prompt keeps its BOS, the target has none
+    assert tok.decode(target) == "Doc 1 : beta gamma Doc 2 : zeta <eos>"
 
 
 def test_malformed_output_is_counted_and_never_raises():
@@ -166,6 +196,31 @@ def test_server_errors_are_retried_sim_retries_times_then_one_clear_error(monkey
                                              r"check sim_url and that the server is up"):
             engine.search(REQUESTS[:2], 0.0, 0)
     assert len(bodies) == 3
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 1000\r\n\r\n{\"choices\": [", "IncompleteRead"),  # cut off mid-body
+    (b"garbage\r\n\r\n", "BadStatusLine"),  # not HTTP at all
+])
+def test_a_reply_cut_off_or_not_http_is_retried_then_one_clear_error(monkeypatch, raw, reason):
+    monkeypatch.setattr(sim, "RETRY_BACKOFF", 0.01)
+    with serve(lambda body: raw) as (url, bodies):
+        engine = sim.HttpEngine(dict(CFG, sim_url=url, sim_retries=2), WhitespaceTok(), "m")
+        with pytest.raises(SystemExit, match=f"failed after 2 attempts: {reason}.*check sim_url"):
+            engine.search(REQUESTS[:1], 0.0, 0)
+    assert len(bodies) == 2
+
+
+def test_choices_without_index_are_read_in_list_order():
+    reply = {"choices": [{"text": "Doc 1: first"}, {"text": "Doc 1: second"}]}
+    with serve(lambda body: (200, reply)) as (url, _):
+        engine = sim.HttpEngine(dict(CFG, sim_url=url), WhitespaceTok(), "m")
+        assert engine.search(REQUESTS[:2], 0.0, 0) == [["first"], ["second"]]
+    with serve(lambda body: (200, reply)) as (url, bodies):
+        engine = sim.HttpEngine(dict(CFG, sim_url=url), WhitespaceTok(), "m")
+        with pytest.raises(SystemExit, match="returned 2 choices without `index` for 3 prompts"):
+            engine.search(REQUESTS[:3], 0.0, 0)
+    assert len(bodies) == 1  # the server answers the same way every time: not retried
 
 
 def test_a_request_the_server_rejects_is_not_retried(monkeypatch):
@@ -247,9 +302,9 @@ def documents_loss(path, rows, cfg):
     losses = []
     for r in rows:
         request = dict(query=r["query"], question=r["question"], golden_answers=[r["answer"]])
-        prompt = tok.encode(sim.sim_prompt(cfg["sim_template_finetuned"], request, r["label"], cfg["topk"]))
+        prompt = tok.encode(sim.sim_prompt(dict(cfg, sim_style="finetuned"), request, r["label"]))
         docs = r["documents"] if isinstance(r["documents"], list) else sim.parse_docs(r["documents"], 5)
-        target = tok.encode(" " + sim.format_docs(docs)) + [tok.eos_token_id]
+        target = tok.encode(" " + sim.format_docs(docs), add_special_tokens=False) + [tok.eos_token_id]
         ids = torch.tensor([prompt + target])
         labels = torch.tensor([[-100] * len(prompt) + target])
         losses.append(model(input_ids=ids, labels=labels).loss.item())
@@ -269,9 +324,37 @@ def test_sim_train_fine_tunes_and_saves_a_simulator_that_loads(tmp_path):
     assert len(engine.search([dict(question="q", golden_answers=["a"], query="Person1 born")], 0.0, 0)) == 1
 
 
+def test_sim_train_prompts_with_the_config_chosen_as_for_zerosearch_py(tmp_path, monkeypatch):
+    import yaml
+    rows = sim_rows()[:2]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model_dir, _ = tiny_model_dir(tmp_path / "tiny", rows)
+    calls = []
+    monkeypatch.setattr(sim, "train_simulator", lambda model, tok, rows, cfg, *args: calls.append((cfg, args)) or 0.0)
+    train = ["train", f"data={data}", f"model={model_dir}", f"out={tmp_path / 'out'}", "steps=3", "batch_size=1", "lr=0.5", "seed=7"]
+    sim.main(train + ["preset=paper"])
+    paper = yaml.safe_load(open(os.path.join(os.path.dirname(sim.__file__), "presets", "paper.yaml")))
+    (cfg, args), = calls
+    assert (cfg["sim_template_finetuned"], cfg["topk"]) == (paper["sim_template_finetuned"], paper["topk"]) and cfg["topk"] == 5
+    assert args == (3, 1, 0.5, 7)  # steps, batch_size, lr and seed of the fine-tuning, not the RL config's
+    config = tmp_path / "sim.yaml"
+    config.write_text("topk: 4\nsim_style: prompted\n")
+    sim.main(train + ["--config", str(config), "doc_tokens=12"])
+    cfg = calls[-1][0]
+    assert (cfg["topk"], cfg["sim_style"], cfg["doc_tokens"]) == (4, "prompted", 12)
+
+
 @pytest.mark.parametrize("args, message", [
-    (["train", "data=rows.jsonl", "model=m", "stpes=3"], "key one of data, model, out, steps"),
-    (["train", "data=rows.jsonl", "model=m", "steps=many"], "steps=many is not a number of type int"),
+    (["train", "data=rows.jsonl", "model=m", "stpes=3"], "unknown config key 'stpes' in the command line; did you mean 'steps'"),
+    (["train", "data=rows.jsonl", "model=m", "steps=many"], "steps=many: set steps to a positive integer"),
+    (["train", "data={good}", "model=m", "steps=0"], "steps=0: set steps to a positive integer"),
+    (["train", "data={good}", "model=m", "steps=-3"], "steps=-3: set steps to a positive integer"),
+    (["train", "data={good}", "model=m", "batch_size=0"], "batch_size=0: set batch_size to a positive integer"),
+    (["train", "data={good}", "model=m", "batch_size=1.5"], "batch_size=1.5: set batch_size to a positive integer"),
+    (["train", "data={good}", "model=m", "lr=-1e-6"], "lr=-1e-6: set lr to a positive number"),
+    (["train", "data={good}", "model=m", "preset=nope"], "config file not found: .*nope.yaml"),
+    (["train", "data={good}", "model=m", "oops"], "argument 'oops' is not key=value"),
     (["train", "model=m"], "needs data=rows.jsonl and model="),
     (["train", "data=/no/such/rows.jsonl", "model=m"], "data file not found: /no/such/rows.jsonl"),
     (["train", "data={bad}", "model=m"], "line 2: a row needs query, question, answer, documents, label"),
@@ -285,3 +368,46 @@ def test_sim_train_errors_are_one_clear_line(tmp_path, args, message):
     args = [a.format(bad=bad, good=good, tmp=tmp_path) for a in args]
     with pytest.raises(SystemExit, match=message):
         sim.main(args)
+
+
+# ---------------------------------------------------------------- data loaders (world.py)
+
+@pytest.mark.parametrize("load, text, message", [
+    (world.load_questions, '{"question": "q", "golden_answers": ["a"]}\n{"question": "q"\n', r"data\.jsonl:2: not a JSON object"),
+    (world.load_questions, '\n{"question": null, "golden_answers": ["a"]}\n', r"data\.jsonl:2: question is null; each row needs"),
+    (world.load_questions, '{"question": "q"}\n', r"data\.jsonl:1: golden_answers is null; each row needs"),
+    (world.load_questions, '{"question": "q", "golden_answers": []}\n', r"data\.jsonl:1: golden_answers is \[\]"),
+    (world.load_questions, '{"question": "q", "golden_answers": [""]}\n', r"data\.jsonl:1: golden_answers is \[\"\"\]"),
+    (world.load_questions, "", r"data\.jsonl: no questions in the file"),
+    (world.load_questions, "\n\n", r"data\.jsonl: no questions in the file"),
+    (world.load_corpus, '{"contents": "a"}\nhello\n', r"data\.jsonl:2: not a JSON object"),
+    (world.load_corpus, '{"title": "a"}\n', r"data\.jsonl:1: no `contents` \(or `text`\) string"),
+    (world.load_corpus, "", r"data\.jsonl: no documents in the corpus"),
+])
+def test_data_file_errors_are_one_clear_line_naming_the_file_and_line(tmp_path, load, text, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text(text)
+    with pytest.raises(SystemExit, match=f"^error: .*{message}[^\n]*$"):
+        load(str(path))
+
+
+def test_loaders_skip_blank_lines_and_take_a_single_answer_as_a_list(tmp_path):
+    questions, corpus = tmp_path / "q.jsonl", tmp_path / "corpus.jsonl"
+    questions.write_text('{"question": " In what year? ", "golden_answers": 1990}\n\n{"question": "Who?", "golden_answers": "Ada"}\n')
+    corpus.write_text('{"contents": "a\\nb"}\n\n{"text": "c"}\n')
+    assert world.load_questions(str(questions)) == [dict(question="In what year?", golden_answers=["1990"], hops=1, evidence=[]),
+                                                    dict(question="Who?", golden_answers=["Ada"], hops=1, evidence=[])]
+    assert world.load_corpus(str(corpus)) == ["a b", "c"]
+
+
+def test_prompted_style_noisy_prompt_leaves_out_the_question_and_answer():
+    """As the paper's prompt-based simulator: the useful prompt holds the question and gold answer, the
+    noisy one does not; the fine-tuned style shows both in both (only useful/noisy changes)."""
+    import zerosearch
+    request = dict(question="where was zeta born ?", golden_answers=["gammatown"], query="zeta birthplace")
+    for style, noisy_has_them in (("prompted", False), ("finetuned", True)):
+        cfg = zerosearch.load_config([f"sim_style={style}"])
+        useful, noisy = (sim.sim_prompt(cfg, request, kind) for kind in ("useful", "noisy"))
+        assert "where was zeta born ?" in useful and "gammatown" in useful and "zeta birthplace" in useful
+        assert ("where was zeta born ?" in noisy, "gammatown" in noisy) == (noisy_has_them, noisy_has_them)
+        assert "zeta birthplace" in noisy and "noisy" in noisy

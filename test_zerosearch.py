@@ -110,6 +110,16 @@ def test_whole_numbers_may_be_written_as_floats():
     assert zs.load_config(["steps=1e3"])["steps"] == 1000 and isinstance(zs.load_config(["steps=1e3"])["steps"], int)
 
 
+def test_with_a_data_file_evaluation_needs_a_real_corpus(tmp_path):
+    """The simulator is shown the gold answer: it must never be the engine the results are measured with."""
+    import parallel
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"question": "q0", "golden_answers": ["one"]}\n')
+    cfg = zs.load_config([f"data={data}", f"eval_data=nq={data}", "policy_model=some/model", "search_backend=http"])
+    with pytest.raises(SystemExit, match="evaluation needs a real engine: set corpus="):
+        zs.setup(cfg, parallel.Ctx())
+
+
 # ----------------------------------------------------------------------------- rollout
 class ScriptedPolicy:
     """Stands in for `sim.sample`: row r's k-th call returns script[r][k] (text), tokenised."""

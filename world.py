@@ -217,10 +217,28 @@ def tiny_model(vocab_size, hidden_size, layers, heads, seed, num_labels=None):
     return Qwen2ForCausalLM(config)
 
 
+def read_jsonl(path):
+    """(line number, object) for each line of a JSONL file; blank lines are skipped, any other line
+    that is not a JSON object is one clear error."""
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict):
+                raise SystemExit(f"error: {path}:{n}: not a JSON object; the file must hold one JSON object a line")
+            rows.append((n, row))
+    return rows
+
+
 def load_questions(path):
     """Questions from a FlashRAG JSONL file (`question`, `golden_answers`) or a Search-R1 /
-    ZeroSearch parquet file (`question` or `prompt`, `golden_answers` or
-    `reward_model.ground_truth.target`). Each becomes {"question", "golden_answers", "hops"}."""
+    ZeroSearch parquet file (`question`, `golden_answers` or `reward_model.ground_truth.target`).
+    Each becomes {"question", "golden_answers", "hops"}; a single answer may be a string or a number."""
     if not os.path.exists(path):
         raise SystemExit(f"error: data file not found: {path} (set data=... / eval_data=... to an existing file)")
     if path.endswith(".parquet"):
@@ -228,17 +246,24 @@ def load_questions(path):
             import pyarrow.parquet as pq
         except ImportError:
             raise SystemExit(f"error: reading {path} needs pyarrow: pip install pyarrow (or convert it to JSONL)")
-        rows = pq.read_table(path).to_pylist()
+        rows = [(f"row {n}", r) for n, r in enumerate(pq.read_table(path).to_pylist(), 1)]
     else:
-        with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = read_jsonl(path)
     out = []
-    for i, r in enumerate(rows):
-        golds = r.get("golden_answers") or ((r.get("reward_model") or {}).get("ground_truth") or {}).get("target")
-        if "question" not in r or golds is None:
-            raise SystemExit(f"error: {path} row {i} has no question/golden_answers fields")
-        golds = [golds] if isinstance(golds, str) else [str(g) for g in golds]
-        out.append(dict(question=r["question"].strip(), golden_answers=golds, hops=1, evidence=[]))
+    for n, r in rows:
+        question, golds = r.get("question"), r.get("golden_answers")
+        if golds is None:
+            golds = ((r.get("reward_model") or {}).get("ground_truth") or {}).get("target")
+        golds = [golds] if isinstance(golds, (str, int, float)) else golds
+        if not isinstance(question, str) or not question.strip():
+            raise SystemExit(f"error: {path}:{n}: question is {json.dumps(question, default=str)}; "
+                             "each row needs a non-empty question string")
+        if not (isinstance(golds, list) and golds and all(isinstance(g, (str, int, float)) and str(g).strip() for g in golds)):
+            raise SystemExit(f"error: {path}:{n}: golden_answers is {json.dumps(golds, default=str)}; "
+                             "each row needs a non-empty list of non-empty answer strings")
+        out.append(dict(question=question.strip(), golden_answers=[str(g) for g in golds], hops=1, evidence=[]))
+    if not out:
+        raise SystemExit(f"error: {path}: no questions in the file; write one JSON object a line with question and golden_answers")
     return out
 
 
@@ -246,8 +271,15 @@ def load_corpus(path):
     """A JSONL corpus, one document a line: {"contents": ...} (FlashRAG) or {"text": ...}."""
     if not os.path.exists(path):
         raise SystemExit(f"error: corpus file not found: {path} (set corpus=... to a JSONL file)")
-    with open(path) as f:
-        return [(r.get("contents") or r.get("text") or "").replace("\n", " ") for r in map(json.loads, f) if r]
+    docs = []
+    for n, r in read_jsonl(path):
+        text = r.get("contents", r.get("text"))
+        if not isinstance(text, str):
+            raise SystemExit(f"error: {path}:{n}: no `contents` (or `text`) string; write each document as {{\"contents\": \"...\"}}")
+        docs.append(text.replace("\n", " "))
+    if not docs:
+        raise SystemExit(f"error: {path}: no documents in the corpus; write one {{\"contents\": \"...\"}} a line")
+    return docs
 
 
 def encode_warmup(tok, prompt, response):
@@ -340,13 +372,13 @@ BUILD_VERSION = 2  # bump when the code changes what a build holds, so old cache
 BUILD_KEYS = ["world_seed", "world_persons", "world_companies", "tiny_hidden", "tiny_layers", "tiny_heads",
               "warmup_steps", "warmup_batch_size", "warmup_lr", "rl_share",
               "sim_sft_steps", "sim_sft_batch_size", "sim_sft_lr", "sim_sft_noisy", "prompt_template", "direct_template", "invalid_action",
-              "sim_template_finetuned", "sim_template_prompted", "topk", "seed"]
+              "sim_template_finetuned", "sim_template_prompted", "sim_template_prompted_noisy", "topk", "seed"]
 
 
 def world_tokenizer(world, cfg):
     """The embedded default's tokenizer: every word of the world's documents, its questions and the
     config's templates, so no word is unknown."""
-    fixed = [cfg["prompt_template"], cfg["direct_template"], cfg["invalid_action"], cfg["sim_template_finetuned"], cfg["sim_template_prompted"],
+    fixed = [cfg["prompt_template"], cfg["direct_template"], cfg["invalid_action"], cfg["sim_template_finetuned"], cfg["sim_template_prompted"], cfg["sim_template_prompted_noisy"],
              "<think> I need to search . </think> Question : Answer : useful noisy Useful Noisy " + " ".join(f"Doc {i}:" for i in range(1, 21))]
     return build_tokenizer(world.docs + [q["question"] for q in world.train + world.test] + fixed)
 
