@@ -120,6 +120,19 @@ def test_with_a_data_file_evaluation_needs_a_real_corpus(tmp_path):
         zs.setup(cfg, parallel.Ctx())
 
 
+def test_a_real_policy_on_the_embedded_world_keeps_its_own_tokenizer(monkeypatch):
+    """policy_model=... with data=world: the world's tiny tokenizer must not encode for that model."""
+    import parallel
+    loaded = []
+    monkeypatch.setattr(world, "prepare_embedded", lambda cfg, cache, log=None: (
+        type("W", (), {"train": [], "test": [], "docs": []})(), None, "sim_dir", "warmup_dir"))
+    monkeypatch.setattr(world, "load_tokenizer", lambda path: loaded.append(path))
+    monkeypatch.setattr(world, "knowledge_index", lambda docs: None)
+    zs.setup(zs.load_config(["policy_model=org/real-model"]), parallel.Ctx())
+    zs.setup(zs.load_config([]), parallel.Ctx())
+    assert loaded == ["org/real-model", "warmup_dir"]
+
+
 # ----------------------------------------------------------------------------- rollout
 class ScriptedPolicy:
     """Stands in for `sim.sample`: row r's k-th call returns script[r][k] (text), tokenised."""

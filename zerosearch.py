@@ -4,13 +4,13 @@ A minimal reference implementation of ZeroSearch (Sun et al., 2025, arXiv 2505.0
 policy answers a question by interleaving <think>, <search> query </search>, <information>
 documents </information> and <answer>; a *simulator* LLM writes the documents, useful or
 noisy, with the share of noisy ones rising along a curriculum; the reward is the F1 of the
-final answer; PPO (or GRPO, REINFORCE++) updates the policy with the <information> tokens
+final answer; PPO (or GRPO, REINFORCE, REINFORCE++) updates the policy with the <information> tokens
 masked out of every loss. Evaluation searches a real engine.
 
 Run
     python zerosearch.py                        # the embedded default on a 2-core CPU (about 12 min)
     python zerosearch.py preset=smoke           # the whole pipeline in under a minute
-    torchrun --nproc_per_node=8 zerosearch.py preset=paper   # Qwen2.5-3B on 8 GPUs
+    torchrun --nproc_per_node=8 zerosearch.py preset=paper data=... eval_data=... corpus=...   # Qwen2.5-3B on 8 GPUs
     python zerosearch.py algo=grpo steps=40 out_dir=out/grpo # any key of config.yaml as key=value
     python zerosearch.py resume=true            # continue each run from its newest checkpoint
 
@@ -438,7 +438,7 @@ def setup(cfg, ctx):
             world.prepare_embedded(cfg, cache, log=ctx.print0)
         ctx.barrier()
         w, retriever, sim_path, policy_path = world.prepare_embedded(cfg, cache, log=lambda *a: None)
-        tok = world.load_tokenizer(policy_path)
+        tok = world.load_tokenizer(cfg["policy_model"] or policy_path)  # a real policy on the world keeps its own
         test = {"single-hop": [q for q in w.test if q["hops"] == 1], "two-hop": [q for q in w.test if q["hops"] == 2]}
         eval_sets = {k: v[:cfg["eval_size"] // 2] for k, v in test.items()}
         knowledge = None if cfg["sim_model"] else world.knowledge_index(w.docs)  # a real simulator has its own
