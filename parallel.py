@@ -18,7 +18,7 @@ Rollouts: the sampler (sim.sample) calls the Hugging Face model directly, a data
 times (a batch stops when its last row stops), so processes make different numbers of calls. With ddp
 it runs on the actor's own replicated model and needs no communication. With fsdp a sharded forward
 is a collective that every process must call equally often, so the sampler runs on a plain, full copy
-of the policy, refreshed from the shards once per step (one all-gather of the weights, made by every
+of the policy (fp32, as the shards), refreshed from them once per step (an all-gather of each weight in turn, made by every
 process alike) -- as veRL copies the trained weights into vLLM.
 
 Checkpoints: out_dir/checkpoints/<run>/step_000020/ holds the models and optimizers (written with
@@ -163,11 +163,12 @@ def parallelize(model, cfg, ctx, frozen=False):
 def sampler_model(actor, copy):
     """The policy as a plain Hugging Face model with full weights, for the sampler: the actor's own
     model when it is replicated (copy is None), else `copy` (a plain ppo.Actor) loaded with the
-    weights all-gathered from the shards."""
+    weights all-gathered from the shards, one weight at a time, so no second full copy exists at once."""
     if copy is None:
         return getattr(actor, "module", actor).lm  # DistributedDataParallel keeps the model as .module
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    copy.load_state_dict(get_model_state_dict(actor, options=StateDictOptions(full_state_dict=True)))
+    with torch.no_grad():
+        for name, weight in actor.named_parameters():  # the same order on every process: each gather is a collective
+            copy.get_parameter(name).copy_(weight.full_tensor())
     return copy.lm
 
 
@@ -192,6 +193,16 @@ def checkpoint_to_resume(resume, run_dir):
         return resume
     found = checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def drop_checkpoints_after(run_dir, step, ctx):
+    """A resume from `step` abandons the run's later checkpoints: they would be resumed from next
+    (resume=true takes the newest) and would throw the new ones out of keep_last."""
+    if ctx.master:
+        for path in checkpoints(run_dir):
+            if int(path.rsplit("_", 1)[1]) > step:
+                shutil.rmtree(path)
+    ctx.barrier()
 
 
 def start_over(run_dir, ctx):
@@ -305,19 +316,20 @@ def load_checkpoint(path, models, ctx):
 
 # ----------------------------------------------------------------------------- Ctrl-C
 def catch_ctrl_c():
-    """Until `restore()`, Ctrl-C (SIGINT) sets the returned flag and the step goes on; the loop then saves
-    a checkpoint and exits. Alone, a second Ctrl-C stops at once; under torchrun every SIGINT only sets
-    the flag, since torchrun passes the terminal's Ctrl-C on to its workers a second time.
-    Returns (flag: a one-element list, restore)."""
-    flag, previous = [False], signal.getsignal(signal.SIGINT)
+    """Until `restore()`, Ctrl-C (SIGINT) or SIGTERM (a job scheduler taking the machine back) sets the
+    returned flag and the step goes on; the loop then saves a checkpoint and exits. Alone, a second
+    Ctrl-C stops at once; under torchrun every SIGINT only sets the flag, since torchrun passes the
+    terminal's Ctrl-C on to its workers a second time. Returns (flag: a one-element list, restore)."""
+    flag, previous = [False], {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
 
-    def on_sigint(signum, frame):
-        if flag[0] and not under_torchrun:
+    def on_signal(signum, frame):
+        if flag[0] and signum == signal.SIGINT and not under_torchrun:
             raise KeyboardInterrupt
         if not flag[0]:
-            print("\nCtrl-C: finishing this step, then saving a checkpoint", file=sys.stderr, flush=True)
+            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint", file=sys.stderr, flush=True)
         flag[0] = True
 
-    signal.signal(signal.SIGINT, on_sigint)
-    return flag, lambda: signal.signal(signal.SIGINT, previous)
+    for s in previous:
+        signal.signal(s, on_signal)
+    return flag, lambda: [signal.signal(s, handler) for s, handler in previous.items()]

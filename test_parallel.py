@@ -197,6 +197,24 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_whole_and_is_never_r
     assert sorted(os.listdir(run_dir)) == ["step_000006", "step_000008"]
 
 
+def test_a_resume_from_an_older_checkpoint_removes_the_later_ones(tmp_path):
+    for step in (2, 4, 6):
+        (tmp_path / f"step_{step:06d}").mkdir()
+    parallel.drop_checkpoints_after(str(tmp_path), 4, parallel.Ctx())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000002", "step_000004"]
+
+
+def test_sigterm_like_ctrl_c_asks_the_loop_to_save_and_stop():
+    flag, restore = parallel.catch_ctrl_c()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert flag == [True]
+    finally:
+        restore()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def test_resume_picks_the_newest_complete_checkpoint_or_the_named_one_for_its_own_run(tmp_path):
     for run_name, step in [("zerosearch", 2), ("zerosearch", 4), ("search_r1", 2), ("search_r1", 4)]:
         (tmp_path / run_name / f"step_{step:06d}").mkdir(parents=True)

@@ -286,13 +286,15 @@ def evaluate(policy, tok, eval_sets, engine, cfg, ctx, max_turns=None, template=
     """Greedy rollouts on each evaluation set -> {set: {"em", "substring_em", "f1", "n"}}; the
     questions are sharded over processes and the sums reduced."""
     import torch
+    import ppo
     out = {}
     for name, questions in eval_sets.items():
         mine = questions[ctx.rank::ctx.world]
         sums = torch.zeros(4, dtype=torch.float64)
         for i in range(0, len(mine), 128):
             qs = mine[i:i + 128]
-            ro = rollout(policy, tok, qs, engine, cfg, greedy=True, max_turns=max_turns, template=template)
+            with ppo.autocast(getattr(torch, cfg["dtype"]), ctx.device):  # the precision of training's rollouts
+                ro = rollout(policy, tok, qs, engine, cfg, greedy=True, max_turns=max_turns, template=template)
             for a, q in zip(ro.answers, qs):
                 sums += torch.tensor([exact_match(a, q["golden_answers"]), substring_match(a, q["golden_answers"]),
                                       f1_score(a, q["golden_answers"]), 1.0], dtype=torch.float64)
@@ -306,17 +308,16 @@ def evaluate(policy, tok, eval_sets, engine, cfg, ctx, max_turns=None, template=
 def load_models(policy_path, cfg, ctx):
     """The trained actor, its frozen reference and (PPO) a critic -- the same weights with a value head --
     each wrapped for cfg["sharding"] (parallel.parallelize); and with fsdp on N processes a plain copy of
-    the policy for the sampler (else None: the sampler uses the actor's own model). Trained and
-    reference weights are fp32; forward passes run in cfg["dtype"] (ppo.autocast), the sampler's copy
-    holds its weights in it."""
+    the policy for the sampler (else None: the sampler uses the actor's own model). All weights are
+    fp32; forward passes, rollouts included, run in cfg["dtype"] (ppo.autocast)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
     import parallel
     import ppo
     compute = getattr(torch, cfg["dtype"])  # fp32 weights, compute in `dtype` (ppo.autocast)
 
-    def policy(weights=torch.float32):
-        return ppo.Actor(AutoModelForCausalLM.from_pretrained(policy_path, dtype=weights), compute).to(ctx.device)
+    def policy():
+        return ppo.Actor(AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32), compute).to(ctx.device)
 
     actor = parallel.parallelize(policy(), cfg, ctx)
     ref = parallel.parallelize(policy().eval().requires_grad_(False), cfg, ctx, frozen=True)  # fp32 too: KL = 0 at step 0
@@ -326,15 +327,16 @@ def load_models(policy_path, cfg, ctx):
         config.classifier_dropout = 0.0  # no dropout in the value head (from_pretrained drops this keyword)
         critic = AutoModelForTokenClassification.from_pretrained(policy_path, config=config, dtype=torch.float32).to(ctx.device)
         critic = parallel.parallelize(critic, cfg, ctx)
-    sampler_copy = policy(compute).eval().requires_grad_(False) if cfg["sharding"] == "fsdp" and ctx.world > 1 else None
+    sampler_copy = policy().eval().requires_grad_(False) if cfg["sharding"] == "fsdp" and ctx.world > 1 else None
     return actor, ref, critic, sampler_copy
 
 
 def resume_or_start_over(run_dir, metrics_path, models, engine, cfg, ctx):
     """-> the first step to run. With a checkpoint to resume from (cfg["resume"]), its step, after
     restoring the models, optimizers, schedulers, RNG states, kl_coef (into cfg) and the engine's
-    counters; else 0, after removing the run's old checkpoints. The metrics file keeps the other
-    runs' rows and this run's before that step: the steps after it are written again."""
+    counters, and its later checkpoints removed; else 0, after removing the run's old checkpoints. The
+    metrics file keeps the other runs' rows and this run's before that step: the steps after it are
+    written again."""
     import parallel
     start, checkpoint = 0, parallel.checkpoint_to_resume(cfg["resume"], run_dir)
     if checkpoint:
@@ -342,6 +344,7 @@ def resume_or_start_over(run_dir, metrics_path, models, engine, cfg, ctx):
         start, cfg["kl_coef"] = state["step"], state["kl_coef"]
         engine.stats.update({k: v if ctx.master else 0 for k, v in state["engine_stats"].items()})  # totals over processes
         ctx.print0(f"{os.path.basename(run_dir)}: resuming from {checkpoint} (step {start} of {cfg['steps']})")
+        parallel.drop_checkpoints_after(run_dir, start, ctx)
     else:
         parallel.start_over(run_dir, ctx)
     if ctx.master:
@@ -378,7 +381,8 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
         seeds = [cfg["seed"] * 1_000_003 + i * cfg["n_samples"] + s for i in mine for s in range(cfg["n_samples"])]
         # 2. rollout with search; the curriculum sets how often a search returns noisy documents
         p_noise = noise_probability(step, cfg["steps"], cfg["p_start"], cfg["p_end"], cfg["curriculum_base"]) if cfg["curriculum"] else cfg["p_end"]
-        ro = rollout(parallel.sampler_model(actor, sampler_copy), tok, qs, engine, cfg, noise_prob=p_noise, seeds=seeds)
+        with ppo.autocast(getattr(torch, cfg["dtype"]), ctx.device):  # fp32 weights on every path, so N processes sample as one
+            ro = rollout(parallel.sampler_model(actor, sampler_copy), tok, qs, engine, cfg, noise_prob=p_noise, seeds=seeds)
         t_rollout = time.time() - t0
         # 3. reward: F1 of the final answer
         scores = torch.tensor(score(ro, qs, cfg["reward"]))
