@@ -573,21 +573,15 @@ def read_simulator_rows(path):
     a user got wrong is one clear line naming it."""
     if not os.path.exists(path):
         raise SystemExit(f"error: data file not found: {path}")
+    import world
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise SystemExit(f"error: {path} line {n} is not JSON")
-            docs = row.get("documents") if isinstance(row, dict) else None
-            if (not isinstance(row, dict) or any(k not in row for k in SIM_ROW_KEYS) or row["label"] not in ("useful", "noisy")
-                    or not (isinstance(docs, list) and docs or isinstance(docs, str) and parse_docs(docs, 20))):
-                raise SystemExit(f"error: {path} line {n}: a row needs {', '.join(SIM_ROW_KEYS)}, label useful or noisy, "
-                                 "and documents as a list of strings or one 'Doc 1: ... Doc 2: ...' string")
-            rows.append(row)
+    for n, row in world.read_jsonl(path):
+        docs = row.get("documents")
+        if (any(k not in row for k in SIM_ROW_KEYS) or row["label"] not in ("useful", "noisy")
+                or not (isinstance(docs, list) and docs or isinstance(docs, str) and parse_docs(docs, 20))):
+            raise SystemExit(f"error: {path} line {n}: a row needs {', '.join(SIM_ROW_KEYS)}, label useful or noisy, "
+                             "and documents as a list of strings or one 'Doc 1: ... Doc 2: ...' string")
+        rows.append(row)
     if not rows:
         raise SystemExit(f"error: {path} holds no rows")
     return rows

@@ -362,6 +362,7 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
     import parallel
     import ppo
     cfg = dict(cfg, mini_batch_size=cfg["mini_batch_size"] // ctx.world)  # per process; kl_coef may adapt in this run
+    compute = getattr(torch, cfg["dtype"])  # fp32 weights on every path, forward passes in `dtype` (ppo.autocast)
     actor, ref, critic, sampler_copy = load_models(policy_path, cfg, ctx)
     actor_opt, actor_sched = ppo.make_optimizer(actor, cfg["actor_lr"], cfg["weight_decay"], cfg["lr_warmup_steps"], cfg["steps"])
     critic_opt, critic_sched = ppo.make_optimizer(critic, cfg["critic_lr"], cfg["weight_decay"], 0, cfg["steps"]) if critic else (None, None)
@@ -381,7 +382,7 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
         seeds = [cfg["seed"] * 1_000_003 + i * cfg["n_samples"] + s for i in mine for s in range(cfg["n_samples"])]
         # 2. rollout with search; the curriculum sets how often a search returns noisy documents
         p_noise = noise_probability(step, cfg["steps"], cfg["p_start"], cfg["p_end"], cfg["curriculum_base"]) if cfg["curriculum"] else cfg["p_end"]
-        with ppo.autocast(getattr(torch, cfg["dtype"]), ctx.device):  # fp32 weights on every path, so N processes sample as one
+        with ppo.autocast(compute, ctx.device):  # the same precision on every path, so N processes sample as one
             ro = rollout(parallel.sampler_model(actor, sampler_copy), tok, qs, engine, cfg, noise_prob=p_noise, seeds=seeds)
         t_rollout = time.time() - t0
         # 3. reward: F1 of the final answer
@@ -391,7 +392,7 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
         with torch.no_grad():
             old_logp, _ = actor(input_ids, attention_mask, cfg["temperature"])
             ref_logp, _ = ref(input_ids, attention_mask, cfg["temperature"])
-            values = ppo.token_values(critic, input_ids, attention_mask, getattr(torch, cfg["dtype"])) if critic else None
+            values = ppo.token_values(critic, input_ids, attention_mask, compute) if critic else None
         # 5. advantages (GAE / group-normalised / REINFORCE++), whitened with global statistics
         advantages, returns, adv_stats = ppo.compute_advantages(cfg["algo"], scores.to(ctx.device), response_mask, old_logp,
                                                                 ref_logp, values, cfg, reduce=ctx.all_sum)
