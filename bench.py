@@ -25,7 +25,7 @@ from kernels import logprob_entropy_from_hidden
 import sim
 from sim import sample
 from world import build_world, tiny_model, world_tokenizer
-from zerosearch import load_config
+from config import load_config
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 

@@ -30,6 +30,7 @@ without the .tmp suffix is always complete.
 import contextlib
 import datetime
 import os
+import random
 import re
 import shutil
 import signal
@@ -37,8 +38,18 @@ import sys
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 
 # ----------------------------------------------------------------------------- processes
@@ -63,6 +74,12 @@ class Ctx:
 
     def all_mean(self, t):
         return self.all_sum(t) / self.world if self.world > 1 else t
+
+    def sum_stats(self, stats):
+        """{name: number}, the same names on every process -> their sums over processes."""
+        if self.world == 1:
+            return dict(stats)
+        return dict(zip(stats, self.all_sum(torch.tensor(list(stats.values()), dtype=torch.float64)).tolist()))
 
     def mean_stats(self, stats):
         """{name: float}, the same names on every process -> their means over processes."""
@@ -135,7 +152,6 @@ def parallelize(model, cfg, ctx, frozen=False):
     grad_checkpointing recomputes each decoder layer's activations in the backward pass (Hugging Face's
     own checkpointing, which acts in train mode only: Qwen2 has no active dropout, so train mode changes
     nothing else)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
     if cfg["grad_checkpointing"] and not frozen:
         lm = getattr(model, "lm", model)  # ppo.Actor holds its HF model as .lm; the critic is one
         lm.activation_checkpointing_enable()  # non-reentrant torch.utils.checkpoint per decoder layer
@@ -145,11 +161,8 @@ def parallelize(model, cfg, ctx, frozen=False):
     if cfg["sharding"] == "ddp":
         if frozen:
             return model
-        from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model, device_ids=[torch.device(ctx.device).index] if ctx.device.startswith("cuda") else None,
                                        forward_sync_buffers=False)  # the only buffers are the fixed rotary frequencies
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
     # FSDP2 warns that the critic's output is a view, in case the caller writes into it: ppo.token_values never does
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(torch.device(ctx.device).type, (ctx.world,))
@@ -215,12 +228,11 @@ def start_over(run_dir, ctx):
 def _states(models, with_optimizer):
     """{name: model state, name/optimizer: optimizer state if with_optimizer(name, optimizer)}, in the
     form torch.distributed.checkpoint saves and loads for plain, DDP and FSDP models alike."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     states = {}
-    for name, (model, opt, _) in models.items():
-        states[name] = get_model_state_dict(model)
-        if with_optimizer(name, opt):
-            states[f"{name}/optimizer"] = get_optimizer_state_dict(model, opt)
+    for name, learner in models.items():
+        states[name] = get_model_state_dict(learner.model)
+        if with_optimizer(name, learner.optimizer):
+            states[f"{name}/optimizer"] = get_optimizer_state_dict(learner.model, learner.optimizer)
     return states
 
 
@@ -234,16 +246,12 @@ def _one_process_is_fine():
 
 
 def save_checkpoint(path, models, state, ctx, keep_last):
-    """Write `models` ({name: (model, optimizer, scheduler)}) and `state` (a dict) to the folder `path`,
+    """Write `models` ({name: ppo.Learner, with .model, .optimizer, .scheduler}) and `state` (a dict) to the folder `path`,
     atomically: everything goes to path.tmp, renamed to path once every process has written its part.
     Then all but the newest keep_last checkpoints of the run are removed. Non-finite weights are never
     saved: the job stops with one line and the last checkpoint stays the last good one."""
-    import random
-    import numpy as np
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.tensor import DTensor
     finite = all(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()
-                 for model, _, _ in models.values() for p in model.parameters())
+                 for learner in models.values() for p in learner.model.parameters())
     if ctx.any(not finite):
         raise SystemExit(f"error: non-finite weights at step {state['step']}; not saving them "
                          f"(the last good checkpoint is kept in {os.path.dirname(path)})")
@@ -263,7 +271,7 @@ def save_checkpoint(path, models, state, ctx, keep_last):
                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
     if ctx.master:
         state = dict(state, world=ctx.world, rng=rng, saved=sorted(tensors),
-                     schedulers={name: sched.state_dict() for name, (_, _, sched) in models.items()})
+                     schedulers={name: learner.scheduler.state_dict() for name, learner in models.items()})
         with open(os.path.join(tmp, "state.pt"), "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -280,22 +288,17 @@ def load_checkpoint(path, models, ctx):
     """Load what save_checkpoint wrote into `models` (in place) -> the saved state dict. The RNG states
     are restored when the checkpoint was written by as many processes. A checkpoint that cannot be read
     stops the job with one line."""
-    import random
-    import numpy as np
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     try:
         state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
         dcp.FileSystemReader(path).read_metadata()  # fails plainly, where dcp.load would first log tracebacks
         tensors = _states(models, with_optimizer=lambda name, opt: f"{name}/optimizer" in state["saved"])
         with _one_process_is_fine():
             dcp.load(tensors, checkpoint_id=path, no_dist=ctx.world == 1)
-        for name, (model, opt, sched) in models.items():
-            set_model_state_dict(model, tensors[name])
+        for name, learner in models.items():
+            set_model_state_dict(learner.model, tensors[name])
             if f"{name}/optimizer" in tensors:
-                set_optimizer_state_dict(model, opt, tensors[f"{name}/optimizer"])
-            sched.load_state_dict(state["schedulers"][name])
+                set_optimizer_state_dict(learner.model, learner.optimizer, tensors[f"{name}/optimizer"])
+            learner.scheduler.load_state_dict(state["schedulers"][name])
     except (Exception, CheckpointException) as e:  # any failure to read it is the same news to the user
         if isinstance(e, CheckpointException):  # it wraps each process's own exception
             e = next(iter(e.failures.values()))[0]

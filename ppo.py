@@ -5,7 +5,7 @@ Every loss is taken over `response_mask` only: tokens the policy generated. Prom
 documents injected between <information> and </information>, and padding carry mask 0 and never
 contribute to the actor loss, the critic loss, the entropy bonus or the KL term.
 
-Where the KL goes (as in the official scripts, shared/METHOD.md):
+Where the KL goes (as in the official ZeroSearch scripts):
   ppo          r_t = -β (log π_old - log π_ref) on every generated token (+ score on the last)
   grpo, reinforce, reinforce++
                loss += β mean(KL_t), KL_t of `kl_type` (k3 in the paper), with the sign that
@@ -20,6 +20,14 @@ from kernels import gae, logprob_entropy_from_hidden
 
 LOG_RATIO_CLAMP = 20.0  # exp(±20) stays finite in fp32
 KL_CLAMP = 10.0
+
+
+@dataclass
+class Learner:
+    """A trained model with its optimizer and learning-rate schedule (the actor, or the critic)."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
 
 
 @dataclass
@@ -174,15 +182,16 @@ def adaptive_kl_coef(kl_coef, kl, n_steps, kl_target, kl_horizon):
     return kl_coef * (1 + error * n_steps / kl_horizon)
 
 
-def compute_advantages(algo, scores, response_mask, old_logp, ref_logp, values, cfg, reduce=None):
-    """-> (advantages [B, T], returns [B, T] for PPO else None, stats). Masked tokens get A = 0."""
+def compute_advantages(algo, scores, response_mask, old_logp, ref_logp, values, cfg, kl_coef, reduce=None):
+    """-> (advantages [B, T], returns [B, T] for PPO else None, stats). Masked tokens get A = 0.
+    kl_coef: β of the reward's KL (PPO), the run's current value (it adapts with kl_target)."""
     mask = response_mask.bool()
     kl = torch.where(mask, kl_penalty(old_logp, ref_logp, "k1"), torch.zeros_like(old_logp))  # the reward's KL
     kl_sum, n_tokens = (reduce or (lambda t: t))(torch.stack([kl.sum(), mask.sum().to(kl.dtype)])).tolist()
     stats = {"rollout/score_mean": scores.float().mean().item(),  # the KL over all processes: kl_coef adapts alike on each
              "rollout/kl": kl_sum / max(n_tokens, 1.0)}
     if algo == "ppo":
-        rewards = token_level_rewards(scores, mask, kl, cfg["kl_coef"])
+        rewards = token_level_rewards(scores, mask, kl, kl_coef)
         advantages, returns = gae(rewards, values, mask, cfg["gamma"], cfg["lam"])
         return masked_whiten(advantages, mask, reduce=reduce), returns, stats
     if algo == "grpo":
@@ -268,9 +277,10 @@ def _check_finite(value, model, what, step):
         raise NonFiniteError(f"NaN in {model} {what} at step {step}: lower {model}_lr or check the rewards")
 
 
-def update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, batch, cfg, step=0, mean_over_processes=None):
+def update(actor, critic, batch, cfg, kl_coef, step=0, mean_over_processes=None):
     """PPO epochs over the batch: mini-batches of rows (one optimizer step each) made of micro-batches
-    (gradient accumulation). Returns means over micro-batches (over optimizer steps for grad_norm, lr and
+    (gradient accumulation). `actor` and `critic` (None but for PPO) are Learners; kl_coef is β of
+    the KL loss (GRPO, REINFORCE, REINFORCE++). Returns means over micro-batches (over optimizer steps for grad_norm, lr and
     the objective actor/loss, critic/loss); critic/explained_variance compares the rollout's values (before
     this update) with the returns. Train/eval mode of the models is the caller's: this function never
     switches it. With N processes whose gradients DDP/FSDP average, `mean_over_processes(t)` returns t
@@ -279,6 +289,7 @@ def update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, batc
     mean_over_processes = mean_over_processes or (lambda t: t)
     use_critic = algo == "ppo"
     train_actor = not use_critic or step >= cfg.get("critic_warmup", 0)  # veRL's critic warm-up: the critic learns first
+    stepping = {**({"actor": actor} if train_actor else {}), **({"critic": critic} if use_critic else {})}
     stats = {}
 
     def log(values):
@@ -299,14 +310,14 @@ def update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, batc
                 mask = mask_all[micro]
                 ids, attn = batch.input_ids[micro], batch.attention_mask[micro]
                 if train_actor:
-                    logp, entropy = actor(ids, attn, cfg["temperature"])
+                    logp, entropy = actor.model(ids, attn, cfg["temperature"])
                     pg_loss, pg_stats = policy_loss(logp, batch.old_logp[micro], batch.advantages[micro], mask,
                                                     cfg["clip_ratio"], cfg["dual_clip"], cfg["loss_agg"])
                     entropy_mean = masked_mean(entropy, mask)
                     token_loss = -cfg["entropy_coef"] * entropy_mean  # L = L_clip - c_H H (+ β KL)
                     if not use_critic:  # + β mean(KL_t(π || π_ref)): a penalty, so descent lowers the KL
                         kl_loss = masked_mean(kl_penalty(logp, batch.ref_logp[micro], cfg["kl_type"]), mask)
-                        token_loss = token_loss + cfg["kl_coef"] * kl_loss
+                        token_loss = token_loss + kl_coef * kl_loss
                         log({"actor/kl_loss": kl_loss.item()})
                     loss = pg_loss * agg_units(mask, cfg["loss_agg"]) / units + token_loss * mask.sum() / tokens
                     _check_finite(loss, "actor", "loss", step)
@@ -315,7 +326,7 @@ def update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, batc
                     log({"actor/pg_loss": pg_loss.item(), "actor/entropy": entropy_mean.item(),
                          "actor/clipfrac": pg_stats["clipfrac"], "actor/approx_kl": pg_stats["approx_kl"]})
                 if use_critic:
-                    vpred = token_values(critic, ids, attn, getattr(torch, cfg.get("dtype", "float32")))
+                    vpred = token_values(critic.model, ids, attn, getattr(torch, cfg.get("dtype", "float32")))
                     vf_loss, vf_clipfrac = value_loss(vpred, batch.values[micro], batch.returns[micro], mask,
                                                       cfg["value_clip"])
                     _check_finite(vf_loss, "critic", "loss", step)
@@ -324,16 +335,15 @@ def update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, batc
                     objective["critic"] += weighted.item()
                     log({"critic/vf_loss": vf_loss.item(), "critic/clipfrac": vf_clipfrac,
                          "critic/vpred_mean": masked_mean(vpred.detach(), mask).item()})
-            for name, model, opt, sched in ([("actor", actor, actor_opt, actor_sched)] if train_actor else []) + \
-                    ([("critic", critic, critic_opt, critic_sched)] if use_critic else []):
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])  # pre-clip
+            for name, learner in stepping.items():
+                grad_norm = torch.nn.utils.clip_grad_norm_(learner.model.parameters(), cfg["grad_clip"])  # pre-clip
                 _check_finite(grad_norm, name, "gradient", step)
                 log({f"{name}/loss": objective[name], f"{name}/grad_norm": grad_norm.item(),
-                     f"{name}/lr": opt.param_groups[0]["lr"]})
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-    for sched in ([actor_sched] if train_actor else []) + ([critic_sched] if use_critic else []):
-        sched.step()  # once per RL step, as veRL: lr_warmup_steps counts RL steps, not optimizer steps
+                     f"{name}/lr": learner.optimizer.param_groups[0]["lr"]})
+                learner.optimizer.step()
+                learner.optimizer.zero_grad(set_to_none=True)
+    for learner in stepping.values():
+        learner.scheduler.step()  # once per RL step, as veRL: lr_warmup_steps counts RL steps, not optimizer steps
     if use_critic:
         log({"critic/explained_variance": explained_variance(batch.values, batch.returns, mask_all)})
     return {k: sum(v) / len(v) for k, v in stats.items()}

@@ -32,19 +32,25 @@ paper's SFT (1000 steps, batch 2, lr 1e-6); it runs in one process, on the GPU i
 import functools
 import http.client
 import json
+import math
 import os
 import random
 import re
+import sys
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-
 import torch
-from transformers import DynamicCache
+from torch.distributed.tensor import DTensor
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+import config
+import world
 
 
 # ---------------------------------------------------------------- sampler
@@ -148,7 +154,6 @@ LEAN_MODEL_TYPES = ("qwen2", "qwen3", "llama")  # pre-norm decoders: RMSNorm, ro
 def lean_decoding(model) -> bool:
     """Can `lean_decode_one` replace the Hugging Face forward for this model? A Llama-family decoder
     with full attention in every layer, whose weights are plain tensors (not FSDP shards)."""
-    from torch.distributed.tensor import DTensor
     layer_types = getattr(model.config, "layer_types", None) or ["full_attention"]
     return (model.config.model_type in LEAN_MODEL_TYPES and set(layer_types) == {"full_attention"}
             and not any(isinstance(p, DTensor) for p in model.parameters()))
@@ -357,9 +362,6 @@ def sft(model, examples, steps, batch_size, lr, seed=0, desc="sft", pad_id=0):
     """Supervised fine-tuning of a causal LM on (token ids, loss mask) examples: AdamW, linear
     warm-up then cosine decay to 10%, next-token cross-entropy on the masked-in tokens only.
     Used for the simulator's fine-tuning and for the tiny policy's format warm-up."""
-    import math
-    import torch
-    from tqdm import tqdm
     rng, device = random.Random(seed), next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     warm = max(1, steps // 20)
@@ -418,11 +420,8 @@ class SimEngine:
     useful or noisy as the curriculum draws per call. All the requests of a turn, across the
     whole batch, are sampled together in one `sample` call with a KV cache."""
 
-    def __init__(self, path, cfg, device="cpu", knowledge=None):
-        from transformers import AutoModelForCausalLM
-        self.model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
-        import world
-        self.tok, self.cfg, self.knowledge = world.load_tokenizer(path), cfg, knowledge
+    def __init__(self, model, tok, cfg, knowledge=None):
+        self.model, self.tok, self.cfg, self.knowledge = model.eval(), tok, cfg, knowledge
         self.stats = {"useful": 0, "noisy": 0, "malformed": 0}
 
     def search(self, requests, noise_prob, seed):
@@ -573,7 +572,6 @@ def read_simulator_rows(path):
     a user got wrong is one clear line naming it."""
     if not os.path.exists(path):
         raise SystemExit(f"error: data file not found: {path}")
-    import world
     rows = []
     for n, row in world.read_jsonl(path):
         docs = row.get("documents")
@@ -594,7 +592,6 @@ def main(argv):
     if not argv or argv[0] != "train":
         raise SystemExit("usage: python sim.py train data=rows.jsonl model=NAME_OR_DIR [out=DIR steps=N batch_size=N lr=X seed=N] "
                          "[preset=NAME] [--config FILE] [config key=value ...]")
-    import zerosearch
     args, config_args = dict(TRAIN_DEFAULTS), []
     it = iter(argv[1:])
     for arg in it:
@@ -603,7 +600,7 @@ def main(argv):
             args[key] = value
         else:
             config_args += [arg, next(it, "")] if arg == "--config" else [arg]
-    cfg = zerosearch.load_config(config_args)
+    cfg = config.load_config(config_args)
     for key in ("steps", "batch_size", "lr", "seed"):
         kind, text = type(TRAIN_DEFAULTS[key]), args[key]
         try:
@@ -618,8 +615,6 @@ def main(argv):
         raise SystemExit("error: sim.py train needs data=rows.jsonl and model=... (a Hugging Face name, or a "
                          "directory holding a model and its tokenizer)")
     rows = read_simulator_rows(args["data"])
-    from transformers import AutoModelForCausalLM
-    import world
     try:
         tok = world.load_tokenizer(args["model"])
         model = AutoModelForCausalLM.from_pretrained(args["model"])
@@ -638,5 +633,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    import sys
     main(sys.argv[1:])

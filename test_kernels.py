@@ -240,11 +240,11 @@ def test_training_step_gives_the_same_losses_and_weights_with_kernels_and_refere
             ref_logp, _ = ref(input_ids, attention_mask, cfg["temperature"])
             values = ppo.token_values(c, input_ids, attention_mask)
         advantages, returns, adv_stats = ppo.compute_advantages("ppo", scores, response_mask, old_logp, ref_logp,
-                                                                values, cfg)
+                                                                values, cfg, cfg["kl_coef"])
         batch = ppo.Batch(input_ids, attention_mask, response_mask, old_logp, ref_logp, advantages, values, returns)
         a_opt, a_sched = ppo.make_optimizer(a, 1e-3, 0.01, 0, 10)
         c_opt, c_sched = ppo.make_optimizer(c, 1e-3, 0.01, 0, 10)
-        stats = ppo.update(a, c, a_opt, c_opt, a_sched, c_sched, batch, cfg)
+        stats = ppo.update(ppo.Learner(a, a_opt, a_sched), ppo.Learner(c, c_opt, c_sched), batch, cfg, cfg["kl_coef"])
         return {**adv_stats, **stats}, advantages, [p.detach().clone() for p in [*a.parameters(), *c.parameters()]]
 
     calls = []

@@ -16,6 +16,8 @@ import time
 import pytest
 import torch
 
+import build as embedded
+import config
 import parallel
 import ppo
 import sim
@@ -35,7 +37,7 @@ def build(tmp_path_factory):
     """The embedded world, tokenizer, simulator and warm-up policy, built once and copied into each run."""
     torch.set_num_threads(1)
     path = tmp_path_factory.mktemp("world") / "build"
-    world.prepare_embedded(zs.load_config(SMALL), str(path), log=lambda *a: None)
+    embedded.prepare_embedded(config.load_config(SMALL), str(path), log=lambda *a: None)
     return path
 
 
@@ -166,13 +168,13 @@ def tiny_models():
     model(torch.tensor([[3, 4, 5, 6]]), torch.ones(1, 4, dtype=torch.long))[0].sum().backward()
     opt.step()
     sched.step()
-    return {"actor": (model, opt, sched)}
+    return {"actor": ppo.Learner(model, opt, sched)}
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_whole_and_is_never_resumed(tmp_path, monkeypatch):
     ctx, run_dir = parallel.Ctx(), tmp_path / "checkpoints" / "zerosearch"
     models = tiny_models()
-    before = {k: v.clone() for k, v in models["actor"][0].state_dict().items()}
+    before = {k: v.clone() for k, v in models["actor"].model.state_dict().items()}
     parallel.save_checkpoint(str(run_dir / "step_000002"), models, {"step": 2}, ctx, keep_last=2)
     import torch.distributed.checkpoint as dcp
 
@@ -182,7 +184,7 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_whole_and_is_never_r
 
     monkeypatch.setattr(dcp, "save", dies_half_way)
     with torch.no_grad():
-        for p in models["actor"][0].parameters():
+        for p in models["actor"].model.parameters():
             p.add_(1.0)
     with pytest.raises(OSError, match="disk full"):
         parallel.save_checkpoint(str(run_dir / "step_000004"), models, {"step": 4}, ctx, keep_last=2)
@@ -190,7 +192,7 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_whole_and_is_never_r
     assert parallel.checkpoint_to_resume(True, str(run_dir)) == str(run_dir / "step_000002")
     fresh = tiny_models()
     assert parallel.load_checkpoint(str(run_dir / "step_000002"), fresh, ctx)["step"] == 2
-    assert all(torch.equal(before[k], v) for k, v in fresh["actor"][0].state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in fresh["actor"].model.state_dict().items())
     monkeypatch.undo()
     for step in (6, 8):  # the next saves clear the partial folder and keep the newest keep_last
         parallel.save_checkpoint(str(run_dir / f"step_{step:06d}"), models, {"step": step}, ctx, keep_last=2)
@@ -236,7 +238,7 @@ def test_a_checkpoint_that_cannot_be_read_stops_with_one_line(tmp_path):
         parallel.load_checkpoint(str(tmp_path / "step_000002"), tiny_models(), ctx)
     assert str(e.value).startswith("error: cannot load checkpoint") and "\n" not in str(e.value)
     with pytest.raises(SystemExit, match="no such checkpoint folder"):
-        parallel.check_config(zs.load_config([f"resume={tmp_path / 'nope'}"]), ctx, ("zerosearch",))
+        parallel.check_config(config.load_config([f"resume={tmp_path / 'nope'}"]), ctx, ("zerosearch",))
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(build, tmp_path, monkeypatch):

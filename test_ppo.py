@@ -61,7 +61,7 @@ def rollout_batch(actor, critic, algo, B=4, T=12, seed=0):
         values = ppo.token_values(critic, input_ids, attention_mask) if algo == "ppo" else None
     scores = torch.rand(B, generator=gen)
     cfg = dict(CFG, algo=algo)
-    adv, ret, _ = ppo.compute_advantages(algo, scores, response_mask, old_logp, ref_logp, values, cfg)
+    adv, ret, _ = ppo.compute_advantages(algo, scores, response_mask, old_logp, ref_logp, values, cfg, cfg["kl_coef"])
     return ppo.Batch(input_ids, attention_mask, response_mask, old_logp, ref_logp, adv, values, ret), cfg
 
 
@@ -73,7 +73,8 @@ def optimizers(actor, critic, lr=1e-2):
 
 def run_update(actor, critic, batch, cfg, lr=1e-2, step=0):
     a_opt, c_opt, a_sched, c_sched = optimizers(actor, critic, lr)
-    return ppo.update(actor, critic, a_opt, c_opt, a_sched, c_sched, batch, cfg, step=step)
+    return ppo.update(ppo.Learner(actor, a_opt, a_sched), critic and ppo.Learner(critic, c_opt, c_sched), batch, cfg,
+                      cfg["kl_coef"], step=step)
 
 
 class GradRecorder:
@@ -93,7 +94,8 @@ class GradRecorder:
 def update_gradients(actor, critic, batch, cfg):
     """The gradients of each optimizer step of one `update`, actor's then critic's (no clipping)."""
     a_opt, c_opt, no_schedule = GradRecorder(actor), GradRecorder(critic), GradRecorder(torch.nn.Linear(1, 1))
-    ppo.update(actor, critic, a_opt, c_opt, no_schedule, no_schedule, batch, dict(cfg, grad_clip=1e9))
+    ppo.update(ppo.Learner(actor, a_opt, no_schedule), critic and ppo.Learner(critic, c_opt, no_schedule), batch,
+               dict(cfg, grad_clip=1e9), cfg["kl_coef"])
     return [g for grads in a_opt.grads + c_opt.grads for g in grads]
 
 
@@ -214,7 +216,7 @@ def test_reinforce_advantage_is_the_raw_score_on_every_generated_token():
     """The paper's REINFORCE row: advantage = raw F1, no baseline, 0 off the response."""
     gen = torch.Generator().manual_seed(9)
     m, scores = random_mask(5, 7, gen), torch.rand(5, generator=gen)
-    adv, returns, _ = ppo.compute_advantages("reinforce", scores, m, torch.zeros(5, 7), torch.zeros(5, 7), None, CFG)
+    adv, returns, _ = ppo.compute_advantages("reinforce", scores, m, torch.zeros(5, 7), torch.zeros(5, 7), None, CFG, CFG["kl_coef"])
     expected = [[scores[b].item() if m[b, t] else 0.0 for t in range(7)] for b in range(5)]
     assert returns is None and adv.tolist() == expected
 
@@ -236,7 +238,7 @@ def test_compute_advantages_ppo_is_whitened_gae_of_kl_penalised_rewards_and_zero
     m = random_mask(6, 8, gen)
     old, ref, v = rand(6, 8, gen=gen, low=-1), rand(6, 8, gen=gen, low=-1), torch.randn(6, 8, generator=gen)
     scores = torch.rand(6, generator=gen)
-    adv, ret, stats = ppo.compute_advantages("ppo", scores, m, old, ref, v, CFG)
+    adv, ret, stats = ppo.compute_advantages("ppo", scores, m, old, ref, v, CFG, CFG["kl_coef"])
     rewards = torch.zeros(6, 8)
     for b in range(6):
         tokens = [t for t in range(8) if m[b, t]]
@@ -248,7 +250,7 @@ def test_compute_advantages_ppo_is_whitened_gae_of_kl_penalised_rewards_and_zero
     expected = torch.where(m.bool(), whitened, torch.zeros(6, 8))
     torch.testing.assert_close(adv, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ret, ret_ref)
-    adv_grpo, ret_grpo, _ = ppo.compute_advantages("grpo", scores, m, old, ref, None, CFG)
+    adv_grpo, ret_grpo, _ = ppo.compute_advantages("grpo", scores, m, old, ref, None, CFG, CFG["kl_coef"])
     assert ret_grpo is None and torch.all(adv_grpo[m == 0] == 0)
     group_adv = ppo.grpo_advantages(scores, CFG["n_samples"])
     assert torch.all(adv_grpo[m == 1] == group_adv.unsqueeze(1).expand(6, 8)[m == 1])
@@ -500,7 +502,8 @@ def test_learning_rate_schedule_steps_once_per_update_not_per_optimizer_step():
     a_opt, a_sched = ppo.make_optimizer(actor, 1e-3, 0.0, 3, 100)
     c_opt, c_sched = ppo.make_optimizer(critic, 1e-2, 0.0, 3, 100)
     for step in range(2):
-        ppo.update(actor, critic, a_opt, c_opt, a_sched, c_sched, batch, dict(cfg, mini_batch_size=2), step=step)
+        ppo.update(ppo.Learner(actor, a_opt, a_sched), ppo.Learner(critic, c_opt, c_sched), batch,
+                   dict(cfg, mini_batch_size=2), cfg["kl_coef"], step=step)
     assert a_opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 3 / 4)
     assert c_opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 3 / 4)
 

@@ -14,8 +14,10 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+import config
 import sim
 import world
+import zerosearch
 
 TEMPLATE = "Write {k} {kind} documents . {Kind} Query : {query}"  # ends with the query, so each query has its own chain
 CFG = dict(topk=3, doc_tokens=40, sim_style="finetuned", sim_template_finetuned=TEMPLATE, sim_temperature=0.0,
@@ -123,7 +125,7 @@ def test_http_engine_gives_the_documents_of_the_in_process_simulator(tmp_path, m
     with serve(sampling_server(path)) as (url, bodies):
         engine = sim.HttpEngine(dict(CFG, sim_url=url + "/"), world.load_tokenizer(path), "tiny-sim")
         docs = engine.search(REQUESTS, noise_prob=0.5, seed=SEEDS)
-    local = sim.SimEngine(path, CFG)
+    local = sim.SimEngine(Qwen2ForCausalLM.from_pretrained(path), world.load_tokenizer(path), CFG)
     assert docs == local.search(REQUESTS, noise_prob=0.5, seed=SEEDS) == EXPECTED_DOCS
     assert engine.stats == local.stats == {"useful": engine.stats["useful"], "noisy": 6 - engine.stats["useful"],
                                            "malformed": 2}
@@ -258,9 +260,8 @@ def test_no_server_at_sim_url_is_a_clear_error(monkeypatch):
 
 
 def test_make_engine_builds_the_http_engine_from_the_config(tmp_path):
-    import zerosearch
     path = successor_simulator(tmp_path / "sim")
-    cfg = zerosearch.load_config(["search_backend=http", "sim_url=http://host:1/v1/"])
+    cfg = config.load_config(["search_backend=http", "sim_url=http://host:1/v1/"])
     engine = zerosearch.make_engine("http", cfg, None, path, None)
     assert isinstance(engine, sim.HttpEngine) and engine.url == "http://host:1/v1/completions"
     assert engine.served_model == path  # sim_served_model null: the name vLLM gives a model served from a path
@@ -285,8 +286,7 @@ def sim_rows():
 
 def tiny_model_dir(path, rows):
     """A tiny random Qwen2 and a tokenizer trained on the rows and the config's template, saved as a model dir."""
-    import zerosearch
-    cfg = zerosearch.load_config([])
+    cfg = config.load_config([])
     texts = [cfg["sim_template_finetuned"], "useful noisy Useful Noisy Doc 1 : Doc 2 :"]
     texts += [" ".join([r["query"], r["question"], r["answer"], str(r["documents"])]) for r in rows]
     tok = world.build_tokenizer(texts)
@@ -320,7 +320,8 @@ def test_sim_train_fine_tunes_and_saves_a_simulator_that_loads(tmp_path):
     sim.main(["train", f"data={data}", f"model={model_dir}", f"out={out}", "steps=40", "batch_size=4", "lr=1e-2", "seed=1"])
     before, after = documents_loss(model_dir, rows, cfg), documents_loss(out, rows, cfg)
     assert after < 0.5 * before, (before, after)  # measured 5.37 -> 0.71
-    engine = sim.SimEngine(str(out), dict(cfg, sim_max_tokens=8))  # loads as a simulator
+    engine = sim.SimEngine(Qwen2ForCausalLM.from_pretrained(out), world.load_tokenizer(str(out)),
+                           dict(cfg, sim_max_tokens=8))  # loads as a simulator
     assert len(engine.search([dict(question="q", golden_answers=["a"], query="Person1 born")], 0.0, 0)) == 1
 
 
@@ -403,10 +404,9 @@ def test_loaders_skip_blank_lines_and_take_a_single_answer_as_a_list(tmp_path):
 def test_prompted_style_noisy_prompt_leaves_out_the_question_and_answer():
     """As the paper's prompt-based simulator: the useful prompt holds the question and gold answer, the
     noisy one does not; the fine-tuned style shows both in both (only useful/noisy changes)."""
-    import zerosearch
     request = dict(question="where was zeta born ?", golden_answers=["gammatown"], query="zeta birthplace")
     for style, noisy_has_them in (("prompted", False), ("finetuned", True)):
-        cfg = zerosearch.load_config([f"sim_style={style}"])
+        cfg = config.load_config([f"sim_style={style}"])
         useful, noisy = (sim.sim_prompt(cfg, request, kind) for kind in ("useful", "noisy"))
         assert "where was zeta born ?" in useful and "gammatown" in useful and "zeta birthplace" in useful
         assert ("where was zeta born ?" in noisy, "gammatown" in noisy) == (noisy_has_them, noisy_has_them)

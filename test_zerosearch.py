@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+import build
+import config
 import sim
 import world
 import zerosearch as zs
@@ -63,7 +65,7 @@ def test_noise_probability_follows_the_paper_equation():
     # p_i = p_s + (b^(i/m) - 1)/(b - 1) (p_e - p_s); the paper's b = 4, p_s = 0, p_e = 0.5
     assert zs.noise_probability(0, 100, 0.0, 0.5, 4.0) == 0.0
     assert zs.noise_probability(100, 100, 0.0, 0.5, 4.0) == pytest.approx(0.5)
-    for i, expected in [(25, 0.069), (50, 0.167), (75, 0.305)]:  # METHOD.md's published values
+    for i, expected in [(25, 0.069), (50, 0.167), (75, 0.305)]:  # the values the paper publishes for b = 4, p_e = 0.5
         assert zs.noise_probability(i, 100, 0.0, 0.5, 4.0) == pytest.approx(expected, abs=1e-3)
     i, m, ps, pe, b = 37, 90, 0.1, 0.7, 2.5
     assert zs.noise_probability(i, m, ps, pe, b) == pytest.approx(ps + (b ** (i / m) - 1) / (b - 1) * (pe - ps))
@@ -73,21 +75,21 @@ def test_noise_probability_follows_the_paper_equation():
 
 # ----------------------------------------------------------------------------- config
 def test_config_overrides_parse_types_and_presets_apply():
-    cfg = zs.load_config(["steps=7", "actor_lr=1e-4", "curriculum=false", "kl_target=null"])
+    cfg = config.load_config(["steps=7", "actor_lr=1e-4", "curriculum=false", "kl_target=null"])
     assert cfg["steps"] == 7 and cfg["actor_lr"] == 1e-4 and cfg["curriculum"] is False and cfg["kl_target"] is None
-    smoke = zs.load_config(["preset=smoke", "steps=5"])
+    smoke = config.load_config(["preset=smoke", "steps=5"])
     assert smoke["tiny_hidden"] == 32 and smoke["steps"] == 5  # the command line beats the preset
 
 
 def test_unknown_config_key_is_one_line_error_naming_the_nearest_key(capsys):
     with pytest.raises(SystemExit) as e:
-        zs.load_config(["actor_lrr=0.1"])
+        config.load_config(["actor_lrr=0.1"])
     msg = str(e.value)
     assert "actor_lrr" in msg and "'actor_lr'" in msg and "\n" not in msg
     with pytest.raises(SystemExit, match="not key=value"):
-        zs.load_config(["steps"])
+        config.load_config(["steps"])
     with pytest.raises(SystemExit, match="config file not found"):
-        zs.load_config(["preset=nonexistent"])
+        config.load_config(["preset=nonexistent"])
 
 
 @pytest.mark.parametrize("arg, message", [
@@ -102,12 +104,12 @@ def test_unknown_config_key_is_one_line_error_naming_the_nearest_key(capsys):
     ("p_end=1.5", "p_start and p_end are probabilities")])
 def test_bad_config_values_are_one_line_errors_before_anything_runs(arg, message):
     with pytest.raises(SystemExit, match="error: " + message) as e:
-        zs.load_config([arg])
+        config.load_config([arg])
     assert "\n" not in str(e.value)
 
 
 def test_whole_numbers_may_be_written_as_floats():
-    assert zs.load_config(["steps=1e3"])["steps"] == 1000 and isinstance(zs.load_config(["steps=1e3"])["steps"], int)
+    assert config.load_config(["steps=1e3"])["steps"] == 1000 and isinstance(config.load_config(["steps=1e3"])["steps"], int)
 
 
 def test_with_a_data_file_evaluation_needs_a_real_corpus(tmp_path):
@@ -115,7 +117,7 @@ def test_with_a_data_file_evaluation_needs_a_real_corpus(tmp_path):
     import parallel
     data = tmp_path / "train.jsonl"
     data.write_text('{"question": "q0", "golden_answers": ["one"]}\n')
-    cfg = zs.load_config([f"data={data}", f"eval_data=nq={data}", "policy_model=some/model", "search_backend=http"])
+    cfg = config.load_config([f"data={data}", f"eval_data=nq={data}", "policy_model=some/model", "search_backend=http"])
     with pytest.raises(SystemExit, match="evaluation needs a real engine: set corpus="):
         zs.setup(cfg, parallel.Ctx())
 
@@ -124,12 +126,12 @@ def test_a_real_policy_on_the_embedded_world_keeps_its_own_tokenizer(monkeypatch
     """policy_model=... with data=world: the world's tiny tokenizer must not encode for that model."""
     import parallel
     loaded = []
-    monkeypatch.setattr(world, "prepare_embedded", lambda cfg, cache, log=None: (
+    monkeypatch.setattr(build, "prepare_embedded", lambda cfg, cache, log=None: (
         type("W", (), {"train": [], "test": [], "docs": []})(), None, "sim_dir", "warmup_dir"))
     monkeypatch.setattr(world, "load_tokenizer", lambda path: loaded.append(path))
     monkeypatch.setattr(world, "knowledge_index", lambda docs: None)
-    zs.setup(zs.load_config(["policy_model=org/real-model"]), parallel.Ctx())
-    zs.setup(zs.load_config([]), parallel.Ctx())
+    zs.setup(config.load_config(["policy_model=org/real-model"]), parallel.Ctx())
+    zs.setup(config.load_config([]), parallel.Ctx())
     assert loaded == ["org/real-model", "warmup_dir"]
 
 
@@ -163,12 +165,12 @@ class RecordingEngine:
 @pytest.fixture(scope="module")
 def tiny_tok():
     texts = ["Doc 1: doc about alpha beta gamma . zeta eta theta answer one two three question q0 q1 q2 ."]
-    cfg = zs.load_config([])
+    cfg = config.load_config([])
     return world.build_tokenizer(texts + [cfg["prompt_template"], cfg["direct_template"], cfg["invalid_action"]])
 
 
 def test_rollout_stops_at_search_inserts_documents_and_masks_them(tiny_tok, monkeypatch):
-    tok, cfg = tiny_tok, zs.load_config(["max_turns=2"])
+    tok, cfg = tiny_tok, config.load_config(["max_turns=2"])
     questions = [dict(question="q0", golden_answers=["one"]), dict(question="q1", golden_answers=["two"])]
     scripts = [{"turns": ["<think> zeta </think> <search> alpha </search>", "<answer> one </answer>"], "done": []},
                {"turns": ["<answer> three </answer>"], "done": []}]
@@ -189,7 +191,7 @@ def test_rollout_stops_at_search_inserts_documents_and_masks_them(tiny_tok, monk
 
 
 def test_rollout_honours_max_turns_then_disables_search(tiny_tok, monkeypatch):
-    tok, cfg = tiny_tok, zs.load_config(["max_turns=2"])
+    tok, cfg = tiny_tok, config.load_config(["max_turns=2"])
     q = [dict(question="q2", golden_answers=["x"])]
     scripts = [{"turns": ["<search> alpha </search>", "<search> beta </search>", "<search> gamma </search>"], "done": []}]
     scripted = ScriptedPolicy(tok, scripts, lambda p: 0)
@@ -203,7 +205,7 @@ def test_rollout_honours_max_turns_then_disables_search(tiny_tok, monkeypatch):
 
 
 def test_a_turn_with_neither_action_gets_the_invalid_action_observation_and_counts_as_a_turn(tiny_tok, monkeypatch):
-    tok, cfg = tiny_tok, zs.load_config(["max_turns=2"])
+    tok, cfg = tiny_tok, config.load_config(["max_turns=2"])
     q = [dict(question="q0", golden_answers=["one"])]
     turns = ["zeta eta", "<search> alpha </search>", "<answer> one </answer>"]
     scripted = ScriptedPolicy(tok, [{"turns": turns, "done": []}], lambda p: 0)
@@ -225,7 +227,7 @@ def test_a_turn_with_neither_action_gets_the_invalid_action_observation_and_coun
 
 def test_the_turns_first_action_is_taken_even_with_text_after_it(tiny_tok, monkeypatch):
     """A byte-level tokenizer's last token can hold more than the `>` of `</search>`."""
-    tok, cfg = tiny_tok, zs.load_config(["max_turns=2"])
+    tok, cfg = tiny_tok, config.load_config(["max_turns=2"])
     q = [dict(question="q0", golden_answers=["one"])]
     turns = ["<search> alpha </search> .", "<answer> one </answer> <search> beta </search>"]
     monkeypatch.setattr(sim, "sample", ScriptedPolicy(tok, [{"turns": turns, "done": []}], lambda p: 0))
@@ -242,13 +244,13 @@ def test_an_answer_cut_off_by_the_response_budget_is_not_rewarded(tiny_tok, monk
     kept = len(tok.encode(turns[0])) + len(tok.encode("\n\n<information>Doc 1: q0 doc about alpha .</information>\n\n")) + 2
     for budget, answer in ((kept, None), (kept + 10, "one")):
         monkeypatch.setattr(sim, "sample", ScriptedPolicy(tok, [{"turns": list(turns), "done": []}], lambda p: 0))
-        ro = zs.rollout(None, tok, q, RecordingEngine(), zs.load_config(["max_turns=2", f"max_response_tokens={budget}"]))
+        ro = zs.rollout(None, tok, q, RecordingEngine(), config.load_config(["max_turns=2", f"max_response_tokens={budget}"]))
         assert len(ro.response_ids[0]) <= budget and ro.answers == [answer]
         assert zs.score(ro, q) == [0.0 if answer is None else 1.0]
 
 
 def test_chat_template_wraps_the_policy_prompt_and_is_required_when_on(tiny_tok, monkeypatch):
-    tok, cfg = tiny_tok, zs.load_config(["chat_template=true"])
+    tok, cfg = tiny_tok, config.load_config(["chat_template=true"])
     q = [dict(question="q1", golden_answers=["two"])]
     monkeypatch.setattr(sim, "sample", ScriptedPolicy(tok, [{"turns": ["<answer> two </answer>"], "done": []}], lambda p: 0))
     tok.chat_template = "{% for m in messages %}Question : {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} answer :{% endif %}"
@@ -263,7 +265,7 @@ def test_chat_template_wraps_the_policy_prompt_and_is_required_when_on(tiny_tok,
 
 
 def test_answer_is_taken_from_policy_tokens_never_from_documents(tiny_tok, monkeypatch):
-    tok, cfg = tiny_tok, zs.load_config(["max_turns=1"])
+    tok, cfg = tiny_tok, config.load_config(["max_turns=1"])
     q = [dict(question="q0", golden_answers=["one"])]
     scripts = [{"turns": ["<search> alpha </search>", "zeta"], "done": []}]
     monkeypatch.setattr(sim, "sample", ScriptedPolicy(tok, scripts, lambda p: 0))
@@ -327,3 +329,48 @@ def test_smoke_run_end_to_end_writes_config_metrics_and_results(tmp_path):
     results = json.load(open(out / "results.json"))
     assert len(results) == 4 and all(set(v) == {"single-hop", "two-hop"} for v in results.values())
     assert (out / "results.md").exists() and (out / "config.yaml").exists()
+
+
+def project_imports():
+    """{module: {project modules it imports, anywhere in the file}} and the project imports that are
+    not at the top level of their file, read from the source with ast (nothing is imported)."""
+    import ast
+    files = {f[:-3]: os.path.join(HERE, f) for f in os.listdir(HERE)
+             if f.endswith(".py") and not f.startswith("test_") and f != "conftest.py"}
+    files.update({f"kernels.{f[:-3]}": os.path.join(HERE, "kernels", f) for f in os.listdir(os.path.join(HERE, "kernels"))
+                  if f.endswith(".py") and f != "__init__.py"})
+    files["kernels"] = os.path.join(HERE, "kernels", "__init__.py")
+    graph, nested = {}, []
+    for module, path in files.items():
+        tree = ast.parse(open(path).read())
+        top = set(map(id, tree.body))
+        graph[module] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # a relative import inside the kernels package
+                    base = "kernels" + ("." + base if base else "")
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            found = {n for n in names if n in files and n != module}
+            found = {n for n in found if not (n == "kernels" and any(m.startswith("kernels.") for m in found))}
+            graph[module] |= found
+            if found and id(node) not in top:
+                nested.append(f"{module} line {node.lineno}")
+    return graph, nested
+
+
+def test_project_modules_import_downward_only_and_at_the_top_of_their_file():
+    graph, nested = project_imports()
+    assert not nested, f"project imports inside functions: {nested}"
+    order, done = [], set()
+    while len(done) < len(graph):  # peel off modules whose imports are all placed: fails on a circle
+        ready = sorted(m for m in graph if m not in done and graph[m] <= done)
+        assert ready, f"import circle among {sorted(set(graph) - done)}"
+        order += ready
+        done |= set(ready)
+    assert not any("zerosearch" in deps for deps in graph.values())  # the top: nothing imports it
+    assert graph["config"] == graph["world"] == graph["parallel"] == set()  # leaves

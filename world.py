@@ -11,7 +11,12 @@ import json
 import os
 import random
 import re
+import zlib
 from dataclasses import dataclass
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 TAGS = ["<think>", "</think>", "<search>", "</search>", "<information>", "</information>",
         "<answer>", "</answer>"]
@@ -182,8 +187,6 @@ def build_tokenizer(texts):
     lets a small model copy names it has never seen. The tags are atomic added tokens, so
     `</search>` is one token and a stop string ends exactly at it. Decoding puts one space
     between words; a word not in `texts` becomes <unk>."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
     split = pre_tokenizers.Whitespace()
     words = sorted({w for t in texts for w, _ in split.pre_tokenize_str(t)} - set(TAGS))
     vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>"] + words)}
@@ -197,7 +200,6 @@ def build_tokenizer(texts):
 def load_tokenizer(path):
     """AutoTokenizer, except for a tokenizer built here: AutoTokenizer would swap in the model
     type's own tokenizer class (Qwen2's byte-level one) and change the tokenisation."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
     config = os.path.join(path, "tokenizer_config.json")
     if os.path.exists(config) and json.load(open(config)).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
         return PreTrainedTokenizerFast.from_pretrained(path)
@@ -207,8 +209,6 @@ def load_tokenizer(path):
 def tiny_model(vocab_size, hidden_size, layers, heads, seed, num_labels=None):
     """A small Qwen2 (the Qwen2.5 architecture), built from config: it runs through exactly the
     code path of a real Hugging Face model. With `num_labels` it is a token classifier (the critic)."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=3 * hidden_size,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
@@ -360,19 +360,11 @@ def split_train(train, rl_share):
     covers the results it read, so a policy warmed up on an entity's facts answers from memory,
     and RL on those entities rewards recall over reading (measured: reading of held-out "which
     company" answers fell from 0.55 to 0.22 in RL). README has what the split did."""
-    import zlib
     if rl_share is None:
         return train, train
     company_of = {q["golden_answers"][0]: q["subject"] for q in train if q["relation"] == "founder"}
     rl = [zlib.crc32(company_of.get(q["subject"], q["subject"]).encode()) % 1000 < 1000 * rl_share for q in train]
     return [q for q, r in zip(train, rl) if not r], [q for q, r in zip(train, rl) if r]
-
-
-BUILD_VERSION = 2  # bump when the code changes what a build holds, so old caches are not loaded
-BUILD_KEYS = ["world_seed", "world_persons", "world_companies", "tiny_hidden", "tiny_layers", "tiny_heads",
-              "warmup_steps", "warmup_batch_size", "warmup_lr", "rl_share",
-              "sim_sft_steps", "sim_sft_batch_size", "sim_sft_lr", "sim_sft_noisy", "prompt_template", "direct_template", "invalid_action",
-              "sim_template_finetuned", "sim_template_prompted", "sim_template_prompted_noisy", "topk", "seed"]
 
 
 def world_tokenizer(world, cfg):
@@ -381,60 +373,3 @@ def world_tokenizer(world, cfg):
     fixed = [cfg["prompt_template"], cfg["direct_template"], cfg["invalid_action"], cfg["sim_template_finetuned"], cfg["sim_template_prompted"], cfg["sim_template_prompted_noisy"],
              "<think> I need to search . </think> Question : Answer : useful noisy Useful Noisy " + " ".join(f"Doc {i}:" for i in range(1, 21))]
     return build_tokenizer(world.docs + [q["question"] for q in world.train + world.test] + fixed)
-
-
-def prepare_embedded(cfg, cache_dir, log=print):
-    """Build (or load from `cache_dir`) everything the embedded default needs: the world, its
-    tokenizer, the real retriever, the format-warmed tiny policy and the tiny simulator
-    fine-tuned from it (as the paper's policy and simulator both start from pretrained Qwen2.5
-    models). The build is cached under a hash of the keys that shape it.
-    Returns (world, retriever, simulator path, policy path)."""
-    import copy
-    import hashlib
-    import sim
-    world = build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"])
-    retriever = sim.Retriever(world.docs)
-
-    def search(query):
-        return retriever.search(query, cfg["topk"])
-
-    key = hashlib.sha1(json.dumps([BUILD_VERSION] + [cfg[k] for k in BUILD_KEYS]).encode()).hexdigest()[:10]
-    cache_dir = os.path.join(cache_dir, key)
-    sim_dir, policy_dir = os.path.join(cache_dir, "simulator"), os.path.join(cache_dir, "warmup")
-    if os.path.exists(os.path.join(policy_dir, "config.json")) and os.path.exists(os.path.join(sim_dir, "config.json")):
-        log(f"embedded default: loading the world's tokenizer, simulator and warm-up policy from {cache_dir}")
-        return world, retriever, sim_dir, policy_dir
-    tok = world_tokenizer(world, cfg)
-    rng = random.Random(cfg["seed"])
-    names, guesses = collections.defaultdict(set), collections.defaultdict(list)
-    warmup_questions = split_train(world.train, cfg["rl_share"])[0]
-    for q in warmup_questions:
-        guesses[q["relation"]].append(q["golden_answers"][0])
-        if q["hops"] == 1:
-            names[SUBJECT_TYPE[q["relation"]]].add(q["subject"])
-    names = {k: sorted(v) for k, v in names.items()}
-    trajectories, queries = [], []
-    for q in warmup_questions:
-        if rng.random() < 0.1:  # the no-search prompt's format: an answer straight away (a guess)
-            prompt = cfg["direct_template"].format(question=q["question"])
-            response = f"<answer> {rng.choice(guesses[q['relation']])} </answer>"
-        else:
-            prompt = cfg["prompt_template"].format(question=q["question"])
-            response, qs = warmup_trajectory(q, search, sim.information, names, rng)
-            queries += [(q, query) for query in qs]
-        trajectories.append(encode_warmup(tok, prompt, response))
-    # 1. the policy: the format warm-up (queries and answers not reliably right)
-    policy = tiny_model(len(tok), cfg["tiny_hidden"], cfg["tiny_layers"], cfg["tiny_heads"], cfg["seed"])
-    sim.sft(policy, trajectories, cfg["warmup_steps"], cfg["warmup_batch_size"], cfg["warmup_lr"], cfg["seed"],
-            "warm-up (format only)", tok.pad_token_id)
-    policy.save_pretrained(policy_dir)
-    tok.save_pretrained(policy_dir)
-    # 2. the simulator: simulation fine-tuning of a copy on labelled (query, documents, useful/noisy) rows
-    simulator = copy.deepcopy(policy)
-    rows = simulator_rows(world, queries, search, knowledge_index(world.docs), rng, cfg["sim_sft_noisy"])
-    sim.train_simulator(simulator, tok, rows, cfg, steps=cfg["sim_sft_steps"],
-                        batch_size=cfg["sim_sft_batch_size"], lr=cfg["sim_sft_lr"], seed=cfg["seed"])
-    simulator.save_pretrained(sim_dir)
-    tok.save_pretrained(sim_dir)
-    log(f"embedded default built in {cache_dir}")
-    return world, retriever, sim_dir, policy_dir

@@ -1,0 +1,95 @@
+"""The config: config.yaml < presets/<preset>.yaml < --config FILE < key=value arguments, and the
+checks that give a bad value one clear line. A leaf: zerosearch.py, sim.py and bench.py read it."""
+import difflib
+import os
+
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULTS = os.path.join(HERE, "config.yaml")
+
+CHOICES = {"algo": ("ppo", "grpo", "reinforce", "reinforce++"), "reward": ("f1", "em"),
+           "dtype": ("float32", "bfloat16"), "search_backend": ("sim", "real", "http"),
+           "sim_style": ("finetuned", "prompted"), "sharding": ("ddp", "fsdp"),
+           "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
+           "kl_type": ("k1", "abs", "k2", "k3")}
+AT_LEAST_ONE = ["steps", "batch_size", "n_samples", "mini_batch_size", "micro_batch_size", "ppo_epochs",
+                "topk", "doc_tokens", "max_turn_tokens", "max_response_tokens", "sim_max_tokens",
+                "eval_size", "threads", "sim_retries"]
+
+
+def load_config(argv):
+    """config.yaml < presets/<preset>.yaml < --config FILE < key=value arguments -> a flat dict."""
+    with open(DEFAULTS) as f:
+        cfg = yaml.safe_load(f)
+    args, files = [], []
+    it = iter(argv)
+    for a in it:
+        if a == "--config" or a.startswith("--config="):
+            files.append(a.split("=", 1)[1] if "=" in a else next(it, None))
+        elif "=" in a:
+            args.append(a.split("=", 1))
+        else:
+            raise SystemExit(f"error: argument {a!r} is not key=value (e.g. steps=10) or --config FILE")
+    overrides = {k.lstrip("-"): parse_value(v) for k, v in args}
+    preset = overrides.get("preset", cfg["preset"])
+    if preset:
+        files.insert(0, os.path.join(HERE, "presets", f"{preset}.yaml"))
+    for path in files:
+        if not path or not os.path.exists(path):
+            raise SystemExit(f"error: config file not found: {path} "
+                             f"(presets are in {os.path.join(HERE, 'presets')})")
+        with open(path) as f:
+            merge(cfg, yaml.safe_load(f) or {}, path)
+    merge(cfg, overrides, "the command line")
+    return check_values(cfg)
+
+
+def check_values(cfg):
+    """Each value of the right kind, one clear line if not: a number where config.yaml has a number
+    (1e3 is taken as 1000 where a whole number is due), a choice from CHOICES, counts of at least 1."""
+    with open(DEFAULTS) as f:
+        defaults = yaml.safe_load(f)
+    for key, default in defaults.items():
+        value = cfg[key]
+        if isinstance(default, bool) and not isinstance(value, bool) and key != "resume":  # resume may name a folder
+            raise SystemExit(f"error: {key} must be true or false, got {value!r}")
+        if type(default) is int and isinstance(value, float) and value.is_integer():
+            cfg[key] = value = int(value)
+        if type(default) in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                                or type(default) is int and not isinstance(value, int)):
+            whole = "whole " if type(default) is int else ""
+            raise SystemExit(f"error: {key} must be a {whole}number, got {value!r}")
+    for key, allowed in CHOICES.items():
+        if cfg[key] not in allowed:
+            raise SystemExit(f"error: {key} must be one of {', '.join(allowed)}; got {cfg[key]!r}")
+    for key in AT_LEAST_ONE:
+        if cfg[key] < 1:
+            raise SystemExit(f"error: {key} must be at least 1, got {cfg[key]}")
+    if not 0 <= cfg["p_start"] <= 1 or not 0 <= cfg["p_end"] <= 1:
+        raise SystemExit("error: p_start and p_end are probabilities: each must be between 0 and 1")
+    if cfg["curriculum_base"] <= 0 or cfg["curriculum_base"] == 1:
+        raise SystemExit("error: curriculum_base (b in (b^(i/m) - 1)/(b - 1)) must be positive and not 1, "
+                         f"got {cfg['curriculum_base']}")
+    return cfg
+
+
+def parse_value(text):
+    """A command-line value as YAML reads it, except that 1e-4 is a number (YAML 1.1 reads a string)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def merge(cfg, new, source):
+    """cfg updated with `new`; a key config.yaml does not have is an error that suggests the nearest."""
+    for k, v in new.items():
+        if k not in cfg:
+            near = difflib.get_close_matches(k, cfg, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise SystemExit(f"error: unknown config key {k!r} in {source}{hint}")
+        cfg[k] = v
