@@ -1,55 +1,68 @@
 """The embedded default's build: the synthetic world, its tokenizer and real retriever, the tiny
 policy's format warm-up and the tiny simulator fine-tuned from it. zerosearch.py calls
-`prepare_embedded` when data=world; the result is cached in out_dir/build/<hash of BUILD_KEYS>/.
+`prepare_embedded` when data=world. The warm-up policy is cached in out_dir/build/<hash of
+WARMUP_KEYS>/warmup and each simulator made from it beside it, in simulator-<hash of SIMULATOR_KEYS>,
+so runs that differ only in the simulator's fine-tuning share one warm-up.
 """
 import collections
-import copy
 import hashlib
 import json
 import os
 import random
 import shutil
 
+from transformers import AutoModelForCausalLM
+
 import sim
 import world
 
-BUILD_VERSION = 2  # bump when the code changes what a build holds, so old caches are not loaded
-BUILD_KEYS = ["world_seed", "world_persons", "world_companies", "tiny_hidden", "tiny_layers", "tiny_heads",
-              "warmup_steps", "warmup_batch_size", "warmup_lr", "rl_share", "sim_sft_steps",
-              "sim_sft_batch_size", "sim_sft_lr", "sim_sft_noisy", "prompt_template", "direct_template",
-              "invalid_action", "sim_template_finetuned", "sim_template_prompted",
-              "sim_template_prompted_noisy", "topk", "seed"]
+BUILD_VERSION = 3  # bump when the code changes what a build holds, so old caches are not loaded
+WARMUP_KEYS = ["world_seed", "world_persons", "world_companies", "tiny_hidden", "tiny_layers", "tiny_heads",
+               "warmup_steps", "warmup_batch_size", "warmup_lr", "rl_share", "prompt_template", "direct_template",
+               "invalid_action", "sim_template_finetuned", "sim_template_prompted",  # in the tokenizer's vocabulary
+               "sim_template_prompted_noisy", "topk", "seed"]
+SIMULATOR_KEYS = ["sim_sft_steps", "sim_sft_batch_size", "sim_sft_lr", "sim_sft_noisy"]
+
+
+def digest(cfg, keys):
+    return hashlib.sha1(json.dumps([BUILD_VERSION] + [cfg[k] for k in keys]).encode()).hexdigest()[:10]
 
 
 def prepare_embedded(cfg, cache_dir, log=print):
     """Build (or load from `cache_dir`) everything the embedded default needs: the world, its
     tokenizer, the real retriever, the format-warmed tiny policy and the tiny simulator fine-tuned
-    from it (as the paper's policy and simulator both start from pretrained Qwen2.5 models).
-    The build is cached under a hash of the keys that shape it, written to a temporary folder
-    and renamed when complete, so a build killed half-way is built again.
-    Returns (world, retriever, simulator path, policy path)."""
+    from it (as the paper's policy and simulator both start from pretrained Qwen2.5 models). Each
+    model is written to a temporary folder and renamed when complete, so a build killed half-way is
+    built again. Returns (world, retriever, simulator path, policy path)."""
     w = world.build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"])
     retriever = sim.Retriever(w.docs)
-    key = hashlib.sha1(json.dumps([BUILD_VERSION] + [cfg[k] for k in BUILD_KEYS]).encode()).hexdigest()[:10]
-    done = os.path.join(cache_dir, key)
-    if os.path.isdir(done):
-        log(f"embedded default: loading the world's tokenizer, simulator and warm-up policy from {done}")
-        return w, retriever, os.path.join(done, "simulator"), os.path.join(done, "warmup")
-    tmp = done + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a build that was killed
-    build_models(w, retriever, cfg, os.path.join(tmp, "warmup"), os.path.join(tmp, "simulator"))
-    os.replace(tmp, done)
-    log(f"embedded default built in {done}")
-    return w, retriever, os.path.join(done, "simulator"), os.path.join(done, "warmup")
+    base = os.path.join(cache_dir, digest(cfg, WARMUP_KEYS))
+    policy_dir, sim_dir = os.path.join(base, "warmup"), os.path.join(base, "simulator-" + digest(cfg, SIMULATOR_KEYS))
+    if os.path.isdir(policy_dir) and os.path.isdir(sim_dir):
+        log(f"embedded default: loading the world's tokenizer, warm-up policy and simulator from {base}")
+        return w, retriever, sim_dir, policy_dir
+    tok, trajectories, queries, rng = warmup_data(w, retriever, cfg)
+    if not os.path.isdir(policy_dir):  # 1. the policy: the format warm-up (queries and answers not reliably right)
+        policy = world.tiny_model(len(tok), cfg["tiny_hidden"], cfg["tiny_layers"], cfg["tiny_heads"], cfg["seed"])
+        sim.sft(policy, trajectories, cfg["warmup_steps"], cfg["warmup_batch_size"], cfg["warmup_lr"], cfg["seed"],
+                "warm-up (format only)", tok.pad_token_id)
+        save_atomically(policy, tok, policy_dir)
+    # 2. the simulator: simulation fine-tuning of a copy on labelled (query, documents, useful/noisy) rows
+    simulator = AutoModelForCausalLM.from_pretrained(policy_dir)
+    rows = world.simulator_rows(w, queries, lambda q: retriever.search(q, cfg["topk"]),
+                                world.knowledge_index(w.docs), rng, cfg["sim_sft_noisy"])
+    if cfg["sim_sft_steps"]:  # 0: the warm-up policy itself serves as an untrained simulator
+        sim.train_simulator(simulator, tok, rows, cfg, steps=cfg["sim_sft_steps"],
+                            batch_size=cfg["sim_sft_batch_size"], lr=cfg["sim_sft_lr"], seed=cfg["seed"])
+    save_atomically(simulator, tok, sim_dir)
+    log(f"embedded default built in {base}")
+    return w, retriever, sim_dir, policy_dir
 
 
-def build_models(w, retriever, cfg, policy_dir, sim_dir):
-    """1. the policy: a format warm-up on one trajectory per train question (queries and answers
-    not reliably right); 2. the simulator: simulation fine-tuning of a copy of it on labelled
-    (query, documents, useful/noisy) rows from the warm-up's queries and the real engine."""
-    def search(query):
-        return retriever.search(query, cfg["topk"])
-
+def warmup_data(w, retriever, cfg):
+    """-> (tokenizer, warm-up examples, the warm-up's (question, query) pairs, the random stream
+    after them, which the simulator's rows continue): one trajectory per train question,
+    searching the real engine; 10% are the no-search prompt's format (an answer straight away)."""
     tok = world.world_tokenizer(w, cfg)
     rng = random.Random(cfg["seed"])
     names, guesses = collections.defaultdict(set), collections.defaultdict(list)
@@ -60,8 +73,12 @@ def build_models(w, retriever, cfg, policy_dir, sim_dir):
             names[world.SUBJECT_TYPE[q["relation"]]].add(q["subject"])
     names = {k: sorted(v) for k, v in names.items()}
     trajectories, queries = [], []
+
+    def search(query):
+        return retriever.search(query, cfg["topk"])
+
     for q in warmup_questions:
-        if rng.random() < 0.1:  # the no-search prompt's format: an answer straight away (a guess)
+        if rng.random() < 0.1:
             prompt = cfg["direct_template"].format(question=q["question"])
             response = f"<answer> {rng.choice(guesses[q['relation']])} </answer>"
         else:
@@ -69,14 +86,13 @@ def build_models(w, retriever, cfg, policy_dir, sim_dir):
             response, qs = world.warmup_trajectory(q, search, sim.information, names, rng)
             queries += [(q, query) for query in qs]
         trajectories.append(world.encode_warmup(tok, prompt, response))
-    policy = world.tiny_model(len(tok), cfg["tiny_hidden"], cfg["tiny_layers"], cfg["tiny_heads"], cfg["seed"])
-    sim.sft(policy, trajectories, cfg["warmup_steps"], cfg["warmup_batch_size"], cfg["warmup_lr"], cfg["seed"],
-            "warm-up (format only)", tok.pad_token_id)
-    policy.save_pretrained(policy_dir)
-    tok.save_pretrained(policy_dir)
-    simulator = copy.deepcopy(policy)
-    rows = world.simulator_rows(w, queries, search, world.knowledge_index(w.docs), rng, cfg["sim_sft_noisy"])
-    sim.train_simulator(simulator, tok, rows, cfg, steps=cfg["sim_sft_steps"],
-                        batch_size=cfg["sim_sft_batch_size"], lr=cfg["sim_sft_lr"], seed=cfg["seed"])
-    simulator.save_pretrained(sim_dir)
-    tok.save_pretrained(sim_dir)
+    return tok, trajectories, queries, rng
+
+
+def save_atomically(model, tok, path):
+    """save_pretrained to path.tmp, then rename: a folder at `path` is always complete."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, path)

@@ -66,6 +66,8 @@ def check_values(cfg):
     for key in AT_LEAST_ONE:
         if cfg[key] < 1:
             raise SystemExit(f"error: {key} must be at least 1, got {cfg[key]}")
+    if cfg["rl_seed"] is not None and (isinstance(cfg["rl_seed"], bool) or not isinstance(cfg["rl_seed"], int)):
+        raise SystemExit(f"error: rl_seed must be null (the same as seed) or a whole number, got {cfg['rl_seed']!r}")
     if not 0 <= cfg["p_start"] <= 1 or not 0 <= cfg["p_end"] <= 1:
         raise SystemExit("error: p_start and p_end are probabilities: each must be between 0 and 1")
     if cfg["curriculum_base"] <= 0 or cfg["curriculum_base"] == 1:

@@ -327,7 +327,10 @@ def test_smoke_run_end_to_end_writes_config_metrics_and_results(tmp_path):
     assert all(math.isfinite(row["reward"]) and 0 <= row["noise_prob"] <= 0.5 for row in rows)
     assert rows[0]["sim/useful"] + rows[0]["sim/noisy"] > 0 or rows[0]["searches"] == 0
     results = json.load(open(out / "results.json"))
-    assert len(results) == 4 and all(set(v) == {"single-hop", "two-hop"} for v in results.values())
+    rows = {k: v for k, v in results.items() if not k.startswith("reading")}
+    assert len(rows) == 4 and all(set(v) == {"single-hop", "two-hop"} for v in rows.values())
+    for key in ("reading", "reading_warmup", "reading_search_r1"):  # the reading check, at each of topk positions
+        assert list(results[key]) == ["1", "2", "3"] and all(0 <= em <= 100 for em in results[key].values())
     assert (out / "results.md").exists() and (out / "config.yaml").exists()
 
 
@@ -374,3 +377,15 @@ def test_project_modules_import_downward_only_and_at_the_top_of_their_file():
         done |= set(ready)
     assert not any("zerosearch" in deps for deps in graph.values())  # the top: nothing imports it
     assert graph["config"] == graph["world"] == graph["parallel"] == set()  # leaves
+
+
+def test_reading_check_moves_only_the_answer_bearing_document_to_each_position():
+    class Fixed:
+        def search(self, requests, noise_prob=0.0, seed=0):
+            return [["A", "B", "C"] for _ in requests]
+
+    requests = [{"query": "q", "evidence": ["B"]}, {"query": "q", "evidence": ["Z"]}]
+    moved = {at: zs.AnswerAt(Fixed(), at).search(requests) for at in (1, 2, 3)}
+    assert moved[1] == [["B", "A", "C"], ["A", "B", "C"]]  # a query whose results miss the answer: unchanged
+    assert moved[2] == [["A", "B", "C"], ["A", "B", "C"]]
+    assert moved[3] == [["A", "C", "B"], ["A", "B", "C"]]

@@ -161,8 +161,10 @@ def warmup_trajectory(q, search, information, names, rng, p_right=0.3, p_vague=0
     is vague (keywords only) with p_vague (the most likely choice, so a greedy warm-up policy
     searches vaguely) and names another train entity otherwise. The answer is read from the
     results when they state it and is otherwise the value of the top result, so it is right
-    only when every query was. The warm-up policy knows how to search and read but not what
-    to search for: its accuracy starts honestly low and RL has to find the rest.
+    only when every query was. The results come in a random order: the engine ranks the fact a
+    right query asks for first, and a policy warmed up on ranked results learns to copy Doc 1
+    instead of finding the document that answers. The warm-up policy knows how to search and
+    read but not what to search for: its accuracy starts honestly low and RL has to find the rest.
     `names[type]` lists train entities only. Returns the response text and its queries."""
     hops = [q["relation"]] if q["hops"] == 1 else list(TWO_HOP[q["relation"]][1:])
     text, subject, queries = "<think> I need to search . </think>", q["subject"], []
@@ -171,6 +173,7 @@ def warmup_trajectory(q, search, information, names, rng, p_right=0.3, p_vague=0
         query = (right_query(subject, relation) if u < p_right else keywords if u < p_right + p_vague
                  else right_query(rng.choice(names[SUBJECT_TYPE[relation]]), relation))
         docs = search(query)
+        docs = rng.sample(docs, len(docs))  # in any order: the answer must be read, not copied from Doc 1
         queries.append(query)
         text += f" <search> {query} </search>{information(docs)}"
         top = next((v for v in (answer_from_doc(d, relation) for d in docs) if v), subject)
@@ -335,8 +338,9 @@ def simulator_rows(world, queries, search, knowledge, rng, noisy_share=0.5):
     answer, documents, label), plus the simulator's knowledge of the query (`evidence`).
     `useful` documents state what is known about what the query names, then what the real
     engine also returns for it: faithful to the query, so a query about the wrong entity gets
-    that entity's facts and not the answer. `noisy` ones are the same with wrong values; a row
-    is noisy with probability `noisy_share`."""
+    that entity's facts and not the answer, in a random order (where the answer stands varies, as
+    in the warm-up). `noisy` ones are the same with wrong values; a row is noisy with probability
+    `noisy_share`."""
     pools = collections.defaultdict(list)
     for d in world.docs:
         fact = parse_doc(d)
@@ -345,7 +349,8 @@ def simulator_rows(world, queries, search, knowledge, rng, noisy_share=0.5):
     rows = []
     for q, query in queries:
         known, found = knowledge(query), search(query)
-        docs, label = (known + [d for d in found if d not in known])[:len(found)], ("noisy" if rng.random() < noisy_share else "useful")
+        docs = (known + [d for d in found if d not in known])[:len(found)]
+        docs, label = rng.sample(docs, len(docs)), ("noisy" if rng.random() < noisy_share else "useful")  # any order
         if label == "noisy":
             docs = noisy_docs(docs, q["golden_answers"], pools, rng)
         rows.append(dict(query=query, question=q["question"], answer=q["golden_answers"][0],

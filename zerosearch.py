@@ -29,6 +29,7 @@ from transformers.utils import logging as hf_logging
 import build
 import config
 import parallel
+import plots
 import ppo
 import sim
 import world
@@ -99,6 +100,7 @@ class Rollout:
     response_mask: list   # B x [1 where the policy sampled the token, 0 inside <information>]
     answers: list         # B x (answer text or None), from the policy's own tokens
     searches: list        # B x number of searches made
+    engine_seconds: float = 0.0  # time spent in the engine's calls (the rest of the rollout is sampling)
 
 
 def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seeds=None, greedy=False, max_turns=None, template=None):
@@ -113,7 +115,7 @@ def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seeds=None, gre
     template = template or cfg["prompt_template"]
     prompts = [sim.prompt_ids(tok, template.format(question=q["question"]), cfg["chat_template"]) for q in questions]
     resp, mask, searches = [[] for _ in questions], [[] for _ in questions], [0] * len(questions)
-    active = list(range(len(questions)))
+    active, engine_seconds = list(range(len(questions))), 0.0
     seeds = list(range(len(questions))) if seeds is None else seeds
     for turn in range(max_turns + 1):
         if not active:
@@ -135,8 +137,10 @@ def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seeds=None, gre
                 requests.append((i, action.group(2).strip()))
             elif not action and cfg["invalid_action"]:
                 invalid.append(i)  # neither search nor answer: the fixed "invalid action" observation, try again
+        t0 = time.time()
         docs = engine.search([dict(questions[i], query=q) for i, q in requests], noise_prob,
                              [seeds[i] * 1000 + 500 + turn for i, _ in requests]) if requests else []  # not the policy's stream
+        engine_seconds += time.time() - t0
         observations = {i: sim.information(d) for (i, _), d in zip(requests, docs)}
         observations.update({i: " " + cfg["invalid_action"] for i in invalid})
         for i, obs in observations.items():
@@ -149,11 +153,12 @@ def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seeds=None, gre
     # the response is cut to its budget before the answer is read: the reward is for tokens that are trained
     resp, mask = [r[:cfg["max_response_tokens"]] for r in resp], [m[:cfg["max_response_tokens"]] for m in mask]
     answers = [extract_answer(tok.decode([t for t, m in zip(r, ms) if m])) for r, ms in zip(resp, mask)]
-    return Rollout(prompts, resp, mask, answers, searches)
+    return Rollout(prompts, resp, mask, answers, searches, engine_seconds)
 
 
-def to_batch(ro, pad_id, device):
-    """Right-padded tensors [B, T] of prompt + response; response_mask is 1 only on sampled tokens."""
+def to_batch(ro, pad_id, device, mask_information=True):
+    """Right-padded tensors [B, T] of prompt + response; response_mask is 1 on the tokens trained: the
+    sampled ones, or with mask_information=False every response token, <information> included."""
     seqs = [p + r for p, r in zip(ro.prompt_ids, ro.response_ids)]
     T = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
@@ -162,7 +167,7 @@ def to_batch(ro, pad_id, device):
     for b, (p, s, m) in enumerate(zip(ro.prompt_ids, seqs, ro.response_mask)):
         input_ids[b, :len(s)] = torch.tensor(s)
         attention_mask[b, :len(s)] = 1
-        response_mask[b, len(p):len(s)] = torch.tensor(m, dtype=torch.float)
+        response_mask[b, len(p):len(s)] = torch.tensor(m, dtype=torch.float) if mask_information else 1.0
     return input_ids.to(device), attention_mask.to(device), response_mask.to(device)
 
 
@@ -191,6 +196,41 @@ def evaluate(policy, tok, eval_sets, engine, cfg, ctx, max_turns=None, template=
         n = max(sums[3].item(), 1)
         out[name] = {"em": sums[0].item() / n, "substring_em": sums[1].item() / n, "f1": sums[2].item() / n, "n": int(sums[3])}
     return out
+
+
+class AnswerAt:
+    """The reading check's engine: `engine`'s documents for each query, with the one that states the
+    question's answer (the question's `evidence`) moved to position `at` (1-based) when it is among
+    them; the others keep their order. Nothing else changes, so EM at each position measures reading."""
+
+    def __init__(self, engine, at):
+        self.engine, self.at, self.stats = engine, at, {}
+
+    def search(self, requests, noise_prob=0.0, seed=0):
+        out = []
+        for docs, r in zip(self.engine.search(requests, noise_prob, seed), requests):
+            stating = next((d for d in docs if d in r["evidence"]), None)
+            if stating is not None:
+                docs = [d for d in docs if d != stating]
+                docs.insert(self.at - 1, stating)
+            out.append(docs)
+        return out
+
+
+def reading_check(policy, tok, questions, engine, cfg, ctx):
+    """{"1": EM, ..., "k": EM} (x100, as the table): `questions` (single-hop, with evidence) evaluated
+    with the answer-bearing document moved to each position of the engine's top k."""
+    return {str(at): 100 * evaluate(policy, tok, {"q": questions}, AnswerAt(engine, at), cfg, ctx)["q"]["substring_em"]
+            for at in range(1, cfg["topk"] + 1)}
+
+
+def reading_table(reading):
+    """results.md's reading check: one row per policy, EM with the answer in Doc 1 .. Doc k."""
+    k = len(next(iter(reading.values())))
+    head = "| policy | " + " | ".join(f"answer in Doc {i}" for i in range(1, k + 1)) + " |\n|---|" + "---|" * k + "\n"
+    rows = [f"| {label} | " + " | ".join(f"{em:.1f}" for em in res.values()) + " |" for label, res in reading.items()]
+    return ("Reading check: single-hop EM (x100) with the real engine's answer-bearing document moved to each "
+            "position.\n\n" + head + "\n".join(rows) + "\n")
 
 
 # ----------------------------------------------------------------------------- training
@@ -253,24 +293,41 @@ def step_questions(questions, order, step, cfg, ctx):
     return qs, seeds
 
 
-def step_metrics(name, step, ro, qs, scores, engine, noise_prob, timing, adv_stats, stats, ctx):
-    """One metrics.jsonl row: rewards and counts summed over processes, statistics averaged."""
+class Stopwatch:
+    """Seconds per stage of a step: lap(name) charges the time since the last lap to `name`, less
+    the seconds of `minus`, which are charged to their own names."""
+
+    def __init__(self):
+        self.start = self.last = time.time()
+        self.seconds = {}
+
+    def lap(self, name, minus=None):
+        now, minus = time.time(), minus or {}
+        self.seconds[name] = now - self.last - sum(minus.values())
+        self.seconds.update(minus)
+        self.last = now
+
+
+def step_metrics(name, step, ro, qs, scores, engine, noise_prob, seconds, adv_stats, stats, ctx):
+    """One metrics.jsonl row: rewards and counts summed over processes, statistics averaged; the
+    step's time split as time/<stage> (this process's, or process 0's under torchrun)."""
     em = [substring_match(a, q["golden_answers"]) for a, q in zip(ro.answers, qs)]
     sums = ctx.sum_stats({"reward": scores.sum().item(), "em": sum(em), "searches": sum(ro.searches),
                           "sampled": sum(sum(m) for m in ro.response_mask), "n": len(qs), **engine.stats})
     engine_totals = {f"sim/{k}": int(sums[k]) for k in engine.stats}
     return {"run": name, "step": step, "reward": sums["reward"] / sums["n"], "em": sums["em"] / sums["n"],
             "searches": sums["searches"] / sums["n"], "noise_prob": noise_prob,
-            "tokens_per_s": sums["sampled"] / max(timing["rollout"], 1e-9), "step_time": timing["step"],
-            **adv_stats, **ctx.mean_stats(stats), **engine_totals}
+            "tokens_per_s": sums["sampled"] / max(seconds["sample"], 1e-9), "step_time": sum(seconds.values()),
+            **{f"time/{k}": v for k, v in seconds.items()}, **adv_stats, **ctx.mean_stats(stats), **engine_totals}
 
 
 def log_step(row, metrics_path, bar, ctx):
     if ctx.master:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        slowest = sorted((k for k in row if k.startswith("time/")), key=row.get)[-2:][::-1]  # the two largest
         bar.set_postfix(reward=f"{row['reward']:.3f}", em=f"{row['em']:.2f}", noise=f"{row['noise_prob']:.2f}",
-                        tok_s=f"{row['tokens_per_s']:.0f}")
+                        **{k[len("time/"):]: f"{row[k]:.1f}s" for k in slowest})
 
 
 def save_step(run_dir, step, models, row, kl_coef, cfg, ctx):
@@ -283,7 +340,7 @@ def save_step(run_dir, step, models, row, kl_coef, cfg, ctx):
 def train(policy_path, tok, questions, engine, cfg, ctx, name):
     """RL on `questions` against `engine`, resumed from a checkpoint if cfg["resume"] says so; returns
     the trained Hugging Face policy, with full weights on every process."""
-    cfg = dict(cfg, mini_batch_size=cfg["mini_batch_size"] // ctx.world)  # per process
+    cfg = dict(cfg, mini_batch_size=cfg["mini_batch_size"] // ctx.world, seed=rl_seed(cfg))  # per process
     compute = getattr(torch, cfg["dtype"])  # fp32 weights on every path, forward passes in `dtype`
     actor, critic, ref, sampler_copy = load_models(policy_path, cfg, ctx)
     models = {"actor": actor, **({"critic": critic} if critic else {})}
@@ -296,7 +353,7 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
     bar = tqdm(range(start, cfg["steps"]), initial=start, total=cfg["steps"], disable=not ctx.master,
                desc=f"RL {name} ({cfg['algo']}, {backend} search)")
     for step in bar:
-        t0 = time.time()
+        clock = Stopwatch()
         # 1. this process's questions of the step, n samples each
         qs, seeds = step_questions(questions, order, step, cfg, ctx)
         # 2. rollout with search; the curriculum sets how often a search returns noisy documents
@@ -304,15 +361,17 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
         with ppo.autocast(compute, ctx.device):  # one precision on every path: N processes sample as one
             policy = parallel.sampler_model(actor.model, sampler_copy)
             ro = rollout(policy, tok, qs, engine, cfg, noise_prob=noise_prob, seeds=seeds)
-        t_rollout = time.time() - t0
+        clock.lap("sample", minus={"engine": ro.engine_seconds})
         # 3. reward: F1 of the final answer
         scores = torch.tensor(score(ro, qs, cfg["reward"]), device=ctx.device)
         # 4. log-probs of the sampled tokens under the policy and the frozen reference; values (PPO)
-        ids, attn, response_mask = to_batch(ro, tok.pad_token_id, ctx.device)
+        ids, attn, response_mask = to_batch(ro, tok.pad_token_id, ctx.device, cfg["mask_information"])
         with torch.no_grad():
             old_logp, _ = actor.model(ids, attn, cfg["temperature"])
             ref_logp, _ = ref(ids, attn, cfg["temperature"])
+            clock.lap("logprob")
             values = ppo.token_values(critic.model, ids, attn, compute) if critic else None
+            clock.lap("values")
         # 5. advantages (GAE / group-normalised / REINFORCE / REINFORCE++), whitened over all processes
         advantages, returns, adv_stats = ppo.compute_advantages(
             cfg["algo"], scores, response_mask, old_logp, ref_logp, values, cfg, kl_coef, reduce=ctx.all_sum)
@@ -325,19 +384,28 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
             stats = ppo.update(actor, critic, batch, cfg, kl_coef, step, ctx.all_mean)
         except ppo.NonFiniteError as e:
             raise SystemExit(f"error: {e}; the last good weights are in the newest checkpoint in {run_dir}")
+        clock.lap("update")
         # 7. log, 8. checkpoint every save_every steps, at the end, and after Ctrl-C (then stop)
-        timing = {"rollout": t_rollout, "step": time.time() - t0}
-        row = step_metrics(name, step, ro, qs, scores, engine, noise_prob, timing, adv_stats, stats, ctx)
+        row = step_metrics(name, step, ro, qs, scores, engine, noise_prob, clock.seconds, adv_stats, stats, ctx)
         log_step(row, metrics_path, bar, ctx)
         interrupted = ctx.any(ctrl_c[0])
         if (step + 1) % cfg["save_every"] == 0 or step + 1 == cfg["steps"] or interrupted:
             save_step(run_dir, step, models, row, kl_coef, cfg, ctx)
+            if ctx.master:
+                plots.curves(metrics_path, os.path.join(cfg["out_dir"], "curves.png"))
         if interrupted:
             ctx.print0(f"stopped after step {step + 1} of {name}; checkpoint in {run_dir}; continue with resume=true")
             parallel.close(ctx)
             raise SystemExit(0)
     restore_sigint()
+    if ctx.master:
+        plots.curves(metrics_path, os.path.join(cfg["out_dir"], "curves.png"))
     return parallel.sampler_model(actor.model, sampler_copy)
+
+
+def rl_seed(cfg):
+    """RL's seed: rl_seed, or seed when it is null (the build always uses seed)."""
+    return cfg["seed"] if cfg["rl_seed"] is None else cfg["rl_seed"]
 
 
 # ----------------------------------------------------------------------------- main
@@ -413,21 +481,33 @@ def main(argv):
     random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
     tok, train_qs, eval_sets, retriever, sim_path, policy_path, knowledge = setup(cfg, ctx)
+    torch.manual_seed(rl_seed(cfg))  # the critic's new head: the same whether the build was made now or loaded
     real = make_engine("real", cfg, retriever, None, ctx)  # evaluation always searches the real engine, as the paper
     start = AutoModelForCausalLM.from_pretrained(policy_path).to(ctx.device)
     results = {"(a) warm-up, no search": evaluate(start, tok, eval_sets, real, cfg, ctx, max_turns=0,
                                                   template=cfg["direct_template"]),
                "(b) warm-up + real search (RAG-like)": evaluate(start, tok, eval_sets, real, cfg, ctx)}
+    single_hop = [q for q in eval_sets.get("single-hop", []) if q["evidence"]]  # the embedded world's
+    reading = {"(b) warm-up": reading_check(start, tok, single_hop, real, cfg, ctx)} if single_hop else {}
+    ctx.print0(f"reading check of the warm-up policy: {reading}")
     engine = make_engine(cfg["search_backend"], cfg, retriever, sim_path, ctx, knowledge)
     policy = train(policy_path, tok, train_qs, engine, cfg, ctx, "zerosearch")
     results[f"(c) ZeroSearch ({cfg['algo']}, {cfg['search_backend']} engine)"] = evaluate(policy, tok, eval_sets, real, cfg, ctx)
+    if reading:
+        reading["(c) ZeroSearch"] = reading_check(policy, tok, single_hop, real, cfg, ctx)
     if ctx.master:
         policy.save_pretrained(os.path.join(cfg["out_dir"], "policy_zerosearch"))
         tok.save_pretrained(os.path.join(cfg["out_dir"], "policy_zerosearch"))
     if cfg["baseline"]:
         baseline = train(policy_path, tok, train_qs, real, cfg, ctx, "search_r1")
         results[f"(d) Search-R1 ({cfg['algo']}, real engine)"] = evaluate(baseline, tok, eval_sets, real, cfg, ctx)
+        if reading:
+            reading["(d) Search-R1"] = reading_check(baseline, tok, single_hop, real, cfg, ctx)
     table = results_table(results, list(eval_sets))
+    if reading:
+        keys = {"(b) warm-up": "reading_warmup", "(c) ZeroSearch": "reading", "(d) Search-R1": "reading_search_r1"}
+        results.update({keys[label]: res for label, res in reading.items()})
+        table += "\n" + reading_table(reading)
     ctx.print0("\n" + table)
     if ctx.master:
         with open(os.path.join(cfg["out_dir"], "results.md"), "w") as f:

@@ -1,0 +1,172 @@
+"""The paper's ablations on one base config, several RL seeds each, from one shared build.
+
+    python ablate.py                                   # every variant, 3 seeds, on the embedded default
+    python ablate.py quick=true                        # fewer steps and seeds (QUICK), for a first look
+    python ablate.py variants=default,no-mask seeds=2 parallel=1 steps=40   # any config key applies to all
+
+Each run is `python zerosearch.py` with the variant's overrides, `rl_seed` = the base's + k for its
+k-th seed, `threads=1`, in out_dir/ablate/runs/<variant>/seed<k>; the embedded build (warm-up policy
+and simulators) is made once in out_dir/build and linked into every run. `parallel` runs go at once.
+A finished run (results.json written) is not run again, an interrupted one resumes from its
+checkpoint. Writes out_dir/ablate/results.md, results.json and curves.png.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import build
+import config
+import plots
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WEAK_SIM_SHARE = 0.25  # weak-sim: the simulator fine-tuned for this share of the base's sim_sft_steps
+VARIANTS = {  # name -> overrides of the base config (a function of it where a value depends on it)
+    "default": lambda cfg: {},
+    "random-noise": lambda cfg: {"curriculum": False},  # the paper's "random": p_end on every call
+    "no-noise": lambda cfg: {"p_end": 0.0},
+    "no-mask": lambda cfg: {"mask_information": False},
+    "weak-sim": lambda cfg: {"sim_sft_steps": max(1, int(cfg["sim_sft_steps"] * WEAK_SIM_SHARE))},
+    "untrained-sim": lambda cfg: {"sim_sft_steps": 0},  # the warm-up policy itself as the simulator
+    "real-engine": lambda cfg: {"search_backend": "real"},  # Search-R1: RL against BM25
+    "grpo": lambda cfg: {"algo": "grpo"},
+    "reinforce": lambda cfg: {"algo": "reinforce"},
+    "reinforce++": lambda cfg: {"algo": "reinforce++"},
+}
+QUICK = {"steps": 20, "eval_size": 200}  # quick=true: these overrides and 2 seeds
+OWN = {"variants": ",".join(VARIANTS), "seeds": None, "quick": False, "parallel": 2}
+
+
+def parse(argv):
+    """-> (ablate's own arguments, the config arguments shared by every run)."""
+    own, shared = dict(OWN), []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and key in own:
+            own[key] = config.parse_value(value)
+        else:
+            shared.append(arg)
+    names = [v for v in str(own["variants"]).split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        raise SystemExit(f"error: variants={own['variants']}: choose from {', '.join(VARIANTS)}")
+    own["variants"] = names
+    own["seeds"] = own["seeds"] if own["seeds"] is not None else 2 if own["quick"] is True else 3
+    for key in ("seeds", "parallel"):
+        if isinstance(own[key], bool) or not isinstance(own[key], int) or own[key] < 1:
+            raise SystemExit(f"error: {key} must be a whole number of at least 1, got {own[key]!r}")
+    if own["quick"] not in (True, False):
+        raise SystemExit(f"error: quick must be true or false, got {own['quick']!r}")
+    if own["quick"]:
+        shared = [f"{k}={v}" for k, v in QUICK.items()] + shared
+    return own, shared
+
+
+def plan(own, shared):
+    """-> (base config, [(variant, seed index, the run's zerosearch.py arguments, its out_dir)])."""
+    base = config.load_config(shared)
+    if base["data"] != "world":
+        raise SystemExit("error: ablate.py shares one embedded build between runs: it needs data=world")
+    first_seed = base["seed"] if base["rl_seed"] is None else base["rl_seed"]
+    runs = []
+    for variant in own["variants"]:
+        overrides = [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in VARIANTS[variant](base).items()]
+        for k in range(own["seeds"]):
+            out = os.path.join(base["out_dir"], "ablate", "runs", variant, f"seed{k}")
+            args = shared + overrides + [f"rl_seed={first_seed + k}", "threads=1", "baseline=false", f"out_dir={out}"]
+            config.load_config(args)  # a bad override stops here, before any work
+            runs.append((variant, k, args, out))
+    return base, runs
+
+
+def build_once(runs, base):
+    """Every build the runs need, made in this process into out_dir/build and linked into each run."""
+    shared_build = os.path.abspath(os.path.join(base["out_dir"], "build"))
+    for _, _, args, out in runs:
+        build.prepare_embedded(config.load_config(args), shared_build)
+        os.makedirs(out, exist_ok=True)
+        if not os.path.lexists(os.path.join(out, "build")):
+            os.symlink(shared_build, os.path.join(out, "build"))
+
+
+def run_all(runs, parallel):
+    """Run what is not finished, `parallel` at a time, with a progress line after each finish."""
+    todo = [r for r in runs if not os.path.exists(os.path.join(r[3], "results.json"))]
+    print(f"ablate: {len(runs) - len(todo)} of {len(runs)} runs already done", flush=True)
+    running, started, done = [], time.time(), 0
+    while todo or running:
+        while todo and len(running) < parallel:
+            variant, k, args, out = todo.pop(0)
+            resume = ["resume=true"] if os.path.isdir(os.path.join(out, "checkpoints")) else []
+            log = open(os.path.join(out, "log.txt"), "a")
+            cmd = [sys.executable, os.path.join(HERE, "zerosearch.py"), *args, *resume]
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), variant, k, out))
+        time.sleep(2)
+        for proc, variant, k, out in [r for r in running if r[0].poll() is not None]:
+            running = [r for r in running if r[0] is not proc]
+            if proc.returncode != 0:
+                raise SystemExit(f"error: run {variant} seed {k} failed (exit {proc.returncode}); see {out}/log.txt")
+            done += 1
+            left = (time.time() - started) / done * (len(todo) + len(running)) / parallel
+            print(f"ablate: {variant} seed {k} done; {done} of {done + len(todo) + len(running)} this time, "
+                  f"about {left / 60:.0f} min left", flush=True)
+
+
+def summarise(runs):
+    """{variant: per seed: single-hop, two-hop and average EM of row (c), the reading check, the mean
+    reward of the last 10 steps, and the reward curve}."""
+    out = {}
+    for variant, k, args, run_dir in runs:
+        results = json.load(open(os.path.join(run_dir, "results.json")))
+        row = next(v for label, v in results.items() if label.startswith("(c)"))
+        rewards = [r["reward"] for r in plots.read_rows(os.path.join(run_dir, "metrics.jsonl"))
+                   if r["run"] == "zerosearch"]
+        single, two = 100 * row["single-hop"]["substring_em"], 100 * row["two-hop"]["substring_em"]
+        seed = {"single-hop": single, "two-hop": two, "avg": (single + two) / 2, "reward_last10": sum(rewards[-10:])
+                / len(rewards[-10:]), "reading": results.get("reading", {}), "rewards": rewards}
+        out.setdefault(variant, []).append(seed)
+    return out
+
+
+def mean_sd(values):
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def table(summary):
+    """results.md's table: mean ± sd over seeds, and the difference of the means to `default`."""
+    keys = ["single-hop", "two-hop", "avg"]
+    base = {k: mean_sd([s[k] for s in summary["default"]])[0] for k in keys} if "default" in summary else None
+    lines = ["| variant | seeds | single-hop EM | two-hop EM | avg EM | Δ avg vs default | reward, last 10 steps |"
+             " reading Doc 1 / 2 / 3 |", "|---|---|---|---|---|---|---|---|"]
+    for variant, seeds in summary.items():
+        cells = [f"{m:.1f} ± {sd:.1f}" for m, sd in (mean_sd([s[k] for s in seeds]) for k in keys)]
+        delta = f"{mean_sd([s['avg'] for s in seeds])[0] - base['avg']:+.1f}" if base else "-"
+        reward = "{:.3f} ± {:.3f}".format(*mean_sd([s["reward_last10"] for s in seeds]))
+        reading = " / ".join(f"{mean_sd([s['reading'][p] for s in seeds])[0]:.1f}"
+                             for p in seeds[0]["reading"]) if all(s["reading"] for s in seeds) else "-"
+        lines.append(f"| {variant} | {len(seeds)} | " + " | ".join(cells) + f" | {delta} | {reward} | {reading} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    own, shared = parse(argv)
+    base, runs = plan(own, shared)
+    build_once(runs, base)
+    run_all(runs, own["parallel"])
+    summary = summarise(runs)
+    folder = os.path.join(base["out_dir"], "ablate")
+    with open(os.path.join(folder, "results.md"), "w") as f:
+        f.write(f"# Ablations\n\n`python ablate.py {' '.join(argv)}`\n\nEM (x100) of row (c), evaluated with the "
+                f"real engine, mean ± sd over seeds.\n\n{table(summary)}")
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump({v: [{k: x for k, x in s.items() if k != "rewards"} for s in seeds] for v, seeds in summary.items()},
+                  f, indent=1)
+    plots.mean_curves({v: [s["rewards"] for s in seeds] for v, seeds in summary.items()},
+                      os.path.join(folder, "curves.png"))
+    print(table(summary))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

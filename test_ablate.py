@@ -1,0 +1,68 @@
+"""ablate.py: variants and their overrides, a two-variant two-seed grid at smoke size from one shared
+build, the table's mean ± sd recomputed from the runs' own results files, resume, and the
+<information> mask switch checked on the tokens that carry loss."""
+import json
+import os
+import statistics
+
+import pytest
+import torch
+
+import ablate
+import config
+import zerosearch as zs
+
+SMOKE = ["preset=smoke", "baseline=false", "eval_size=8"]
+
+
+def test_variants_parse_into_overrides_of_the_base_config():
+    own, shared = ablate.parse(["variants=no-mask,weak-sim", "seeds=2", "steps=4", "out_dir=/tmp/x"])
+    assert own["variants"] == ["no-mask", "weak-sim"] and own["seeds"] == 2 and shared == ["steps=4", "out_dir=/tmp/x"]
+    base, runs = ablate.plan(own, shared)
+    assert [(v, k) for v, k, _, _ in runs] == [("no-mask", 0), ("no-mask", 1), ("weak-sim", 0), ("weak-sim", 1)]
+    cfgs = [config.load_config(args) for _, _, args, _ in runs]
+    assert cfgs[0]["mask_information"] is False and cfgs[0]["steps"] == 4
+    assert cfgs[2]["sim_sft_steps"] == int(base["sim_sft_steps"] * ablate.WEAK_SIM_SHARE)
+    assert [c["rl_seed"] for c in cfgs] == [base["seed"], base["seed"] + 1] * 2 and all(c["seed"] == base["seed"] for c in cfgs)
+    assert ablate.parse(["quick=true"])[0]["seeds"] == 2 and "steps=20" in ablate.parse(["quick=true"])[1]
+    with pytest.raises(SystemExit, match="choose from"):
+        ablate.parse(["variants=default,nope"])
+    with pytest.raises(SystemExit, match="unknown config key"):
+        ablate.plan(*ablate.parse(["variants=default", "stepz=3"]))
+
+
+def test_a_two_variant_two_seed_grid_shares_one_build_and_resume_skips_finished_runs(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["variants=default,untrained-sim", "seeds=2", *SMOKE, f"out_dir={out}"]
+    ablate.main(argv)
+    builds = os.listdir(out / "build")
+    assert len(builds) == 1  # one warm-up, and beside it one simulator per variant's fine-tuning
+    assert sorted(d.split("-")[0] for d in os.listdir(out / "build" / builds[0])) == ["simulator", "simulator", "warmup"]
+    for variant in ("default", "untrained-sim"):
+        for k in (0, 1):
+            run = out / "ablate" / "runs" / variant / f"seed{k}"
+            assert os.path.realpath(run / "build") == os.path.realpath(out / "build")
+            assert "embedded default built" not in open(run / "log.txt").read()  # it loaded the shared build
+    result = json.load(open(out / "ablate" / "results.json"))
+    assert list(result) == ["default", "untrained-sim"] and all(len(seeds) == 2 for seeds in result.values())
+    md = open(out / "ablate" / "results.md").read()
+    for variant in result:  # mean ± sd of single-hop EM, recomputed from each run's own results.json
+        ems = [100 * next(v for k, v in json.load(open(out / "ablate" / "runs" / variant / f"seed{k}" / "results.json"))
+                          .items() if k.startswith("(c)"))["single-hop"]["substring_em"] for k in (0, 1)]
+        assert f"| {variant} | 2 | {statistics.mean(ems):.1f} ± {statistics.stdev(ems):.1f} |" in md
+    assert (out / "ablate" / "curves.png").stat().st_size > 0
+    capsys.readouterr()
+    stamp = os.path.getmtime(out / "ablate" / "runs" / "default" / "seed0" / "results.json")
+    ablate.main(argv)
+    assert "4 of 4 runs already done" in capsys.readouterr().out
+    assert os.path.getmtime(out / "ablate" / "runs" / "default" / "seed0" / "results.json") == stamp
+
+
+def test_no_mask_trains_the_information_tokens_as_if_the_policy_wrote_them():
+    ro = zs.Rollout(prompt_ids=[[5, 6], [7]], response_ids=[[8, 9, 10, 11], [12]], response_mask=[[1, 0, 0, 1], [1]],
+                    answers=[None, None], searches=[1, 0])
+    _, attn, masked = zs.to_batch(ro, pad_id=0, device="cpu")
+    _, _, unmasked = zs.to_batch(ro, pad_id=0, device="cpu", mask_information=False)
+    assert masked.tolist() == [[0, 0, 1, 0, 0, 1], [0, 1, 0, 0, 0, 0]]
+    assert unmasked.tolist() == [[0, 0, 1, 1, 1, 1], [0, 1, 0, 0, 0, 0]]  # the response, documents included
+    assert torch.equal(unmasked.bool(), unmasked.bool() & attn.bool())
