@@ -8,20 +8,21 @@ import yaml
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS = os.path.join(HERE, "config.yaml")
 
-CHOICES = {"algo": ("ppo", "grpo", "reinforce", "reinforce++"), "reward": ("f1", "em"),
+CHOICES = {"algo": ("ppo", "grpo", "reinforce", "reinforce++"), "reward": ("f1", "em"), "device": ("auto", "cpu", "cuda"),
            "dtype": ("float32", "bfloat16"), "search_backend": ("sim", "real", "http"),
            "sim_style": ("finetuned", "prompted"), "sharding": ("ddp", "fsdp"),
-           "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
+           "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"), "sim_batching": ("auto", "list", "single"),
            "kl_type": ("k1", "abs", "k2", "k3")}
 AT_LEAST_ONE = ["steps", "batch_size", "n_samples", "mini_batch_size", "micro_batch_size", "ppo_epochs",
                 "topk", "doc_tokens", "max_turn_tokens", "max_response_tokens", "sim_max_tokens",
-                "eval_size", "threads", "sim_retries"]
+                "eval_size", "threads", "sim_retries", "max_prompt_tokens"]
+AT_LEAST_ZERO = ["max_turns", "warmup_steps", "sim_sft_steps", "critic_warmup", "lr_warmup_steps"]
+POSITIVE = ["temperature", "sim_timeout", "dist_timeout", "actor_lr", "critic_lr"]  # > 0
 
 
 def load_config(argv):
     """config.yaml < presets/<preset>.yaml < --config FILE < key=value arguments -> a flat dict."""
-    with open(DEFAULTS) as f:
-        cfg = yaml.safe_load(f)
+    cfg = read_yaml(DEFAULTS)
     args, files = [], []
     it = iter(argv)
     for a in it:
@@ -36,20 +37,32 @@ def load_config(argv):
     if preset:
         files.insert(0, os.path.join(HERE, "presets", f"{preset}.yaml"))
     for path in files:
-        if not path or not os.path.exists(path):
+        if not path or not os.path.isfile(path):
             raise SystemExit(f"error: config file not found: {path} "
                              f"(presets are in {os.path.join(HERE, 'presets')})")
-        with open(path) as f:
-            merge(cfg, yaml.safe_load(f) or {}, path)
+        merge(cfg, read_yaml(path), path)
     merge(cfg, overrides, "the command line")
     return check_values(cfg)
+
+
+def read_yaml(path):
+    """A YAML file that must hold a mapping of keys (or nothing); one clear line if it does not."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" line {where.line + 1}" if where else ""
+        raise SystemExit(f"error: {path}{at}: not valid YAML ({str(e).splitlines()[0]}); write one key: value a line")
+    if data is not None and not isinstance(data, dict):
+        raise SystemExit(f"error: {path}: holds a {type(data).__name__}, not key: value lines")
+    return data or {}
 
 
 def check_values(cfg):
     """Each value of the right kind, one clear line if not: a number where config.yaml has a number
     (1e3 is taken as 1000 where a whole number is due), a choice from CHOICES, counts of at least 1."""
-    with open(DEFAULTS) as f:
-        defaults = yaml.safe_load(f)
+    defaults = read_yaml(DEFAULTS)
     for key, default in defaults.items():
         value = cfg[key]
         if isinstance(default, bool) and not isinstance(value, bool) and key != "resume":  # resume may name a folder
@@ -66,6 +79,18 @@ def check_values(cfg):
     for key in AT_LEAST_ONE:
         if cfg[key] < 1:
             raise SystemExit(f"error: {key} must be at least 1, got {cfg[key]}")
+    for key in AT_LEAST_ZERO:
+        if cfg[key] < 0:
+            raise SystemExit(f"error: {key} must be 0 or more, got {cfg[key]}")
+    for key in POSITIVE:
+        if not cfg[key] > 0:
+            hint = " (rollouts sample; evaluation is greedy anyway)" if key == "temperature" else ""
+            raise SystemExit(f"error: {key} must be greater than 0{hint}, got {cfg[key]}")
+    if cfg["data"] == "world" and cfg["eval_data"] != "world":
+        raise SystemExit("error: eval_data names files but data=world: set data= to a train file too, "
+                         "or leave eval_data=world")
+    if not isinstance(cfg["out_dir"], str) or not cfg["out_dir"].strip():
+        raise SystemExit("error: out_dir is empty; set out_dir=a folder to write the run to")
     if cfg["rl_seed"] is not None and (isinstance(cfg["rl_seed"], bool) or not isinstance(cfg["rl_seed"], int)):
         raise SystemExit(f"error: rl_seed must be null (the same as seed) or a whole number, got {cfg['rl_seed']!r}")
     if not 0 <= cfg["p_start"] <= 1 or not 0 <= cfg["p_end"] <= 1:
@@ -95,3 +120,14 @@ def merge(cfg, new, source):
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise SystemExit(f"error: unknown config key {k!r} in {source}{hint}")
         cfg[k] = v
+
+
+def check_folder(path, key):
+    """`path` is, or can be made, a folder that takes files: checked before any work, with one line."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test_{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"error: {key}={path} cannot hold files ({e.strerror or e}); set {key}= to a folder you can write")

@@ -29,12 +29,14 @@ without the .tmp suffix is always complete.
 """
 import contextlib
 import datetime
+import errno
 import os
 import random
 import re
 import shutil
 import signal
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -112,6 +114,8 @@ def init_processes(cfg):
     """Process group from the torchrun environment: NCCL on CUDA, gloo on CPU. A collective that waits
     longer than dist_timeout seconds (a process died or hangs) raises, so the job stops instead of hanging."""
     torch.set_num_threads(cfg["threads"])
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: device=cuda but this machine has no CUDA GPU that torch can use; set device=auto or cpu")
     cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
     if "RANK" not in os.environ:
         return Ctx(device="cuda" if cuda else "cpu")
@@ -219,9 +223,14 @@ def drop_checkpoints_after(run_dir, step, ctx):
 
 
 def start_over(run_dir, ctx):
-    """A run that does not resume replaces its old checkpoints (as nanoGPT overwrites ckpt.pt)."""
+    """A run that does not resume starts in an empty run folder. Checkpoints of an earlier run there
+    are never removed silently: the job stops and says how to continue or start afresh."""
+    found = checkpoints(run_dir)
+    if found:
+        raise SystemExit(f"error: {run_dir} holds checkpoints of an earlier run (newest {os.path.basename(found[-1])}): "
+                         "continue it with resume=true, or set another out_dir (or delete that folder) to start over")
     if ctx.master and os.path.isdir(run_dir):
-        shutil.rmtree(run_dir)
+        shutil.rmtree(run_dir)  # only unfinished saves (*.tmp) are left here
     ctx.barrier()
 
 
@@ -265,14 +274,15 @@ def save_checkpoint(path, models, state, ctx, keep_last):
     # an optimizer that has not stepped yet (the actor during the critic warm-up) is left out: asking
     # for its state would make it take a zero step, which changes Adam's bias correction
     tensors = _states(models, with_optimizer=lambda name, opt: bool(opt.state))
-    with _one_process_is_fine():
-        dcp.save(tensors, checkpoint_id=tmp, no_dist=ctx.world == 1)
+    with no_space_is_one_line(path, run_dir):
+        with _one_process_is_fine():
+            dcp.save(tensors, checkpoint_id=tmp, no_dist=ctx.world == 1)
     rng = ctx.gather({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
     if ctx.master:
         state = dict(state, world=ctx.world, rng=rng, saved=sorted(tensors),
                      schedulers={name: learner.scheduler.state_dict() for name, learner in models.items()})
-        with open(os.path.join(tmp, "state.pt"), "wb") as f:
+        with no_space_is_one_line(path, run_dir), open(os.path.join(tmp, "state.pt"), "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
@@ -282,6 +292,24 @@ def save_checkpoint(path, models, state, ctx, keep_last):
         for old in checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old)
     ctx.barrier()
+
+
+@contextlib.contextmanager
+def no_space_is_one_line(path, run_dir):
+    """A full disk while `path` is written: its partial folder is removed and the job stops with one
+    line naming the last complete checkpoint, which is left as it was."""
+    try:
+        yield
+    except (OSError, CheckpointException) as e:
+        if isinstance(e, CheckpointException):  # torch.distributed.checkpoint wraps each process's exception
+            e = next(iter(e.failures.values()))[0]
+        if getattr(e, "errno", None) != errno.ENOSPC:
+            raise
+        shutil.rmtree(path + ".tmp", ignore_errors=True)
+        intact = checkpoints(run_dir)
+        raise SystemExit(f"error: no space left on the device while writing {path}; "
+                         + (f"the last complete checkpoint, {intact[-1]}, is intact" if intact else
+                            "no checkpoint was written before it")) from None
 
 
 def load_checkpoint(path, models, ctx):
@@ -321,10 +349,15 @@ def load_checkpoint(path, models, ctx):
 def catch_ctrl_c():
     """Until `restore()`, Ctrl-C (SIGINT) or SIGTERM (a job scheduler taking the machine back) sets the
     returned flag and the step goes on; the loop then saves a checkpoint and exits. Alone, a second
-    Ctrl-C stops at once; under torchrun every SIGINT only sets the flag, since torchrun passes the
-    terminal's Ctrl-C on to its workers a second time. Returns (flag: a one-element list, restore)."""
+    Ctrl-C stops the process at once, even inside one long torch op (Python runs its own handlers only
+    between bytecodes, so a thread watches the signal wake-up pipe instead); under torchrun every
+    SIGINT only sets the flag, since torchrun passes the terminal's Ctrl-C on to its workers a second
+    time. Returns (flag: a one-element list, restore)."""
     flag, previous = [False], {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    stop_watching = lambda: None  # noqa: E731
+    if not under_torchrun:
+        stop_watching = watch_for_second_ctrl_c()
 
     def on_signal(signum, frame):
         if flag[0] and signum == signal.SIGINT and not under_torchrun:
@@ -335,4 +368,33 @@ def catch_ctrl_c():
 
     for s in previous:
         signal.signal(s, on_signal)
-    return flag, lambda: [signal.signal(s, handler) for s, handler in previous.items()]
+
+    def restore():
+        stop_watching()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return flag, restore
+
+
+def watch_for_second_ctrl_c():
+    """A thread that reads the number of every signal from CPython's wake-up pipe as it arrives and
+    ends the process at the second SIGINT. Returns the function that stops it."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    previous_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+
+    def watch():
+        seen = 0
+        while data := os.read(read_end, 64):
+            seen += data.count(signal.SIGINT)
+            if seen >= 2:
+                print("\nSIGINT again: stopping now, without a checkpoint", file=sys.stderr, flush=True)
+                os._exit(130)
+        os.close(read_end)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+    def stop():
+        signal.set_wakeup_fd(previous_fd)
+        os.close(write_end)  # the thread reads the end of the pipe and returns
+    return stop

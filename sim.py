@@ -465,17 +465,25 @@ def read_documents(tok, texts, kinds, cfg, stats):
 
 
 HTTP_CHUNK = 64  # prompts per request; vLLM and SGLang batch a request's list of prompts
+SINGLE_POOL = 16  # requests at once to a server that takes one prompt a request
 RETRY_BACKOFF = 1.0  # seconds before the second attempt, doubled after each failure
+
+
+class ListRefused(Exception):
+    """The server answered a list of prompts with a 4xx: it takes one prompt a request."""
 
 
 class HttpEngine:
     """The simulated search engine served elsewhere (vLLM or SGLang on their own GPUs, as the paper
     serves its 7B/14B simulator): the same draws, prompts and parsing as SimEngine, sent as text to
     an OpenAI-compatible `POST {sim_url}/completions`, HTTP_CHUNK prompts a request, all requests of
-    a call at once. `tok` (the simulator's tokenizer) only cuts documents to doc_tokens."""
+    a call at once. A server that takes one prompt a request (`transformers serve`) gets them one by
+    one, SINGLE_POOL at a time, each with its own seed: sim_batching=single, or auto once it refuses
+    a list. `tok` (the simulator's tokenizer) only cuts documents to doc_tokens."""
 
     def __init__(self, cfg, tok, served_model, knowledge=None):
         self.cfg, self.tok, self.served_model, self.knowledge = cfg, tok, served_model, knowledge
+        self.batching = cfg["sim_batching"]
         self.url = cfg["sim_url"].rstrip("/") + "/completions"
         self.stats = {"useful": 0, "noisy": 0, "malformed": 0}
 
@@ -489,17 +497,27 @@ class HttpEngine:
             prompts = [as_chat(self.tok, p) for p in prompts]
         # the API takes one seed a request: with a seed per request, each chunk sends its first one
         seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
-        starts = range(0, len(prompts), HTTP_CHUNK)
-        with ThreadPoolExecutor(len(starts)) as pool:
-            replies = pool.map(lambda i: self.complete(prompts[i:i + HTTP_CHUNK], seeds[i]), starts)
-            texts = [text for reply in replies for text in reply]
-        return read_documents(self.tok, texts, kinds, self.cfg, self.stats)
+        return read_documents(self.tok, self.complete_all(prompts, seeds), kinds, self.cfg, self.stats)
+
+    def complete_all(self, prompts, seeds):
+        """The texts of all prompts, in order: HTTP_CHUNK a request, or one a request."""
+        if self.batching != "single":
+            starts = range(0, len(prompts), HTTP_CHUNK)
+            try:
+                with ThreadPoolExecutor(len(starts)) as pool:
+                    replies = pool.map(lambda i: self.complete(prompts[i:i + HTTP_CHUNK], seeds[i]), starts)
+                    return [text for reply in replies for text in reply]
+            except ListRefused:
+                self.batching = "single"
+        with ThreadPoolExecutor(min(SINGLE_POOL, len(prompts))) as pool:
+            return [reply[0] for reply in pool.map(lambda i: self.complete([prompts[i]], seeds[i]), range(len(prompts)))]
 
     def complete(self, prompts, seed: int):
-        """One request for a list of prompts -> their texts (choices ordered by `index`, or in list
-        order when no choice has one; a choice that is missing gives ""). Bounded retries with
-        doubling backoff, then one clear error."""
-        body = json.dumps({"model": self.served_model, "prompt": prompts, "max_tokens": self.cfg["sim_max_tokens"],
+        """One request for a list of prompts (or, with batching single, the one prompt as a string) ->
+        their texts (choices ordered by `index`, or in list order when no choice has one; a choice that
+        is missing gives ""). Bounded retries with doubling backoff, then one clear error."""
+        prompt = prompts[0] if self.batching == "single" else prompts
+        body = json.dumps({"model": self.served_model, "prompt": prompt, "max_tokens": self.cfg["sim_max_tokens"],
                            "temperature": self.cfg["sim_temperature"], "top_p": 1.0, "seed": seed}).encode()
         request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
         attempts = self.cfg["sim_retries"]
@@ -520,6 +538,8 @@ class HttpEngine:
             except urllib.error.HTTPError as e:
                 reason = " ".join(f"HTTP {e.code} {e.read()[:200].decode(errors='replace')}".split())  # on one line
                 if 400 <= e.code < 500 and e.code not in (408, 429):  # the request itself is wrong: retrying can't help
+                    if self.batching == "auto":
+                        raise ListRefused(reason)
                     raise SystemExit(f"error: search_backend=http: {self.url} refused the request: {reason}; "
                                      f"check sim_served_model (sent {self.served_model!r})")
             except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -575,10 +595,14 @@ def read_simulator_rows(path):
     rows = []
     for n, row in world.read_jsonl(path):
         docs = row.get("documents")
+        texts = ("query", "question", "answer")
         if (any(k not in row for k in SIM_ROW_KEYS) or row["label"] not in ("useful", "noisy")
-                or not (isinstance(docs, list) and docs or isinstance(docs, str) and parse_docs(docs, 20))):
-            raise SystemExit(f"error: {path} line {n}: a row needs {', '.join(SIM_ROW_KEYS)}, label useful or noisy, "
-                             "and documents as a list of strings or one 'Doc 1: ... Doc 2: ...' string")
+                or not all(isinstance(row[k], str) and row[k].strip() for k in texts)
+                or not (isinstance(docs, list) and docs and all(isinstance(d, str) and d.strip() for d in docs)
+                        or isinstance(docs, str) and parse_docs(docs, 20))):
+            raise SystemExit(f"error: {path} line {n}: a row needs {', '.join(SIM_ROW_KEYS)}: query, question and "
+                             "answer as non-empty strings, label useful or noisy, and documents as a list of "
+                             "strings or one 'Doc 1: ... Doc 2: ...' string")
         rows.append(row)
     if not rows:
         raise SystemExit(f"error: {path} holds no rows")
@@ -615,6 +639,7 @@ def main(argv):
         raise SystemExit("error: sim.py train needs data=rows.jsonl and model=... (a Hugging Face name, or a "
                          "directory holding a model and its tokenizer)")
     rows = read_simulator_rows(args["data"])
+    config.check_folder(args["out"], "out")
     try:
         tok = world.load_tokenizer(args["model"])
         model = AutoModelForCausalLM.from_pretrained(args["model"])

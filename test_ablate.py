@@ -12,7 +12,7 @@ import ablate
 import config
 import zerosearch as zs
 
-SMOKE = ["preset=smoke", "baseline=false", "eval_size=8"]
+SMOKE = ["preset=smoke", "baseline=false", "eval_size=4"]
 
 
 def test_variants_parse_into_overrides_of_the_base_config():

@@ -27,7 +27,7 @@ import zerosearch as zs
 HERE = os.path.dirname(os.path.abspath(__file__))
 # the smoke preset with a policy warmed up long enough to search, so the simulator is on the path;
 # one mini-batch per PPO epoch (8 rows), so one process and two take the same optimizer steps
-SMALL = ["preset=smoke", "threads=1", "eval_size=2", "warmup_steps=200", "sim_sft_steps=60",
+SMALL = ["preset=smoke", "threads=1", "eval_size=1", "warmup_steps=200", "sim_sft_steps=60",
          "batch_size=4", "n_samples=2", "mini_batch_size=8", "micro_batch_size=4"]
 TIMING = {"tokens_per_s", "step_time"}
 

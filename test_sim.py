@@ -21,7 +21,7 @@ import zerosearch
 
 TEMPLATE = "Write {k} {kind} documents . {Kind} Query : {query}"  # ends with the query, so each query has its own chain
 CFG = dict(topk=3, doc_tokens=40, sim_style="finetuned", sim_template_finetuned=TEMPLATE, sim_temperature=0.0,
-           sim_max_tokens=24, sim_url=None, sim_timeout=5, sim_retries=3, sim_chat_template=False)
+           sim_max_tokens=24, sim_url=None, sim_timeout=5, sim_retries=3, sim_chat_template=False, sim_batching="list")
 
 
 def chain(i, n_docs):
@@ -259,15 +259,20 @@ def test_no_server_at_sim_url_is_a_clear_error(monkeypatch):
         engine.search(REQUESTS[:1], 0.0, 0)
 
 
-def test_make_engine_builds_the_http_engine_from_the_config(tmp_path):
+def test_make_engine_builds_the_http_engine_from_the_config_and_asks_the_server_once(tmp_path):
     path = successor_simulator(tmp_path / "sim")
-    cfg = config.load_config(["search_backend=http", "sim_url=http://host:1/v1/"])
-    engine = zerosearch.make_engine("http", cfg, None, path, None)
-    assert isinstance(engine, sim.HttpEngine) and engine.url == "http://host:1/v1/completions"
-    assert engine.served_model == path  # sim_served_model null: the name vLLM gives a model served from a path
-    assert zerosearch.make_engine("http", dict(cfg, sim_served_model="sim-14b"), None, path, None).served_model == "sim-14b"
+    with serve(lambda body: (200, {"choices": [{"index": 0, "text": "Doc 1: x"}]})) as (url, bodies):
+        cfg = config.load_config(["search_backend=http", f"sim_url={url}/"])
+        engine = zerosearch.make_engine("http", cfg, None, path, None)
+        assert isinstance(engine, sim.HttpEngine) and engine.url == url + "/completions"
+        assert engine.served_model == path  # sim_served_model null: the name vLLM gives a model served from a path
+        assert len(bodies) == 1  # the server was asked before any long stage
+        served = zerosearch.make_engine("http", dict(cfg, sim_served_model="sim-14b"), None, path, None)
+        assert served.served_model == "sim-14b" and bodies[-1]["model"] == "sim-14b"
     with pytest.raises(SystemExit, match="search_backend=http needs sim_model"):
         zerosearch.make_engine("http", cfg, None, None, None)
+    with pytest.raises(SystemExit, match="is not an http"):
+        zerosearch.make_engine("http", dict(cfg, sim_url="127.0.0.1:8000/v1"), None, path, None)
 
 
 # ---------------------------------------------------------------- python sim.py train

@@ -148,6 +148,16 @@ def find_fact(docs, subject, relation):
     return None
 
 
+def first_of_relation(docs, relation):
+    """The value a question of `relation` takes from the first of `docs` that states that relation
+    about anyone, or None: what a reader answers when no result is about the question's entity."""
+    for d in docs:
+        fact = parse_doc(d)
+        if fact and (fact[1] == relation or relation == "company" and fact[1] == "founder"):
+            return fact[0] if relation == "company" else fact[2]
+    return None
+
+
 def right_query(subject, relation):
     """The query that finds a fact: the one-hop question about it (a single-hop question is its
     own best query, as Search-R1 policies learn; it is copied, not composed)."""
@@ -159,11 +169,11 @@ def warmup_trajectory(q, search, information, names, rng, p_right=0.3, p_vague=0
 
     It teaches the *format* only: each query names the right entity with probability p_right,
     is vague (keywords only) with p_vague (the most likely choice, so a greedy warm-up policy
-    searches vaguely) and names another train entity otherwise. The answer is read from the
-    results when they state it and is otherwise the value of the top result, so it is right
-    only when every query was. The results come in a random order: the engine ranks the fact a
-    right query asks for first, and a policy warmed up on ranked results learns to copy Doc 1
-    instead of finding the document that answers. The warm-up policy knows how to search and
+    searches vaguely) and names another train entity otherwise. The results come in a random order
+    (the engine ranks the fact a right query asks for first, and a policy warmed up on ranked
+    results learns to copy Doc 1) and the answer is read from them as a reader would: the
+    document about the question's entity and relation, else the first about the relation, so
+    it is right only when every query was. The warm-up policy knows how to search and
     read but not what to search for: its accuracy starts honestly low and RL has to find the rest.
     `names[type]` lists train entities only. Returns the response text and its queries."""
     hops = [q["relation"]] if q["hops"] == 1 else list(TWO_HOP[q["relation"]][1:])
@@ -176,8 +186,7 @@ def warmup_trajectory(q, search, information, names, rng, p_right=0.3, p_vague=0
         docs = rng.sample(docs, len(docs))  # in any order: the answer must be read, not copied from Doc 1
         queries.append(query)
         text += f" <search> {query} </search>{information(docs)}"
-        top = next((v for v in (answer_from_doc(d, relation) for d in docs) if v), subject)
-        subject = find_fact(docs, subject, relation) or top
+        subject = find_fact(docs, subject, relation) or first_of_relation(docs, relation) or subject
     return text + f" <answer> {subject} </answer>", queries
 
 
@@ -222,10 +231,16 @@ def tiny_model(vocab_size, hidden_size, layers, heads, seed, num_labels=None):
 
 def read_jsonl(path):
     """(line number, object) for each line of a JSONL file; blank lines are skipped, any other line
-    that is not a JSON object is one clear error."""
+    that is not a JSON object (or not UTF-8) is one clear error."""
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
+    if os.path.isdir(path):
+        raise SystemExit(f"error: {path} is a folder; name a JSONL file, one JSON object a line")
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise SystemExit(f"error: {path}:{n}: not UTF-8 text; save the file as UTF-8")
             if not line.strip():
                 continue
             try:
@@ -257,11 +272,12 @@ def load_questions(path):
         question, golds = r.get("question"), r.get("golden_answers")
         if golds is None:
             golds = ((r.get("reward_model") or {}).get("ground_truth") or {}).get("target")
-        golds = [golds] if isinstance(golds, (str, int, float)) else golds
+        golds = [golds] if isinstance(golds, (str, int, float)) and not isinstance(golds, bool) else golds
         if not isinstance(question, str) or not question.strip():
             raise SystemExit(f"error: {path}:{n}: question is {json.dumps(question, default=str)}; "
                              "each row needs a non-empty question string")
-        if not (isinstance(golds, list) and golds and all(isinstance(g, (str, int, float)) and str(g).strip() for g in golds)):
+        if not (isinstance(golds, list) and golds and all(isinstance(g, (str, int, float)) and not isinstance(g, bool)
+                                                          and str(g).strip() for g in golds)):
             raise SystemExit(f"error: {path}:{n}: golden_answers is {json.dumps(golds, default=str)}; "
                              "each row needs a non-empty list of non-empty answer strings")
         out.append(dict(question=question.strip(), golden_answers=[str(g) for g in golds], hops=1, evidence=[]))

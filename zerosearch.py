@@ -18,6 +18,7 @@ import re
 import string
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 
 import torch
@@ -132,9 +133,9 @@ def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seeds=None, gre
             text = tok.decode(toks)
             if last or len(resp[i]) >= cfg["max_response_tokens"]:
                 continue
-            action = re.search(r"<(search|answer)>(.*?)</\1>", text, flags=re.DOTALL)  # the turn's first action
-            if action and action.group(1) == "search":
-                requests.append((i, action.group(2).strip()))
+            action = parse_action(text)
+            if action and action[0] == "search":
+                requests.append((i, action[1]))
             elif not action and cfg["invalid_action"]:
                 invalid.append(i)  # neither search nor answer: the fixed "invalid action" observation, try again
         t0 = time.time()
@@ -154,6 +155,12 @@ def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seeds=None, gre
     resp, mask = [r[:cfg["max_response_tokens"]] for r in resp], [m[:cfg["max_response_tokens"]] for m in mask]
     answers = [extract_answer(tok.decode([t for t, m in zip(r, ms) if m])) for r, ms in zip(resp, mask)]
     return Rollout(prompts, resp, mask, answers, searches, engine_seconds)
+
+
+def parse_action(text):
+    """The turn's first action, as Search-R1 reads it: ("search" | "answer", its text), or None."""
+    found = re.search(r"<(search|answer)>(.*?)</\1>", text, flags=re.DOTALL)
+    return (found.group(1), found.group(2).strip()) if found else None
 
 
 def to_batch(ro, pad_id, device, mask_information=True):
@@ -269,6 +276,7 @@ def resume_or_start_over(run_dir, metrics_path, models, engine, cfg, ctx):
     start, kl_coef, checkpoint = 0, cfg["kl_coef"], parallel.checkpoint_to_resume(cfg["resume"], run_dir)
     if checkpoint:
         state = parallel.load_checkpoint(checkpoint, models, ctx)
+        check_resume(checkpoint, state, cfg)
         start, kl_coef = state["step"], state["kl_coef"]
         engine.stats.update({k: v if ctx.master else 0 for k, v in state["engine_stats"].items()})  # totals
         ctx.print0(f"{os.path.basename(run_dir)}: resuming from {checkpoint} (step {start} of {cfg['steps']})")
@@ -281,6 +289,21 @@ def resume_or_start_over(run_dir, metrics_path, models, engine, cfg, ctx):
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows if r.get("run") != name or r["step"] < start)
     return start, kl_coef
+
+
+RESUME_KEYS = ("algo", "policy_model", "sim_model", "search_backend", "data")  # what a checkpoint continues
+
+
+def check_resume(checkpoint, state, cfg):
+    """A checkpoint continues the run that wrote it: the same RL algorithm, models, engine and data,
+    and no more steps than this run has; anything else stops with one line."""
+    for key, value in state.get("config", {}).items():
+        if cfg[key] != value:
+            raise SystemExit(f"error: {checkpoint} was written with {key}={value}, this run has {key}={cfg[key]}: "
+                             f"set {key}={value} to continue it, or another out_dir to start a new run")
+    if state["step"] > cfg["steps"]:
+        raise SystemExit(f"error: {checkpoint} is at step {state['step']}, past steps={cfg['steps']}: "
+                         f"set steps={state['step']} or more to continue it")
 
 
 def step_questions(questions, order, step, cfg, ctx):
@@ -333,7 +356,8 @@ def log_step(row, metrics_path, bar, ctx):
 def save_step(run_dir, step, models, row, kl_coef, cfg, ctx):
     """A checkpoint after `step` (numbered step + 1, the next step to run)."""
     engine_totals = {k[len("sim/"):]: v for k, v in row.items() if k.startswith("sim/")}
-    state = {"step": step + 1, "kl_coef": kl_coef, "noise_prob": row["noise_prob"], "engine_stats": engine_totals}
+    state = {"step": step + 1, "kl_coef": kl_coef, "noise_prob": row["noise_prob"], "engine_stats": engine_totals,
+             "config": {k: cfg[k] for k in RESUME_KEYS}}
     parallel.save_checkpoint(os.path.join(run_dir, f"step_{step + 1:06d}"), models, state, ctx, cfg["keep_last"])
 
 
@@ -383,7 +407,9 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
         try:
             stats = ppo.update(actor, critic, batch, cfg, kl_coef, step, ctx.all_mean)
         except ppo.NonFiniteError as e:
-            raise SystemExit(f"error: {e}; the last good weights are in the newest checkpoint in {run_dir}")
+            kept = parallel.checkpoints(run_dir)
+            raise SystemExit(f"error: {e}; " + (f"the last good weights are in {kept[-1]}" if kept else
+                                                 "no checkpoint was written before it"))
         clock.lap("update")
         # 7. log, 8. checkpoint every save_every steps, at the end, and after Ctrl-C (then stop)
         row = step_metrics(name, step, ro, qs, scores, engine, noise_prob, clock.seconds, adv_stats, stats, ctx)
@@ -413,16 +439,20 @@ def setup(cfg, ctx):
     """Tokenizer, train questions, evaluation sets, the real retriever, the simulator's
     and the starting policy's paths: built here for the embedded world, else from the config."""
     if cfg["data"] == "world":
-        cache = os.path.join(cfg["out_dir"], "build")
-        if ctx.master:  # one process builds, the others wait and load
-            build.prepare_embedded(cfg, cache, log=ctx.print0)
-        ctx.barrier()
-        w, retriever, sim_path, policy_path = build.prepare_embedded(cfg, cache, log=lambda *a: None)
+        if cfg["policy_model"] and cfg["sim_model"]:  # real models on the world: no tiny model to build
+            w = world.build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"])
+            retriever, sim_path, policy_path = sim.Retriever(w.docs), None, None
+        else:
+            cache = os.path.join(cfg["out_dir"], "build")
+            if ctx.master:  # one process builds, the others wait and load
+                build.prepare_embedded(cfg, cache, log=ctx.print0)
+            ctx.barrier()
+            w, retriever, sim_path, policy_path = build.prepare_embedded(cfg, cache, log=lambda *a: None)
         tok = world.load_tokenizer(cfg["policy_model"] or policy_path)  # a real policy on the world keeps its own
         test = {"single-hop": [q for q in w.test if q["hops"] == 1], "two-hop": [q for q in w.test if q["hops"] == 2]}
-        eval_sets = {k: v[:cfg["eval_size"] // 2] for k, v in test.items()}
+        eval_sets = {k: fitting(v, tok, cfg, k, ctx)[:cfg["eval_size"]] for k, v in test.items()}
         knowledge = None if cfg["sim_model"] else world.knowledge_index(w.docs)  # a real simulator has its own
-        train_qs = world.split_train(w.train, cfg["rl_share"])[1]
+        train_qs = fitting(world.split_train(w.train, cfg["rl_share"])[1], tok, cfg, "the train questions", ctx)
         return tok, train_qs, eval_sets, retriever, cfg["sim_model"] or sim_path, cfg["policy_model"] or policy_path, knowledge
     if not cfg["policy_model"]:
         raise SystemExit("error: data is a file, so policy_model must name a model (e.g. policy_model=Qwen/Qwen2.5-3B)")
@@ -434,9 +464,42 @@ def setup(cfg, ctx):
         name, _, path = item.partition("=")
         if not path:
             raise SystemExit(f"error: eval_data item {item!r} must be name=path (e.g. nq=data/nq_test.jsonl)")
-        eval_sets[name] = world.load_questions(path)[:cfg["eval_size"]]
+        eval_sets[name] = fitting(world.load_questions(path), tok, cfg, path, ctx)[:cfg["eval_size"]]
+    train_qs = fitting(world.load_questions(cfg["data"]), tok, cfg, cfg["data"], ctx)
     retriever = sim.Retriever(world.load_corpus(cfg["corpus"]))
-    return tok, world.load_questions(cfg["data"]), eval_sets, retriever, cfg["sim_model"], cfg["policy_model"], None
+    return tok, train_qs, eval_sets, retriever, cfg["sim_model"], cfg["policy_model"], None
+
+
+def fitting(questions, tok, cfg, source, ctx):
+    """The questions whose prompt fits max_prompt_tokens; the others are skipped and counted in one
+    note. A question of more than 64 characters a token is skipped without being tokenized."""
+    limit, template = cfg["max_prompt_tokens"], cfg["prompt_template"]
+    kept = [q for q in questions if len(q["question"]) <= 64 * limit and
+            len(sim.prompt_ids(tok, template.format(question=q["question"]), cfg["chat_template"])) <= limit]
+    if len(kept) < len(questions):
+        ctx.print0(f"note: {len(questions) - len(kept)} of {len(questions)} questions of {source} have a prompt "
+                   f"longer than max_prompt_tokens={limit} tokens; they are skipped")
+    if not kept:
+        raise SystemExit(f"error: no question of {source} fits max_prompt_tokens={limit}; raise it or shorten them")
+    return kept
+
+
+def check_model(key, name):
+    """A model named in the config loads: a folder with config.json and weights, or a hub name whose
+    config can be had. Checked before any long stage, with one line."""
+    if os.path.isdir(name):
+        files = os.listdir(name)
+        if "config.json" not in files or not any(f.endswith((".safetensors", ".bin")) for f in files):
+            raise SystemExit(f"error: {key}={name}: the folder needs config.json and the weights "
+                             "(*.safetensors or *.bin), as save_pretrained writes them")
+        return
+    if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise SystemExit(f"error: {key}={name}: no such model folder here")
+    try:
+        AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {key}={name}: not a folder here, and the hub name could not be loaded "
+                         f"(hub names cannot be fetched on a machine without network): {str(e).splitlines()[0]}")
 
 
 def make_engine(backend, cfg, retriever, sim_path, ctx, knowledge=None):
@@ -444,10 +507,15 @@ def make_engine(backend, cfg, retriever, sim_path, ctx, knowledge=None):
     if backend == "real":
         return sim.RealEngine(retriever, cfg)
     if backend == "http":
+        url = urllib.parse.urlparse(cfg["sim_url"])
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise SystemExit(f"error: sim_url={cfg['sim_url']} is not an http(s) URL; e.g. sim_url=http://127.0.0.1:8000/v1")
         if not sim_path:
             raise SystemExit("error: search_backend=http needs sim_model (the served simulator's name or path; "
                              "its tokenizer cuts documents to doc_tokens)")
-        return sim.HttpEngine(cfg, world.load_tokenizer(sim_path), cfg["sim_served_model"] or sim_path, knowledge)
+        engine = sim.HttpEngine(cfg, world.load_tokenizer(sim_path), cfg["sim_served_model"] or sim_path, knowledge)
+        engine.complete_all(["Query : test"], [0])  # the server answers now, not at the first RL search
+        return engine
     if backend == "sim":
         if not sim_path:
             raise SystemExit("error: search_backend=sim needs sim_model (a fine-tuned simulator's name or path)")
@@ -470,11 +538,18 @@ def results_table(results, sets):
 
 
 def main(argv):
+    if {"-h", "--help"} & set(argv):
+        print(__doc__ + "\nEvery key of config.yaml, with its meaning (set any as key=value):\n")
+        print(open(config.DEFAULTS).read())
+        return
     hf_logging.set_verbosity_error()
     cfg = config.load_config(argv)
     ctx = parallel.init_processes(cfg)
     parallel.check_config(cfg, ctx, runs=("zerosearch", "search_r1"))
-    os.makedirs(cfg["out_dir"], exist_ok=True)
+    for key in ("policy_model", "sim_model"):
+        if cfg[key]:
+            check_model(key, cfg[key])
+    config.check_folder(cfg["out_dir"], "out_dir")
     if ctx.master:
         with open(os.path.join(cfg["out_dir"], "config.yaml"), "w") as f:
             yaml.safe_dump(cfg, f, sort_keys=False)
@@ -483,6 +558,7 @@ def main(argv):
     tok, train_qs, eval_sets, retriever, sim_path, policy_path, knowledge = setup(cfg, ctx)
     torch.manual_seed(rl_seed(cfg))  # the critic's new head: the same whether the build was made now or loaded
     real = make_engine("real", cfg, retriever, None, ctx)  # evaluation always searches the real engine, as the paper
+    engine = make_engine(cfg["search_backend"], cfg, retriever, sim_path, ctx, knowledge)
     start = AutoModelForCausalLM.from_pretrained(policy_path).to(ctx.device)
     results = {"(a) warm-up, no search": evaluate(start, tok, eval_sets, real, cfg, ctx, max_turns=0,
                                                   template=cfg["direct_template"]),
@@ -490,7 +566,6 @@ def main(argv):
     single_hop = [q for q in eval_sets.get("single-hop", []) if q["evidence"]]  # the embedded world's
     reading = {"(b) warm-up": reading_check(start, tok, single_hop, real, cfg, ctx)} if single_hop else {}
     ctx.print0(f"reading check of the warm-up policy: {reading}")
-    engine = make_engine(cfg["search_backend"], cfg, retriever, sim_path, ctx, knowledge)
     policy = train(policy_path, tok, train_qs, engine, cfg, ctx, "zerosearch")
     results[f"(c) ZeroSearch ({cfg['algo']}, {cfg['search_backend']} engine)"] = evaluate(policy, tok, eval_sets, real, cfg, ctx)
     if reading:
