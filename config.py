@@ -9,13 +9,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS = os.path.join(HERE, "config.yaml")
 
 CHOICES = {"algo": ("ppo", "grpo", "reinforce", "reinforce++"), "reward": ("f1", "em"),
-           "dtype": ("float32", "bfloat16"), "search_backend": ("sim", "real", "http"),
+           "dtype": ("float32", "bfloat16"), "search_backend": ("sim", "real", "http", "retriever"),
+           "eval_backend": ("real", "retriever"),
            "sim_style": ("finetuned", "prompted"), "sharding": ("ddp", "fsdp"),
            "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
            "kl_type": ("k1", "abs", "k2", "k3")}
 AT_LEAST_ONE = ["steps", "batch_size", "n_samples", "mini_batch_size", "micro_batch_size", "ppo_epochs",
                 "topk", "doc_tokens", "max_turn_tokens", "max_response_tokens", "sim_max_tokens",
-                "eval_size", "threads", "sim_retries"]
+                "eval_size", "threads", "sim_retries", "retriever_retries"]
 
 
 def load_config(argv):
@@ -66,6 +67,9 @@ def check_values(cfg):
     for key in AT_LEAST_ONE:
         if cfg[key] < 1:
             raise SystemExit(f"error: {key} must be at least 1, got {cfg[key]}")
+    for key in ("sim_timeout", "retriever_timeout"):
+        if cfg[key] <= 0:
+            raise SystemExit(f"error: {key} is seconds a request may take: it must be positive, got {cfg[key]}")
     if not 0 <= cfg["p_start"] <= 1 or not 0 <= cfg["p_end"] <= 1:
         raise SystemExit("error: p_start and p_end are probabilities: each must be between 0 and 1")
     if cfg["curriculum_base"] <= 0 or cfg["curriculum_base"] == 1:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 TAGS = ["<think>", "</think>", "<search>", "</search>", "<information>", "</information>",
@@ -218,11 +219,11 @@ def tiny_model(vocab_size, hidden_size, layers, heads, seed, num_labels=None):
 
 
 def read_jsonl(path):
-    """(line number, object) for each line of a JSONL file; blank lines are skipped, any other line
-    that is not a JSON object is one clear error."""
-    rows = []
+    """(line number, object) for each line of a JSONL file, one at a time (a corpus of millions of lines
+    is never held twice; a progress bar shows when reading takes a while); blank lines are skipped,
+    any other line that is not a JSON object is one clear error."""
     with open(path) as f:
-        for n, line in enumerate(f, 1):
+        for n, line in enumerate(tqdm(f, desc=f"reading {os.path.basename(path)}", unit=" lines", delay=2), 1):
             if not line.strip():
                 continue
             try:
@@ -231,8 +232,7 @@ def read_jsonl(path):
                 row = None
             if not isinstance(row, dict):
                 raise SystemExit(f"error: {path}:{n}: not a JSON object; the file must hold one JSON object a line")
-            rows.append((n, row))
-    return rows
+            yield n, row
 
 
 def load_questions(path):

@@ -342,8 +342,9 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
 
 # ----------------------------------------------------------------------------- main
 def setup(cfg, ctx):
-    """Tokenizer, train questions, evaluation sets, the real retriever, the simulator's
-    and the starting policy's paths: built here for the embedded world, else from the config."""
+    """Tokenizer, train questions, evaluation sets, the in-process BM25 retriever (None when no engine
+    searches it), the simulator's and the starting policy's paths: built here for the embedded world,
+    else from the config."""
     if cfg["data"] == "world":
         cache = os.path.join(cfg["out_dir"], "build")
         if ctx.master:  # one process builds, the others wait and load
@@ -358,8 +359,12 @@ def setup(cfg, ctx):
         return tok, train_qs, eval_sets, retriever, cfg["sim_model"] or sim_path, cfg["policy_model"] or policy_path, knowledge
     if not cfg["policy_model"]:
         raise SystemExit("error: data is a file, so policy_model must name a model (e.g. policy_model=Qwen/Qwen2.5-3B)")
-    if not cfg["corpus"]:  # the simulator sees the gold answer, so it must never be the evaluation's engine
-        raise SystemExit("error: data is a file, so evaluation needs a real engine: set corpus=path/to/corpus.jsonl")
+    if cfg["eval_backend"] == "real" and not cfg["corpus"]:  # the simulator sees the gold answer: never the evaluation's engine
+        raise SystemExit("error: data is a file, so evaluation needs a real engine: set corpus=path/to/corpus.jsonl "
+                         "(BM25 here) or eval_backend=retriever (a served one at retriever_url)")
+    if cfg["search_backend"] == "real" and not cfg["corpus"]:
+        raise SystemExit("error: search_backend=real searches BM25 over corpus=path/to/corpus.jsonl; set it, "
+                         "or search_backend=retriever (a served engine at retriever_url)")
     tok = world.load_tokenizer(cfg["policy_model"])
     eval_sets = {}
     for item in str(cfg["eval_data"]).split(","):
@@ -367,14 +372,18 @@ def setup(cfg, ctx):
         if not path:
             raise SystemExit(f"error: eval_data item {item!r} must be name=path (e.g. nq=data/nq_test.jsonl)")
         eval_sets[name] = world.load_questions(path)[:cfg["eval_size"]]
-    retriever = sim.Retriever(world.load_corpus(cfg["corpus"]))
+    in_process = "real" in (cfg["eval_backend"], cfg["search_backend"])  # else both engines are served: no corpus here
+    retriever = sim.Retriever(world.load_corpus(cfg["corpus"])) if in_process else None
     return tok, world.load_questions(cfg["data"]), eval_sets, retriever, cfg["sim_model"], cfg["policy_model"], None
 
 
-def make_engine(backend, cfg, retriever, sim_path, ctx, knowledge=None):
-    """The search engine of `backend`; `knowledge(query)` (embedded world) feeds the simulator's prompt."""
+def make_engine(backend, cfg, retriever, sim_path, ctx, knowledge=None, tok=None):
+    """The search engine of `backend`; `knowledge(query)` (embedded world) feeds the simulator's prompt;
+    `tok`, the policy's tokenizer, cuts a served retriever's documents to doc_tokens."""
     if backend == "real":
         return sim.RealEngine(retriever, cfg)
+    if backend == "retriever":
+        return sim.RetrieverEngine(cfg, tok)
     if backend == "http":
         if not sim_path:
             raise SystemExit("error: search_backend=http needs sim_model (the served simulator's name or path; "
@@ -385,7 +394,7 @@ def make_engine(backend, cfg, retriever, sim_path, ctx, knowledge=None):
             raise SystemExit("error: search_backend=sim needs sim_model (a fine-tuned simulator's name or path)")
         model = AutoModelForCausalLM.from_pretrained(sim_path).to(ctx.device)
         return sim.SimEngine(model, world.load_tokenizer(sim_path), cfg, knowledge)
-    raise SystemExit(f"error: search_backend must be sim, real or http, got {backend!r}")
+    raise SystemExit(f"error: search_backend must be sim, real, http or retriever, got {backend!r}")
 
 
 def results_table(results, sets):
@@ -413,12 +422,13 @@ def main(argv):
     random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
     tok, train_qs, eval_sets, retriever, sim_path, policy_path, knowledge = setup(cfg, ctx)
-    real = make_engine("real", cfg, retriever, None, ctx)  # evaluation always searches the real engine, as the paper
+    # evaluation (and the baseline) always searches a real engine, as the paper: BM25 here or a served retriever
+    real = make_engine(cfg["eval_backend"], cfg, retriever, None, ctx, tok=tok)
     start = AutoModelForCausalLM.from_pretrained(policy_path).to(ctx.device)
     results = {"(a) warm-up, no search": evaluate(start, tok, eval_sets, real, cfg, ctx, max_turns=0,
                                                   template=cfg["direct_template"]),
                "(b) warm-up + real search (RAG-like)": evaluate(start, tok, eval_sets, real, cfg, ctx)}
-    engine = make_engine(cfg["search_backend"], cfg, retriever, sim_path, ctx, knowledge)
+    engine = make_engine(cfg["search_backend"], cfg, retriever, sim_path, ctx, knowledge, tok)
     policy = train(policy_path, tok, train_qs, engine, cfg, ctx, "zerosearch")
     results[f"(c) ZeroSearch ({cfg['algo']}, {cfg['search_backend']} engine)"] = evaluate(policy, tok, eval_sets, real, cfg, ctx)
     if ctx.master:
