@@ -372,9 +372,10 @@ class Retriever:
         del keys
         lengths = lengths.astype(np.float32)
         norm = k1 * (1 - b + b * lengths / max(lengths.mean(), 1.0))  # k1 (1 - b + b |d| / avgdl)
-        idf = [np.log(1 + (n - f + 0.5) / (f + 0.5)) for f in df.tolist()]  # one word at a time: the same float64 as a scalar
+        # idf = log(1 + (N - df + 0.5) / (df + 0.5)), word by word: a vectorised log may round the last bit otherwise
+        idf = [np.log(1 + (n - f + 0.5) / (f + 0.5)) for f in df.tolist()]
         tf = tf.astype(np.float32)
-        self.weights = np.repeat(idf, df)  # [P] float64, computed in the order of the expression
+        self.weights = np.repeat(idf, df)  # [P] idf * tf * (k1 + 1) / (tf + norm): float64, in that order, tf + norm in float32
         self.weights *= tf
         self.weights *= k1 + 1
         self.weights /= tf + norm[self.postings]
