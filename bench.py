@@ -11,20 +11,25 @@ logprob  peak memory and time of per-token log-prob + entropy + backward, fused 
 sampler  tokens/s of sim.sample against Hugging Face generate, against batch size; the same with the
          HF forward for decode steps; and the matmuls alone (linear layers, attention products), which
          bound any sampler.
+retriever the in-process BM25 (sim.Retriever) on a synthetic corpus of a million passages: index time,
+         peak memory (VmHWM), queries/s in batches of 128, and whether its top 3 are the old
+         implementation's (one score array per query, a dict of postings, a stable sort of all scores).
 """
 import json
 import os
+import random
 import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from kernels import logprob_entropy_from_hidden
 import sim
 from sim import sample
-from world import build_world, tiny_model, world_tokenizer
+from world import build_world, make_words, tiny_model, world_tokenizer
 from config import load_config
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
@@ -235,7 +240,103 @@ def small_op_costs(config):
           f"{seconds['RMSNorm'] * 1e4:.1f} us.\n")
 
 
-SECTIONS = {"logprob": bench_logprob, "sampler": bench_sampler}
+# --- retriever: the in-process BM25 at corpus scale ------------------------------------------------
+# Passages of 80-120 made-up words drawn with Zipf-like frequencies (the word of rank r with p ∝ 1/r);
+# a query is 8 distinct words of a random passage, so it holds frequent words as real questions do.
+PASSAGES, VOCAB, QUERIES, SUBSET = (20_000, 5_000, 100, 5_000) if QUICK else (1_000_000, 50_000, 1_000, 100_000)
+
+
+def synthetic_corpus(n, vocab_size, seed=0):
+    words = make_words(random.Random(seed), vocab_size, 3, set())
+    rng = np.random.default_rng(seed)
+    p = 1 / np.arange(1, vocab_size + 1)
+    docs = []
+    for start in range(0, n, 50_000):  # in chunks: a million passages' word ids at once are 100M Python ints
+        lengths = rng.integers(80, 121, min(50_000, n - start)).tolist()
+        ids = rng.choice(vocab_size, size=sum(lengths), p=p / p.sum()).tolist()
+        ends = np.cumsum(lengths).tolist()
+        docs += [" ".join([words[j] for j in ids[end - length:end]]) for length, end in zip(lengths, ends)]
+    queries = [" ".join(rng.choice(docs[i].split(), 8, replace=False)) for i in rng.integers(0, n, QUERIES)]
+    return docs, queries
+
+
+def old_bm25(docs, k1=0.9, b=0.4):
+    """The implementation before the CSR index (test_retriever.py keeps it as the test's oracle): a dict
+    of postings built document by document; per query one score array and a stable sort of all of it."""
+    postings, lengths = {}, np.zeros(len(docs), dtype=np.float32)
+    for i, d in enumerate(docs):
+        words = sim._words(d)
+        lengths[i] = len(words)
+        for w in set(words):
+            postings.setdefault(w, []).append((i, words.count(w)))
+    norm = k1 * (1 - b + b * lengths / max(lengths.mean(), 1.0))
+    index = {w: (np.array([i for i, _ in p]), np.array([tf for _, tf in p], dtype=np.float32),
+                 np.log(1 + (len(docs) - len(p) + 0.5) / (len(p) + 0.5))) for w, p in postings.items()}
+
+    def search(query, k):
+        scores = np.zeros(len(docs), dtype=np.float32)
+        for w in dict.fromkeys(sim._words(query)):
+            if w in index:
+                ids, tf, idf = index[w]
+                scores[ids] += idf * tf * (k1 + 1) / (tf + norm[ids])
+        top = np.argsort(-scores, kind="stable")[:k]
+        return [docs[i] for i in top if scores[i] > 0]
+    return search
+
+
+def old_selection(retriever, query, k):
+    scores = retriever.scores(query)
+    return [retriever.docs[i] for i in np.argsort(-scores, kind="stable")[:k] if scores[i] > 0]
+
+
+def bench_retriever():
+    t0 = time.perf_counter()
+    docs, queries = synthetic_corpus(PASSAGES, VOCAB)
+    made = time.perf_counter() - t0
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS, so the peak below is the index build's
+    corpus_mb = rss_mb("VmRSS")
+    t0 = time.perf_counter()
+    retriever = sim.Retriever(docs)
+    index_s, peak_mb = time.perf_counter() - t0, rss_mb("VmHWM")
+    index_mb = sum(a.nbytes for a in [retriever.indptr, retriever.postings, retriever.weights, *retriever.dense.values()]) / 2**20
+    n_dense = len(retriever.dense)
+    engine = sim.RealEngine(retriever, {"topk": 3})
+    top3, wall, cpu = [], time.perf_counter(), time.process_time()
+    for i in range(0, len(queries), 128):
+        top3 += engine.search([{"query": q} for q in queries[i:i + 128]])
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    # the old per-query algorithm on the same index data: every word's postings scattered into the
+    # scores (no dense rows), then a stable sort of all of them
+    retriever.dense = {}
+    same_scores = sum(docs_found == old_selection(retriever, q, 3) for docs_found, q in zip(top3, queries))
+    # the old implementation itself, built on the first SUBSET passages, against a new index of them
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before, t0 = rss_mb("VmRSS"), time.perf_counter()
+    old = old_bm25(docs[:SUBSET])
+    old_index_s, old_mb = time.perf_counter() - t0, rss_mb("VmHWM") - before
+    new = sim.Retriever(docs[:SUBSET])
+    same_old = sum(old(q, 3) == new.search(q, 3) for q in queries)
+    load = os.getloadavg()[0]
+    print(f"### retriever: sim.Retriever (BM25), {PASSAGES:,} synthetic passages of 80-120 words (Zipf-like over "
+          f"{VOCAB:,} made-up words, made in {made:.0f} s), {len(queries):,} queries of 8 words; one process, "
+          f"load average {load:.1f} on {os.cpu_count()} cores\n")
+    print("| measure | value | target |\n|---|---:|---|")
+    print(f"| index build (s) | {index_s:.0f} | ≤ 180 |")
+    print(f"| peak memory of the process while indexing (GB; {corpus_mb / 1024:.1f} before, with the corpus) | "
+          f"{peak_mb / 1024:.1f} | ≤ 8 |")
+    print(f"| index size (GB: {len(retriever.postings):,} postings, {n_dense} dense rows) | {index_mb / 1024:.1f} | |")
+    print(f"| queries/s, batches of 128, top 3 (wall clock) | {len(queries) / wall:.0f} | ≥ 50 |")
+    print(f"| queries per CPU second (the same, without other processes' load) | {len(queries) / cpu:.0f} | |")
+    print(f"| top 3 = old per-query algorithm on the same index (scatter every word, sort all scores) | "
+          f"{same_scores}/{len(queries)} | all |")
+    print(f"| top 3 = old implementation, both built on the first {SUBSET:,} passages | {same_old}/{len(queries)} | all |")
+    print(f"\nThe old implementation took {old_index_s:.0f} s and {old_mb / 1024:.1f} GB (peak over what was in memory) "
+          f"to index {SUBSET:,} passages: about {PASSAGES // SUBSET} times that for {PASSAGES:,}.\n")
+
+
+SECTIONS = {"logprob": bench_logprob, "sampler": bench_sampler, "retriever": bench_retriever}
 
 if __name__ == "__main__":
     section = sys.argv[1] if len(sys.argv) > 1 else "all"

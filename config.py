@@ -9,15 +9,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS = os.path.join(HERE, "config.yaml")
 
 CHOICES = {"algo": ("ppo", "grpo", "reinforce", "reinforce++"), "reward": ("f1", "em"), "device": ("auto", "cpu", "cuda"),
-           "dtype": ("float32", "bfloat16"), "search_backend": ("sim", "real", "http"),
+           "dtype": ("float32", "bfloat16"), "search_backend": ("sim", "real", "http", "retriever"),
+           "eval_backend": ("real", "retriever"),
            "sim_style": ("finetuned", "prompted"), "sharding": ("ddp", "fsdp"),
            "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"), "sim_batching": ("auto", "list", "single"),
-           "kl_type": ("k1", "abs", "k2", "k3")}
+           "kl_type": ("k1", "abs", "k2", "k3"),
+           "mode": ("train", "eval", "ask"), "ask_engine": (None, "sim", "real", "retriever", "http")}
 AT_LEAST_ONE = ["steps", "batch_size", "n_samples", "mini_batch_size", "micro_batch_size", "ppo_epochs",
                 "topk", "doc_tokens", "max_turn_tokens", "max_response_tokens", "sim_max_tokens",
-                "eval_size", "threads", "sim_retries", "max_prompt_tokens"]
+                "eval_size", "threads", "sim_retries", "retriever_retries", "max_prompt_tokens"]
 AT_LEAST_ZERO = ["max_turns", "warmup_steps", "sim_sft_steps", "critic_warmup", "lr_warmup_steps"]
-POSITIVE = ["temperature", "sim_timeout", "dist_timeout", "actor_lr", "critic_lr"]  # > 0
+POSITIVE = ["temperature", "sim_timeout", "retriever_timeout", "dist_timeout", "actor_lr", "critic_lr"]  # > 0
 
 
 def load_config(argv):
@@ -65,6 +67,8 @@ def check_values(cfg):
     defaults = read_yaml(DEFAULTS)
     for key, default in defaults.items():
         value = cfg[key]
+        if key == "eval_size" and value is None:  # all questions
+            continue
         if isinstance(default, bool) and not isinstance(value, bool) and key != "resume":  # resume may name a folder
             raise SystemExit(f"error: {key} must be true or false, got {value!r}")
         if type(default) is int and isinstance(value, float) and value.is_integer():
@@ -77,7 +81,7 @@ def check_values(cfg):
         if cfg[key] not in allowed:
             raise SystemExit(f"error: {key} must be one of {', '.join(allowed)}; got {cfg[key]!r}")
     for key in AT_LEAST_ONE:
-        if cfg[key] < 1:
+        if cfg[key] is not None and cfg[key] < 1:
             raise SystemExit(f"error: {key} must be at least 1, got {cfg[key]}")
     for key in AT_LEAST_ZERO:
         if cfg[key] < 0:
@@ -91,6 +95,10 @@ def check_values(cfg):
                          "or leave eval_data=world")
     if not isinstance(cfg["out_dir"], str) or not cfg["out_dir"].strip():
         raise SystemExit("error: out_dir is empty; set out_dir=a folder to write the run to")
+    if cfg["noise_prob"] is not None and not (isinstance(cfg["noise_prob"], (int, float)) and 0 <= cfg["noise_prob"] <= 1):
+        raise SystemExit(f"error: noise_prob is a probability: null or between 0 and 1, got {cfg['noise_prob']!r}")
+    if cfg["mode"] != "train" and not cfg["policy_model"] and cfg["data"] != "world":
+        raise SystemExit(f"error: mode={cfg['mode']} needs policy_model=... (a trained policy's folder or a hub name)")
     if cfg["rl_seed"] is not None and (isinstance(cfg["rl_seed"], bool) or not isinstance(cfg["rl_seed"], int)):
         raise SystemExit(f"error: rl_seed must be null (the same as seed) or a whole number, got {cfg['rl_seed']!r}")
     if not 0 <= cfg["p_start"] <= 1 or not 0 <= cfg["p_end"] <= 1:

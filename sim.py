@@ -11,10 +11,13 @@ decodes through its own forward. test_sampler.py checks both against `model.gene
 uncached forward; `python bench.py sampler` measures them against `model.generate`.
 
 Search engines, all with `.search(requests, noise_prob, seed) -> documents per request` and `.stats`:
-  SimEngine   search_backend=sim: the simulator LLM in this process, sampled with `sample`.
-  HttpEngine  search_backend=http: the same prompts sent to a served simulator (vLLM, SGLang) at
-              `POST {sim_url}/completions`; sim_served_model names the model the server expects.
-  RealEngine  search_backend=real: BM25 over a local corpus.
+  SimEngine        search_backend=sim: the simulator LLM in this process, sampled with `sample`.
+  HttpEngine       search_backend=http: the same prompts sent to a served simulator (vLLM, SGLang) at
+                   `POST {sim_url}/completions`; sim_served_model names the model the server expects.
+  RealEngine       search_backend=real: BM25 over a local corpus (`Retriever`, in numpy).
+  RetrieverEngine  search_backend=retriever: a real engine served on Search-R1's retrieval-server
+                   contract (its e5 or BM25 server over wiki-18, or its SerpAPI proxy) at retriever_url.
+The real engine of evaluation (and of the baseline=true run) is `eval_backend`: real or retriever.
 
 Simulator fine-tuning (the embedded default runs the same `train_simulator` on the world's rows):
     python sim.py train data=rows.jsonl model=Qwen/Qwen2.5-7B out=my_simulator preset=paper [steps=1000 batch_size=2 lr=1e-6 seed=0]
@@ -29,6 +32,8 @@ and k=5; without it the prompt is the tiny world's, k=3. data, steps, batch_size
 the fine-tuning's own, not the RL config's. The loss is on the documents only. Defaults are the
 paper's SFT (1000 steps, batch 2, lr 1e-6); it runs in one process, on the GPU if there is one.
 """
+import array
+import collections
 import functools
 import http.client
 import json
@@ -41,6 +46,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -50,6 +56,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 import config
+import reward
 import world
 
 
@@ -305,12 +312,95 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, 
     return tokens, logprobs
 
 
+# ---------------------------------------------------------------- the policy's rollout with search
+
+@dataclass
+class Rollout:
+    """B trajectories as token lists (ragged); zerosearch.to_batch pads them into tensors."""
+    prompt_ids: list      # B x [prompt tokens]
+    response_ids: list    # B x [response tokens]: sampled actions and injected observations
+    response_mask: list   # B x [1 where the policy sampled the token, 0 inside <information>]
+    answers: list         # B x (answer text or None), from the policy's own tokens
+    searches: list        # B x number of searches made
+    engine_seconds: float = 0.0  # time spent in the engine's calls (the rest of the rollout is sampling)
+    queries: list = None      # B x [each search's query]
+    documents: list = None    # B x [each search's documents]
+    engine_seeds: list = None  # B x [each search's seed: sim.draw_kinds(n, noise_prob, seeds) says useful or noisy]
+
+
+def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seeds=None, greedy=False, max_turns=None,
+            template=None):
+    """Search-R1/ZeroSearch rollout of many sequences at once. Each turn samples every active
+    sequence until `</search>` or `</answer>`; the queries of the whole batch go to the engine in
+    one call; its documents come back inside <information> (masked out of every loss) and
+    generation resumes; a turn with neither action gets the paper's fixed "invalid action"
+    observation (`invalid_action`) and tries again. After `max_turns` turns one last turn has
+    search disabled. `seeds`, one int per question (default 0, 1, ...): a row's tokens and its
+    searches draw from streams of its own, so a question samples the same in any batch, on one
+    process or N."""
+    max_turns = cfg["max_turns"] if max_turns is None else max_turns
+    template = template or cfg["prompt_template"]
+    prompts = [prompt_ids(tok, template.format(question=q["question"]), cfg["chat_template"]) for q in questions]
+    B = len(questions)
+    resp, mask, searches = [[] for _ in range(B)], [[] for _ in range(B)], [0] * B
+    queries, documents, engine_seeds = [[] for _ in range(B)], [[] for _ in range(B)], [[] for _ in range(B)]
+    active, engine_seconds = list(range(B)), 0.0
+    seeds = list(range(B)) if seeds is None else seeds
+    for turn in range(max_turns + 1):
+        if not active:
+            break
+        last = turn == max_turns
+        new, _ = sample(policy, [prompts[i] + resp[i] for i in active], cfg["max_turn_tokens"],
+                        temperature=0.0 if greedy else cfg["temperature"], top_p=cfg["top_p"],
+                        stop=("</answer>",) if last else ("</search>", "</answer>"),
+                        eos_token_id=tok.eos_token_id, seed=[seeds[i] * 1000 + turn for i in active], tokenizer=tok)
+        requests, invalid = [], []  # (batch row, query): rows keep their own question (fault 1 of the public code)
+        for i, toks in zip(active, new):
+            resp[i] += toks
+            mask[i] += [1] * len(toks)
+            if last or len(resp[i]) >= cfg["max_response_tokens"]:
+                continue
+            action = parse_action(tok.decode(toks))
+            if action and action[0] == "search":
+                requests.append((i, action[1]))
+            elif not action and cfg["invalid_action"]:
+                invalid.append(i)  # neither search nor answer: the fixed "invalid action" observation, try again
+        t0 = time.time()
+        engine_seed = [seeds[i] * 1000 + 500 + turn for i, _ in requests]  # not the policy's stream
+        docs = engine.search([dict(questions[i], query=q) for i, q in requests], noise_prob, engine_seed) if requests else []
+        engine_seconds += time.time() - t0
+        observations = {i: information(d) for (i, _), d in zip(requests, docs)}
+        observations.update({i: " " + cfg["invalid_action"] for i in invalid})
+        for i, obs in observations.items():
+            obs = tok.encode(obs, add_special_tokens=False)
+            resp[i] += obs
+            mask[i] += [0] * len(obs)
+        for (i, query), d, s in zip(requests, docs, engine_seed):
+            searches[i] += 1
+            queries[i].append(query)
+            documents[i].append(d)
+            engine_seeds[i].append(s)
+        active = sorted(observations)
+    # the response is cut to its budget before the answer is read: the reward is for tokens that are trained
+    resp, mask = [r[:cfg["max_response_tokens"]] for r in resp], [m[:cfg["max_response_tokens"]] for m in mask]
+    answers = [reward.extract_answer(tok.decode([t for t, m in zip(r, ms) if m])) for r, ms in zip(resp, mask)]
+    return Rollout(prompts, resp, mask, answers, searches, engine_seconds, queries, documents, engine_seeds)
+
+
+def parse_action(text):
+    """The turn's first action, as Search-R1 reads it: ("search" | "answer", its text), or None."""
+    found = re.search(r"<(search|answer)>(.*?)</\1>", text, flags=re.DOTALL)
+    return (found.group(1), found.group(2).strip()) if found else None
+
+
 # ---------------------------------------------------------------- search engines and simulator fine-tuning
 
 
 def format_docs(docs):
-    """The engine's output form (Search-R1/ZeroSearch): one `Doc i: text` a line."""
-    return "\n".join(f"Doc {i + 1}: {d}" for i, d in enumerate(docs))
+    """The engine's output form (Search-R1/ZeroSearch): one `Doc i: text` a line; a document in
+    Search-R1's titled form `(Title: <title>) <text>` (the retriever engine's) as Search-R1 writes it,
+    `Doc i(Title: <title>) <text>`."""
+    return "\n".join(f"Doc {i + 1}{'' if d.startswith('(Title: ') else ': '}{d}" for i, d in enumerate(docs))
 
 
 def information(docs):
@@ -325,37 +415,90 @@ def parse_docs(text, k):
     return [p.strip() for p in parts[1:] if p.strip()][:k]
 
 
+WORD_RE = re.compile(r"[a-z0-9]+")
+
+
 def _words(text):
-    return re.findall(r"[a-z0-9]+", text.lower())
+    return WORD_RE.findall(text.lower())
 
 
 class Retriever:
     """BM25 (k1=0.9, b=0.4, Pyserini's defaults) over a list of documents, in numpy: the
-    "real search engine" that evaluation uses and the Search-R1 baseline trains against."""
+    "real search engine" that evaluation uses and the Search-R1 baseline trains against.
+
+    The index is a term-document matrix in CSR form: for word t, `postings[indptr[t]:indptr[t + 1]]`
+    are the documents that hold it (ascending) and `weights[...]` its BM25 term in each,
+    idf(t) * tf (k1 + 1) / (tf + k1 (1 - b + b |d| / avgdl)). It is built with numpy from one array
+    of every token's word id, and holds a million passages of 100 words (`python bench.py retriever`);
+    past that, serve the corpus with Search-R1's retrieval server (eval_backend=retriever). A score is
+    the float32 sum of float64 terms in query-word order, as a loop over the postings of a word-keyed
+    dict adds them, so results, ties included, are those of that plain algorithm (test_retriever.py
+    checks it against one)."""
 
     def __init__(self, docs, k1=0.9, b=0.4):
-        self.docs, self.k1, self.b = docs, k1, b
-        postings = {}
-        lengths = np.zeros(len(docs), dtype=np.float32)
-        for i, d in enumerate(docs):
+        self.docs, n = docs, len(docs)
+        self.vocab = collections.defaultdict()
+        self.vocab.default_factory = self.vocab.__len__  # a new word gets the next id
+        tokens, lengths = array.array("i"), np.zeros(n, dtype=np.int64)  # [T] word id of every token; |d|
+        for i, d in enumerate(tqdm(docs, desc="BM25 index", unit=" docs", delay=2)):
             words = _words(d)
             lengths[i] = len(words)
-            for w in set(words):
-                postings.setdefault(w, []).append((i, words.count(w)))
-        self.norm = k1 * (1 - b + b * lengths / max(lengths.mean(), 1.0))  # k1 (1 - b + b |d| / avgdl)
-        self.index = {w: (np.array([i for i, _ in p]), np.array([tf for _, tf in p], dtype=np.float32),
-                          np.log(1 + (len(docs) - len(p) + 0.5) / (len(p) + 0.5)))  # idf
-                      for w, p in postings.items()}
+            tokens.extend(map(self.vocab.__getitem__, words))
+        keys = np.frombuffer(tokens, dtype=np.intc).astype(np.int64)
+        del tokens
+        keys *= n
+        keys += np.repeat(np.arange(n), lengths)  # word * n + document: one key per token
+        keys, tf = np.unique(keys, return_counts=True)  # [P] one per (word, document), word-major; its count
+        df = np.bincount(keys // n, minlength=len(self.vocab))
+        self.indptr = np.concatenate([[0], np.cumsum(df)])
+        self.postings = keys % n  # int64: numpy indexes with it without a conversion (a third faster than int32)
+        del keys
+        lengths = lengths.astype(np.float32)
+        norm = k1 * (1 - b + b * lengths / max(lengths.mean(), 1.0))  # k1 (1 - b + b |d| / avgdl)
+        # idf = log(1 + (N - df + 0.5) / (df + 0.5)), word by word: a vectorised log may round the last bit otherwise
+        idf = [np.log(1 + (n - f + 0.5) / (f + 0.5)) for f in df.tolist()]
+        tf = tf.astype(np.float32)
+        self.weights = np.repeat(idf, df)  # [P] idf * tf * (k1 + 1) / (tf + norm): float64, in that order, tf + norm in float32
+        self.weights *= tf
+        self.weights *= k1 + 1
+        self.weights /= tf + norm[self.postings]
+        # a word in a quarter of the documents or more is also kept as a dense row [n], 0 where it is absent
+        # (adding 0 leaves a sum as it is): adding a whole row costs less than scattering that many postings
+        self.dense = {}
+        for t in np.flatnonzero(df >= n / 4).tolist():
+            span = slice(self.indptr[t], self.indptr[t + 1])
+            self.dense[t] = np.zeros(n)
+            self.dense[t][self.postings[span]] = self.weights[span]
 
     def search(self, query, k):
         """Top-k documents for one query (ties broken by corpus order)."""
+        return [self.docs[i] for i in top_k(self.scores(query), k)]
+
+    def scores(self, query):
+        """[N] float32: every document's BM25 score for `query`."""
         scores = np.zeros(len(self.docs), dtype=np.float32)
         for w in dict.fromkeys(_words(query)):  # a fixed order: float sums, hence ties, do not depend on PYTHONHASHSEED
-            if w in self.index:
-                ids, tf, idf = self.index[w]
-                scores[ids] += idf * tf * (self.k1 + 1) / (tf + self.norm[ids])
-        top = np.argsort(-scores, kind="stable")[:k]
-        return [self.docs[i] for i in top if scores[i] > 0]
+            t = self.vocab.get(w)  # .get never adds a word
+            if t in self.dense:
+                scores += self.dense[t]  # float32 += float64: added in float64, rounded to float32, as below
+            elif t is not None:
+                span = slice(self.indptr[t], self.indptr[t + 1])
+                scores[self.postings[span]] += self.weights[span]
+        return scores
+
+
+def top_k(scores, k):
+    """Indices of the (at most) k positive scores that rank first, highest first, ties in index order:
+    `np.argsort(-scores, kind="stable")[:k]` without the sort of all N. Partial selection finds the
+    k-th highest score; every score above it is in, and of those equal to it the first ones."""
+    if k < len(scores):
+        kth = np.partition(scores, len(scores) - k)[len(scores) - k]
+        top = np.flatnonzero(scores > kth)
+        if kth > 0:
+            top = np.concatenate([top, np.flatnonzero(scores == kth)[:k - len(top)]])
+    else:
+        top = np.flatnonzero(scores > 0)
+    return top[np.lexsort((top, -scores[top]))]
 
 
 def sft(model, examples, steps, batch_size, lr, seed=0, desc="sft", pad_id=0):
@@ -469,8 +612,9 @@ SINGLE_POOL = 16  # requests at once to a server that takes one prompt a request
 RETRY_BACKOFF = 1.0  # seconds before the second attempt, doubled after each failure
 
 
-class ListRefused(Exception):
-    """The server answered a list of prompts with a 4xx: it takes one prompt a request."""
+class Refused(SystemExit):
+    """A server's HTTP 4xx: the request itself is wrong, so it is not retried (HttpEngine's auto
+    batching then tries one prompt a request)."""
 
 
 class HttpEngine:
@@ -507,7 +651,9 @@ class HttpEngine:
                 with ThreadPoolExecutor(len(starts)) as pool:
                     replies = pool.map(lambda i: self.complete(prompts[i:i + HTTP_CHUNK], seeds[i]), starts)
                     return [text for reply in replies for text in reply]
-            except ListRefused:
+            except Refused:
+                if self.batching != "auto":
+                    raise
                 self.batching = "single"
         with ThreadPoolExecutor(min(SINGLE_POOL, len(prompts))) as pool:
             return [reply[0] for reply in pool.map(lambda i: self.complete([prompts[i]], seeds[i]), range(len(prompts)))]
@@ -515,40 +661,48 @@ class HttpEngine:
     def complete(self, prompts, seed: int):
         """One request for a list of prompts (or, with batching single, the one prompt as a string) ->
         their texts (choices ordered by `index`, or in list order when no choice has one; a choice that
-        is missing gives ""). Bounded retries with doubling backoff, then one clear error."""
+        is missing gives "")."""
         prompt = prompts[0] if self.batching == "single" else prompts
-        body = json.dumps({"model": self.served_model, "prompt": prompt, "max_tokens": self.cfg["sim_max_tokens"],
-                           "temperature": self.cfg["sim_temperature"], "top_p": 1.0, "seed": seed}).encode()
-        request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
-        attempts = self.cfg["sim_retries"]
-        for attempt in range(1, attempts + 1):
-            try:
-                with urllib.request.urlopen(request, timeout=self.cfg["sim_timeout"]) as response:
-                    choices = json.load(response)["choices"]
-                if not any("index" in choice for choice in choices):  # a server that omits it answers in order
-                    if len(choices) != len(prompts):
-                        raise SystemExit(f"error: search_backend=http: {self.url} returned {len(choices)} choices without "
-                                         f"`index` for {len(prompts)} prompts; the server must answer every prompt")
-                    choices = [dict(choice, index=i) for i, choice in enumerate(choices)]
-                texts = [""] * len(prompts)
-                for choice in choices:
-                    if choice.get("index") in range(len(prompts)):
-                        texts[choice["index"]] = choice.get("text") or ""
-                return texts
-            except urllib.error.HTTPError as e:
-                reason = " ".join(f"HTTP {e.code} {e.read()[:200].decode(errors='replace')}".split())  # on one line
-                if 400 <= e.code < 500 and e.code not in (408, 429):  # the request itself is wrong: retrying can't help
-                    if self.batching == "auto":
-                        raise ListRefused(reason)
-                    raise SystemExit(f"error: search_backend=http: {self.url} refused the request: {reason}; "
-                                     f"check sim_served_model (sent {self.served_model!r})")
-            except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError, AttributeError) as e:
-                # refused, timed out, cut off, not HTTP, or not JSON with choices
-                reason = " ".join(f"{type(e).__name__}: {e}".split())
-            if attempt < attempts:
-                time.sleep(RETRY_BACKOFF * 2 ** (attempt - 1))
-        raise SystemExit(f"error: search_backend=http: {self.url} failed after {attempts} attempts: {reason}; "
-                         "check sim_url and that the server is up")
+        body = {"model": self.served_model, "prompt": prompt, "max_tokens": self.cfg["sim_max_tokens"],
+                "temperature": self.cfg["sim_temperature"], "top_p": 1.0, "seed": seed}
+
+        def texts(reply):
+            choices = reply["choices"]
+            if not any("index" in choice for choice in choices):  # a server that omits it answers in order
+                if len(choices) != len(prompts):
+                    raise SystemExit(f"error: search_backend=http: {self.url} returned {len(choices)} choices without "
+                                     f"`index` for {len(prompts)} prompts; the server must answer every prompt")
+                choices = [dict(choice, index=i) for i, choice in enumerate(choices)]
+            texts = [""] * len(prompts)
+            for choice in choices:
+                if choice.get("index") in range(len(prompts)):
+                    texts[choice["index"]] = choice.get("text") or ""
+            return texts
+        return post_json(self.url, body, self.cfg["sim_timeout"], self.cfg["sim_retries"], texts, "search_backend=http",
+                         f"check sim_served_model (sent {self.served_model!r})", "check sim_url and that the server is up")
+
+
+def post_json(url, body, timeout, attempts, read, what, refused_hint, down_hint):
+    """POST `body` as JSON to `url` -> read(the JSON reply). A failure that may pass (refused, timed out,
+    cut off, not HTTP, HTTP 5xx, 408 or 429, not JSON, or a reply `read` cannot take) is retried with
+    doubling backoff, `attempts` attempts in all, then one clear error; any other HTTP 4xx means the
+    request itself is wrong, one clear error at once. The errors name `what` and the URL, and end
+    with a hint of what to check."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    for attempt in range(1, attempts + 1):
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                reply = json.load(response)
+            return read(reply)
+        except urllib.error.HTTPError as e:
+            reason = " ".join(f"HTTP {e.code} {e.read()[:200].decode(errors='replace')}".split())  # on one line
+            if 400 <= e.code < 500 and e.code not in (408, 429):  # the request itself is wrong: retrying can't help
+                raise Refused(f"error: {what}: {url} refused the request: {reason}; {refused_hint}")
+        except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError, AttributeError) as e:
+            reason = " ".join(f"{type(e).__name__}: {e}".split())
+        if attempt < attempts:
+            time.sleep(RETRY_BACKOFF * 2 ** (attempt - 1))
+    raise SystemExit(f"error: {what}: {url} failed after {attempts} attempts: {reason}; {down_hint}")
 
 
 def truncate(tok, text, n_tokens):
@@ -567,6 +721,74 @@ class RealEngine:
         return [self.retriever.search(r["query"], self.k) for r in requests]
 
 
+RETRIEVER_CHUNK = 512  # queries per request
+
+
+class RetrieverEngine:
+    """A real search engine served elsewhere, on Search-R1's retrieval-server contract: its server
+    over wiki-18 (e5 + faiss, or BM25) or its SerpAPI proxy (Google). All the queries of a call go
+    in one `POST retriever_url` {"queries": [...], "topk": k, "return_scores": true} (RETRIEVER_CHUNK
+    a request); the reply {"result": [[item, ...], ...]} holds one list per query, in order. Each
+    document comes back as `retrieved_document` reads it, at most k a query, cut to doc_tokens of
+    `tok` (the policy's tokenizer). A result the engine cannot read is counted in stats["malformed"]
+    (what can be read is kept); a reply that is not of this form is one clear error."""
+
+    def __init__(self, cfg, tok):
+        self.cfg, self.tok, self.url = cfg, tok, cfg["retriever_url"]
+        self.stats = {"malformed": 0}
+
+    def search(self, requests, noise_prob=0.0, seed=0):
+        queries = [r["query"] for r in requests]
+        results = []
+        for start in range(0, len(queries), RETRIEVER_CHUNK):
+            chunk = queries[start:start + RETRIEVER_CHUNK]
+            results += post_json(self.url, {"queries": chunk, "topk": self.cfg["topk"], "return_scores": True},
+                                 self.cfg["retriever_timeout"], self.cfg["retriever_retries"],
+                                 lambda reply: self.result_lists(reply, len(chunk)), "retriever",
+                                 "check retriever_url (Search-R1's server answers POST /retrieve)",
+                                 "check retriever_url and that the server is up")
+        out = []
+        for items in results:
+            docs = [retrieved_document(item) for item in items] if isinstance(items, list) else [None]
+            self.stats["malformed"] += None in docs  # a result that is not a list, or holds an item without a document
+            kept = [d for d in docs if d is not None][:self.cfg["topk"]]  # the SerpAPI proxy may send more than k
+            out.append([truncate(self.tok, d, self.cfg["doc_tokens"]) for d in kept])
+        return out
+
+    def result_lists(self, reply, n_queries):
+        """The reply's list of results, one per query; a reply of another form is one clear error (not
+        retried: the server would answer the same way again)."""
+        lists = reply.get("result") if isinstance(reply, dict) else None
+        if not isinstance(lists, list):
+            raise SystemExit(f"error: retriever: {self.url} answered {json.dumps(reply)[:200]}, not "
+                             '{"result": [[document, ...], ...]}; check that retriever_url is a Search-R1 retrieval server\'s /retrieve')
+        if len(lists) != n_queries:
+            raise SystemExit(f"error: retriever: {self.url} returned {len(lists)} result lists for {n_queries} queries; "
+                             "the server must answer every query, in order")
+        return lists
+
+
+def retrieved_document(item):
+    """A retrieval server's result item -> the document as the policy reads it, or None if it holds
+    none. An item is {"document": doc, "score": s} or the doc itself; a doc is {"contents": ...}
+    whose first line is the title (wiki-18 keeps it in double quotes) and the rest the text, or has
+    `title` / `text`; `contents` is read first, as Search-R1 reads only that. A titled document is
+    written `(Title: <title>) <text>`, which format_docs numbers as Search-R1 does, `Doc i(Title: <title>)
+    <text>`; one without a title (one line of contents, or an empty title) is its text alone, the
+    in-process BM25's form."""
+    doc = item.get("document", item) if isinstance(item, dict) else None
+    if not isinstance(doc, dict):
+        return None
+    contents = doc.get("contents")
+    if isinstance(contents, str):
+        title, _, text = contents.partition("\n") if "\n" in contents else ("", "", contents)
+    else:
+        title, text = doc.get("title", ""), doc.get("text", "")
+    if not (isinstance(title, str) and isinstance(text, str)) or not (title.strip() or text.strip()):
+        return None
+    return f"(Title: {title}) {text}" if title.strip() else text
+
+
 def train_simulator(model, tok, rows, cfg, steps, batch_size, lr, seed=0):
     """Simulation fine-tuning: teach a causal LM to write the labelled documents of each row
     from the control prompt (query, question, answer, useful/noisy). Loss on the documents only."""
@@ -579,6 +801,34 @@ def train_simulator(model, tok, rows, cfg, steps, batch_size, lr, seed=0):
         target = tok.encode(" " + format_docs(docs), add_special_tokens=False) + [tok.eos_token_id]
         examples.append((prompt + target, [0] * len(prompt) + [1] * len(target)))
     return sft(model, examples, steps, batch_size, lr, seed, "simulator fine-tuning", tok.pad_token_id)
+
+
+# ---------------------------------------------------------------- python sim.py collect ...
+
+COLLECT_DEFAULTS = dict(out="rows.jsonl", n=20000)  # the paper fine-tuned on about 20k rows
+
+
+def collect(policy, tok, questions, engine, cfg, n, seed=0):
+    """Simulation fine-tuning rows the paper's way: the policy answers `questions` searching the real
+    `engine` (sampled, one batch at a time); every (query, documents) of a trajectory whose answer is
+    right (substring EM, the paper's EM) is labelled useful, of one whose answer is wrong noisy; the
+    two labels are balanced, n rows in all at most, in the form `python sim.py train` reads."""
+    rng, useful, noisy = random.Random(seed), [], []
+    order = rng.sample(range(len(questions)), len(questions))
+    for start in range(0, len(order), 128):
+        batch = [questions[i] for i in order[start:start + 128]]
+        ro = rollout(policy, tok, batch, engine, cfg, seeds=[seed * 1_000_003 + start + j for j in range(len(batch))])
+        for q, answer, queries, docs in zip(batch, ro.answers, ro.queries, ro.documents):
+            right = reward.substring_match(answer, q["golden_answers"])
+            rows = [dict(query=query, question=q["question"], answer=q["golden_answers"][0], documents=d,
+                         label="useful" if right else "noisy") for query, d in zip(queries, docs) if d]
+            (useful if right else noisy).extend(rows)
+        if min(len(useful), len(noisy)) >= n // 2:
+            break
+    keep = min(len(useful), len(noisy), n // 2)
+    rows = rng.sample(useful, keep) + rng.sample(noisy, keep)
+    rng.shuffle(rows)
+    return rows, len(useful), len(noisy)
 
 
 # ---------------------------------------------------------------- python sim.py train ...
@@ -609,21 +859,24 @@ def read_simulator_rows(path):
     return rows
 
 
-def main(argv):
-    """`python sim.py train data=rows.jsonl model=NAME_OR_DIR [out=DIR steps=N batch_size=N lr=X seed=N]
-    [preset=NAME --config FILE key=value ...]`: the arguments of TRAIN_DEFAULTS are the fine-tuning's
-    own; the rest choose the config (its `topk` and control prompt) exactly as for zerosearch.py."""
-    if not argv or argv[0] != "train":
-        raise SystemExit("usage: python sim.py train data=rows.jsonl model=NAME_OR_DIR [out=DIR steps=N batch_size=N lr=X seed=N] "
-                         "[preset=NAME] [--config FILE] [config key=value ...]")
-    args, config_args = dict(TRAIN_DEFAULTS), []
-    it = iter(argv[1:])
+def own_arguments(argv, defaults):
+    """-> (the command's own key=value arguments over `defaults`, the rest: config arguments)."""
+    args, config_args = dict(defaults), []
+    it = iter(argv)
     for arg in it:
         key, eq, value = arg.partition("=")
         if eq and key in args:
             args[key] = value
         else:
             config_args += [arg, next(it, "")] if arg == "--config" else [arg]
+    return args, config_args
+
+
+def train_main(argv):
+    """`python sim.py train data=rows.jsonl model=NAME_OR_DIR [out=DIR steps=N batch_size=N lr=X seed=N]
+    [preset=NAME --config FILE key=value ...]`: the arguments of TRAIN_DEFAULTS are the fine-tuning's
+    own; the rest choose the config (its `topk` and control prompt) exactly as for zerosearch.py."""
+    args, config_args = own_arguments(argv, TRAIN_DEFAULTS)
     cfg = config.load_config(config_args)
     for key in ("steps", "batch_size", "lr", "seed"):
         kind, text = type(TRAIN_DEFAULTS[key]), args[key]
@@ -655,6 +908,57 @@ def main(argv):
     model.save_pretrained(args["out"])
     tok.save_pretrained(args["out"])
     print(f"simulator fine-tuned on {len(rows)} rows ({args['steps']} steps, last loss {loss:.3f}), saved to {args['out']}")
+
+
+def collect_main(argv):
+    """`python sim.py collect policy_model=NAME_OR_DIR data=train.jsonl corpus=corpus.jsonl out=rows.jsonl
+    n=N [any config key=value]` (or eval_backend=retriever retriever_url=... for a served engine; with
+    data=world, the embedded world's train questions and BM25)."""
+    args, config_args = own_arguments(argv, COLLECT_DEFAULTS)
+    cfg = config.load_config(config_args)
+    try:
+        n = int(args["n"])
+    except ValueError:
+        n = 0
+    if n < 2:
+        raise SystemExit(f"error: sim.py collect: n={args['n']}: set n to the number of rows wanted, 2 or more")
+    if not cfg["policy_model"]:
+        raise SystemExit("error: sim.py collect needs policy_model=... (the paper used an instruct model, prompted; "
+                         "on the embedded world, its warm-up policy out_dir/build/<hash>/warmup)")
+    config.check_folder(os.path.dirname(os.path.abspath(args["out"])), "out")
+    if cfg["data"] == "world":
+        w = world.build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"])
+        questions, docs = w.train, w.docs
+    else:
+        questions = world.load_questions(cfg["data"])
+        docs = world.load_corpus(cfg["corpus"]) if cfg["eval_backend"] == "real" and cfg["corpus"] else None
+    try:
+        tok = world.load_tokenizer(cfg["policy_model"])
+        model = AutoModelForCausalLM.from_pretrained(cfg["policy_model"]).eval()
+    except OSError as e:
+        raise SystemExit(f"error: cannot load policy_model {cfg['policy_model']!r}: {str(e).splitlines()[0]}")
+    if cfg["eval_backend"] == "retriever":
+        engine = RetrieverEngine(cfg, tok)
+    elif docs is None:
+        raise SystemExit("error: sim.py collect searches a real engine: set corpus=corpus.jsonl, or "
+                         "eval_backend=retriever retriever_url=... (a served one)")
+    else:
+        engine = RealEngine(Retriever(docs), cfg)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    rows, n_useful, n_noisy = collect(model, tok, questions, engine, cfg, n, cfg["seed"])
+    with open(args["out"], "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    print(f"{len(rows)} rows ({len(rows) // 2} useful, {len(rows) // 2} noisy; collected {n_useful} useful and "
+          f"{n_noisy} noisy) written to {args['out']}")
+
+
+def main(argv):
+    commands = {"train": train_main, "collect": collect_main}
+    if not argv or argv[0] not in commands:
+        raise SystemExit("usage: python sim.py train data=rows.jsonl model=NAME_OR_DIR [out=DIR steps=N batch_size=N "
+                         "lr=X seed=N] [config key=value ...]\n   or: python sim.py collect policy_model=NAME_OR_DIR "
+                         "data=train.jsonl corpus=corpus.jsonl out=rows.jsonl n=N [config key=value ...]")
+    commands[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

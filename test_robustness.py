@@ -17,6 +17,7 @@ import build
 import config
 import parallel
 import ppo
+import reward
 import sim
 import world
 import zerosearch as zs
@@ -110,7 +111,7 @@ def test_bad_data_rows_are_one_line_with_file_and_line(tmp_path, content, match)
 def test_a_corpus_that_is_not_utf8_or_is_a_folder_is_one_line(tmp_path):
     (tmp_path / "corpus.jsonl").write_bytes(b'{"contents": "fine"}\n{"contents": "\xff\xfe"}\n')
     one_line_error(world.load_corpus, str(tmp_path / "corpus.jsonl"), match="corpus.jsonl:2: not UTF-8")
-    one_line_error(world.read_jsonl, str(tmp_path), match="is a folder")
+    one_line_error(lambda path: list(world.read_jsonl(path)), str(tmp_path), match="is a folder")
 
 
 def test_a_model_that_cannot_load_is_one_line_before_the_build(tmp_path):
@@ -235,9 +236,9 @@ def test_parsers_reward_and_rollout_masks_survive_random_bytes_and_token_ids(tok
     for _ in range(2000):
         text = "".join(rng.choice(pieces) if rng.random() < 0.7 else chr(rng.randrange(0x10FFFF // 64))
                        for _ in range(rng.randrange(30)))
-        action, answer = zs.parse_action(text), zs.extract_answer(text)
+        action, answer = sim.parse_action(text), reward.extract_answer(text)
         assert action is None or (action[0] in ("search", "answer") and isinstance(action[1], str))
-        for fn in (zs.f1_score, zs.exact_match, zs.substring_match):
+        for fn in (reward.f1_score, reward.exact_match, reward.substring_match):
             assert 0.0 <= fn(answer, [text or "x", "alpha"]) <= 1.0
     cfg = config.load_config(["max_turns=2", "max_turn_tokens=12", "max_response_tokens=60"])
     model = world.tiny_model(len(tok), 16, 1, 2, seed=0)
@@ -253,9 +254,9 @@ def test_parsers_reward_and_rollout_masks_survive_random_bytes_and_token_ids(tok
 
     questions = [dict(question=f"alpha {i}", golden_answers=["one"]) for i in range(16)]
     for trial in range(3):
-        ro = zs.rollout(model, tok, questions, RandomDocs(), dict(cfg, temperature=1.0), seeds=[trial * 100 + i for i in range(16)])
+        ro = sim.rollout(model, tok, questions, RandomDocs(), dict(cfg, temperature=1.0), seeds=[trial * 100 + i for i in range(16)])
         for r, m, a in zip(ro.response_ids, ro.response_mask, ro.answers):
             assert len(r) == len(m) <= cfg["max_response_tokens"] and set(m) <= {0, 1}
-            assert a == zs.extract_answer(tok.decode([t for t, keep in zip(r, m) if keep]))
+            assert a == reward.extract_answer(tok.decode([t for t, keep in zip(r, m) if keep]))
         ids, attn, mask = zs.to_batch(ro, tok.pad_token_id, "cpu")
         assert mask.sum().item() == sum(map(sum, ro.response_mask)) and bool((mask <= attn).all())

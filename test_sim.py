@@ -416,3 +416,98 @@ def test_prompted_style_noisy_prompt_leaves_out_the_question_and_answer():
         assert "where was zeta born ?" in useful and "gammatown" in useful and "zeta birthplace" in useful
         assert ("where was zeta born ?" in noisy, "gammatown" in noisy) == (noisy_has_them, noisy_has_them)
         assert "zeta birthplace" in noisy and "noisy" in noisy
+
+
+def one_prompt_server(path):
+    """Like transformers serve: one prompt a request, as a string; a list is refused with HTTP 400."""
+    answer = sampling_server(path)
+
+    def respond(body):
+        if not isinstance(body["prompt"], str):
+            return 400, {"detail": "prompt must be a string."}
+        return answer(dict(body, prompt=[body["prompt"]]))
+    return respond
+
+
+@pytest.mark.parametrize("batching", ["auto", "single"])
+def test_a_server_that_takes_one_prompt_a_request_gets_them_one_by_one_in_order(tmp_path, batching):
+    path = successor_simulator(tmp_path / "sim")
+    local = sim.SimEngine(Qwen2ForCausalLM.from_pretrained(path), world.load_tokenizer(path), CFG)
+    with serve(one_prompt_server(path)) as (url, bodies):
+        engine = sim.HttpEngine(dict(CFG, sim_url=url, sim_batching=batching), world.load_tokenizer(path), "tiny-sim")
+        docs = engine.search(REQUESTS, 0.5, SEEDS)
+        again = engine.search(REQUESTS, 0.5, SEEDS)
+    assert docs == again == local.search(REQUESTS, 0.5, SEEDS)  # the same documents, in the requests' order
+    singles = [b for b in bodies if isinstance(b["prompt"], str)]
+    assert len(singles) == 2 * len(REQUESTS) and len(bodies) == len(singles) + (batching == "auto")  # one list refused
+    assert sorted(b["seed"] for b in singles[:len(REQUESTS)]) == sorted(SEEDS)  # each prompt its own seed
+
+
+def test_transformers_serve_itself_serves_the_http_engine(tmp_path):
+    """`transformers serve` (transformers' own OpenAI-compatible server) with a tiny simulator, where
+    transformers[serving] is installed."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import shutil
+    import subprocess
+    if not shutil.which("transformers"):
+        pytest.skip("no transformers command line")
+    path = successor_simulator(tmp_path / "sim")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(["transformers", "serve", "--port", str(port), "--host", "127.0.0.1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        cfg = dict(CFG, sim_url=f"http://127.0.0.1:{port}/v1", sim_batching="auto", sim_retries=8, sim_timeout=60)
+        engine = sim.HttpEngine(cfg, world.load_tokenizer(path), path)
+        docs = engine.search(REQUESTS[:2], 0.0, SEEDS[:2])
+        assert engine.batching == "single" and len(docs) == 2 and all(isinstance(d, list) for d in docs)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+# ---------------------------------------------------------------- python sim.py collect
+
+def test_collect_labels_each_search_by_the_answer_balances_and_train_takes_the_rows(tmp_path, monkeypatch):
+    """A scripted policy searches the right query for every question, then answers the even ones right
+    and the odd ones wrong: their (query, documents) rows are useful and noisy, balanced."""
+    w = world.build_world(0, 300, 90)
+    cfg = config.load_config(["world_persons=300", "world_companies=90"])
+    tok = world.world_tokenizer(w, cfg)
+    questions = [q for q in w.train if q["hops"] == 1][:12]
+    engine = sim.RealEngine(sim.Retriever(w.docs), cfg)
+    row_of = {q["question"]: i for i, q in enumerate(questions)}
+
+    def scripted(model, prompts, max_new_tokens, **kw):
+        out = []
+        for p in prompts:
+            text = tok.decode(p)
+            i = next(row_of[question] for question in row_of if question in text)
+            q = questions[i]
+            turn = (f"<answer> {q['golden_answers'][0] if i % 2 == 0 else 'Nowhere'} </answer>" if "Doc 1" in text
+                    else f"<search> {world.right_query(q['subject'], q['relation'])} </search>")
+            out.append(tok.encode(turn))
+        return out, [[0.0] * len(o) for o in out]
+
+    monkeypatch.setattr(sim, "sample", scripted)
+    rows, n_useful, n_noisy = sim.collect(None, tok, questions, engine, cfg, n=8)
+    assert (n_useful, n_noisy) == (6, 6) and len(rows) == 8
+    assert sorted(r["label"] for r in rows) == ["noisy"] * 4 + ["useful"] * 4
+    for r in rows:
+        i = row_of[r["question"]]
+        assert r["label"] == ("useful" if i % 2 == 0 else "noisy")
+        assert r["query"] == world.right_query(questions[i]["subject"], questions[i]["relation"])
+        assert r["documents"] == engine.search([{"query": r["query"]}])[0]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    read = sim.read_simulator_rows(str(tmp_path / "rows.jsonl"))
+    model = world.tiny_model(len(tok), 16, 1, 2, seed=0)
+    assert read == rows and sim.train_simulator(model, tok, read, cfg, steps=2, batch_size=2, lr=1e-3) > 0
+
+
+def test_collect_needs_a_policy_and_a_real_engine():
+    with pytest.raises(SystemExit, match="needs policy_model"):
+        sim.main(["collect", "n=10"])
+    with pytest.raises(SystemExit, match="set n to"):
+        sim.main(["collect", "n=1"])

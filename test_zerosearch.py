@@ -11,6 +11,7 @@ import pytest
 
 import build
 import config
+import reward
 import sim
 import world
 import zerosearch as zs
@@ -26,38 +27,38 @@ HERE = os.path.dirname(os.path.abspath(__file__))
     ("1,000 years.", "1000 years"),
 ])
 def test_normalize_answer_follows_squad(text, expected):
-    assert zs.normalize_answer(text) == expected
+    assert reward.normalize_answer(text) == expected
 
 
 def test_extract_answer_takes_the_last_answer_of_the_response():
-    assert zs.extract_answer("<answer> a </answer> then <answer> b </answer>") == "b"
-    assert zs.extract_answer("<answer>\nmulti\nline </answer>") == "multi\nline"
-    assert zs.extract_answer("no tags here") is None
-    assert zs.extract_answer("<answer> unclosed") is None
-    assert zs.extract_answer(None) is None
+    assert reward.extract_answer("<answer> a </answer> then <answer> b </answer>") == "b"
+    assert reward.extract_answer("<answer>\nmulti\nline </answer>") == "multi\nline"
+    assert reward.extract_answer("no tags here") is None
+    assert reward.extract_answer("<answer> unclosed") is None
+    assert reward.extract_answer(None) is None
 
 
 def test_scores_of_a_missing_answer_are_zero_and_never_raise():
-    for fn in (zs.f1_score, zs.exact_match, zs.substring_match):
+    for fn in (reward.f1_score, reward.exact_match, reward.substring_match):
         assert fn(None, ["x"]) == 0.0
         assert fn("", ["x"]) == 0.0
 
 
 def test_f1_is_word_overlap_f1_max_over_golds():
     # pred "the red big house" -> [red, big, house]; gold "big house" -> p = 2/3, r = 1, F1 = 0.8
-    assert zs.f1_score("the red big house", ["big house"]) == pytest.approx(0.8)
-    assert zs.f1_score("the red big house", ["nothing", "big house", "red big house"]) == pytest.approx(1.0)
-    assert zs.f1_score("Paris", ["London"]) == 0.0
-    assert zs.f1_score("a", ["the"]) == 0.0  # both normalise to nothing
+    assert reward.f1_score("the red big house", ["big house"]) == pytest.approx(0.8)
+    assert reward.f1_score("the red big house", ["nothing", "big house", "red big house"]) == pytest.approx(1.0)
+    assert reward.f1_score("Paris", ["London"]) == 0.0
+    assert reward.f1_score("a", ["the"]) == 0.0  # both normalise to nothing
 
 
 def test_exact_and_substring_match():
-    assert zs.exact_match("The Beatles.", ["beatles"]) == 1.0
-    assert zs.exact_match("The Beatles band", ["beatles"]) == 0.0
-    assert zs.substring_match("The Beatles band", ["beatles"]) == 1.0
-    assert zs.substring_match("Beatlesque", ["beatles"]) == 1.0  # a plain substring, as the official check
-    assert zs.substring_match("1990s", ["1990"]) == 1.0 and zs.substring_match("1989", ["1990"]) == 0.0
-    assert zs.substring_match("anything", [""]) == 0.0
+    assert reward.exact_match("The Beatles.", ["beatles"]) == 1.0
+    assert reward.exact_match("The Beatles band", ["beatles"]) == 0.0
+    assert reward.substring_match("The Beatles band", ["beatles"]) == 1.0
+    assert reward.substring_match("Beatlesque", ["beatles"]) == 1.0  # a plain substring, as the official check
+    assert reward.substring_match("1990s", ["1990"]) == 1.0 and reward.substring_match("1989", ["1990"]) == 0.0
+    assert reward.substring_match("anything", [""]) == 0.0
 
 
 # ----------------------------------------------------------------------------- curriculum
@@ -178,7 +179,7 @@ def test_rollout_stops_at_search_inserts_documents_and_masks_them(tiny_tok, monk
     scripted = ScriptedPolicy(tok, scripts, lambda p: next(i for i, pr in enumerate(prompts) if p[:len(pr)] == pr))
     monkeypatch.setattr(sim, "sample", scripted)
     engine = RecordingEngine()
-    ro = zs.rollout(None, tok, questions, engine, cfg)
+    ro = sim.rollout(None, tok, questions, engine, cfg)
     assert engine.requests == [["alpha"]]                      # one batched call, only the searching row
     assert scripted.calls[0]["stop"] == ("</search>", "</answer>") and scripted.calls[1]["n"] == 1
     obs = tok.encode("\n\n<information>Doc 1: q0 doc about alpha .</information>\n\n")  # Search-R1's form
@@ -197,7 +198,7 @@ def test_rollout_honours_max_turns_then_disables_search(tiny_tok, monkeypatch):
     scripted = ScriptedPolicy(tok, scripts, lambda p: 0)
     monkeypatch.setattr(sim, "sample", scripted)
     engine = RecordingEngine()
-    ro = zs.rollout(None, tok, q, engine, cfg)
+    ro = sim.rollout(None, tok, q, engine, cfg)
     assert engine.requests == [["alpha"], ["beta"]]             # the third search is not executed
     assert [c["stop"] for c in scripted.calls] == [("</search>", "</answer>")] * 2 + [("</answer>",)]
     assert ro.searches == [2] and ro.answers == [None]
@@ -211,7 +212,7 @@ def test_a_turn_with_neither_action_gets_the_invalid_action_observation_and_coun
     scripted = ScriptedPolicy(tok, [{"turns": turns, "done": []}], lambda p: 0)
     monkeypatch.setattr(sim, "sample", scripted)
     engine = RecordingEngine()
-    ro = zs.rollout(None, tok, q, engine, cfg)
+    ro = sim.rollout(None, tok, q, engine, cfg)
     invalid = tok.encode(" " + cfg["invalid_action"])
     docs = tok.encode("\n\n<information>Doc 1: q0 doc about alpha .</information>\n\n")
     t0, t1, t2 = (tok.encode(t) for t in turns)
@@ -221,7 +222,7 @@ def test_a_turn_with_neither_action_gets_the_invalid_action_observation_and_coun
     assert [c["stop"] for c in scripted.calls][-1] == ("</answer>",)  # the invalid turn used up turn 0 of max_turns
     # invalid_action empty: a turn without an action ends the trajectory
     monkeypatch.setattr(sim, "sample", ScriptedPolicy(tok, [{"turns": turns, "done": []}], lambda p: 0))
-    ro = zs.rollout(None, tok, q, RecordingEngine(), dict(cfg, invalid_action=""))
+    ro = sim.rollout(None, tok, q, RecordingEngine(), dict(cfg, invalid_action=""))
     assert ro.response_ids[0] == t0 and ro.answers == [None]
 
 
@@ -232,7 +233,7 @@ def test_the_turns_first_action_is_taken_even_with_text_after_it(tiny_tok, monke
     turns = ["<search> alpha </search> .", "<answer> one </answer> <search> beta </search>"]
     monkeypatch.setattr(sim, "sample", ScriptedPolicy(tok, [{"turns": turns, "done": []}], lambda p: 0))
     engine = RecordingEngine()
-    ro = zs.rollout(None, tok, q, engine, cfg)
+    ro = sim.rollout(None, tok, q, engine, cfg)
     assert engine.requests == [["alpha"]] and ro.searches == [1] and ro.answers == ["one"]
 
 
@@ -244,7 +245,7 @@ def test_an_answer_cut_off_by_the_response_budget_is_not_rewarded(tiny_tok, monk
     kept = len(tok.encode(turns[0])) + len(tok.encode("\n\n<information>Doc 1: q0 doc about alpha .</information>\n\n")) + 2
     for budget, answer in ((kept, None), (kept + 10, "one")):
         monkeypatch.setattr(sim, "sample", ScriptedPolicy(tok, [{"turns": list(turns), "done": []}], lambda p: 0))
-        ro = zs.rollout(None, tok, q, RecordingEngine(), config.load_config(["max_turns=2", f"max_response_tokens={budget}"]))
+        ro = sim.rollout(None, tok, q, RecordingEngine(), config.load_config(["max_turns=2", f"max_response_tokens={budget}"]))
         assert len(ro.response_ids[0]) <= budget and ro.answers == [answer]
         assert zs.score(ro, q) == [0.0 if answer is None else 1.0]
 
@@ -255,13 +256,13 @@ def test_chat_template_wraps_the_policy_prompt_and_is_required_when_on(tiny_tok,
     monkeypatch.setattr(sim, "sample", ScriptedPolicy(tok, [{"turns": ["<answer> two </answer>"], "done": []}], lambda p: 0))
     tok.chat_template = "{% for m in messages %}Question : {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} answer :{% endif %}"
     try:
-        ro = zs.rollout(None, tok, q, RecordingEngine(), cfg)
+        ro = sim.rollout(None, tok, q, RecordingEngine(), cfg)
         assert ro.prompt_ids[0] == tok.encode("Question : " + cfg["prompt_template"].format(question="q1") + " answer :")
         assert ro.answers == ["two"]
     finally:
         tok.chat_template = None
     with pytest.raises(SystemExit, match="has no chat template; set it to false"):
-        zs.rollout(None, tok, q, RecordingEngine(), cfg)
+        sim.rollout(None, tok, q, RecordingEngine(), cfg)
 
 
 def test_answer_is_taken_from_policy_tokens_never_from_documents(tiny_tok, monkeypatch):
@@ -274,12 +275,12 @@ def test_answer_is_taken_from_policy_tokens_never_from_documents(tiny_tok, monke
         def search(self, requests, noise_prob, seed):
             return [["<answer> one </answer>"]]
 
-    ro = zs.rollout(None, tok, q, Leaky(), cfg)
+    ro = sim.rollout(None, tok, q, Leaky(), cfg)
     assert ro.answers == [None]
 
 
 def test_to_batch_aligns_response_mask_with_tokens(tiny_tok):
-    ro = zs.Rollout(prompt_ids=[[5, 6], [7]], response_ids=[[8, 9, 10], [11]], response_mask=[[1, 0, 1], [1]],
+    ro = sim.Rollout(prompt_ids=[[5, 6], [7]], response_ids=[[8, 9, 10], [11]], response_mask=[[1, 0, 1], [1]],
                     answers=[None, None], searches=[0, 0])
     ids, attn, rmask = zs.to_batch(ro, pad_id=0, device="cpu")
     assert ids.tolist() == [[5, 6, 8, 9, 10], [7, 11, 0, 0, 0]]
@@ -389,3 +390,41 @@ def test_reading_check_moves_only_the_answer_bearing_document_to_each_position()
     assert moved[1] == [["B", "A", "C"], ["A", "B", "C"]]  # a query whose results miss the answer: unchanged
     assert moved[2] == [["A", "B", "C"], ["A", "B", "C"]]
     assert moved[3] == [["A", "C", "B"], ["A", "B", "C"]]
+
+
+def test_mode_eval_on_the_saved_policy_repeats_row_c_and_writes_every_prediction(tmp_path):
+    out = tmp_path / "out"
+    run = [sys.executable, os.path.join(HERE, "zerosearch.py"), "preset=smoke", "baseline=false", "threads=1"]
+    assert subprocess.run(run + [f"out_dir={out}"], capture_output=True, timeout=600).returncode == 0
+    trained = json.load(open(out / "results.json"))
+    evaluated = subprocess.run(run + ["mode=eval", f"policy_model={out / 'policy_zerosearch'}", f"out_dir={tmp_path / 'eval'}"],
+                               capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    results = json.load(open(tmp_path / "eval" / "results.json"))
+    row_c = next(v for k, v in trained.items() if k.startswith("(c)"))
+    assert results[str(out / "policy_zerosearch")] == row_c and results["reading"] == trained["reading"]
+    for folder in (out, tmp_path / "eval"):  # a training run writes its final evaluation's predictions too
+        rows = [json.loads(line) for line in open(folder / "predictions.jsonl")]
+        assert [r["set"] for r in rows] == ["single-hop"] * row_c["single-hop"]["n"] + ["two-hop"] * row_c["two-hop"]["n"]
+        for r in rows:
+            assert r["substring_em"] == reward.substring_match(r["prediction"], r["golden_answers"])
+            assert r["prediction"] is None or f"<answer> {r['prediction']} </answer>" in r["response"]
+    assert "strict EM" in open(tmp_path / "eval" / "results.md").read()
+
+
+def test_mode_ask_prints_the_trajectory_with_useful_and_noisy_documents(tmp_path):
+    out = tmp_path / "out"
+    base = [sys.executable, os.path.join(HERE, "zerosearch.py"), "preset=smoke", "threads=1", f"out_dir={out}", "mode=ask"]
+    w = world.build_world(0, 600, 200)
+    question = next(q for q in w.test if q["hops"] == 1)["question"]
+    shown = {}
+    for noise in ("0", "1"):
+        r = subprocess.run(base + ["ask_engine=sim", f"noise_prob={noise}"], input=question + "\n", capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        shown[noise] = r.stdout
+        assert f"question: {question}" in r.stdout and "  policy: " in r.stdout and "  answer: " in r.stdout
+    if "engine (" in shown["0"]:  # the tiny smoke policy searched: the simulator's documents are labelled
+        assert "engine (useful)" in shown["0"] and "engine (noisy)" in shown["1"] and "noisy" not in shown["0"]
+    real = subprocess.run(base + [f"question={question}"], capture_output=True, text=True, timeout=600)
+    assert real.returncode == 0 and "(useful)" not in real.stdout and f"question: {question}" in real.stdout

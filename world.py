@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 TAGS = ["<think>", "</think>", "<search>", "</search>", "<information>", "</information>",
@@ -133,28 +134,20 @@ SUBJECT_TYPE = {"birthplace": "person", "birthyear": "person", "company": "perso
                 "founder": "company", "headquarters": "company", "foundedyear": "company"}
 
 
-def find_fact(docs, subject, relation):
-    """The value `relation` of `subject` as stated by one of `docs`, or None: reading a result
-    list the way a reader who can read would (the founder sentence answers "which company")."""
-    for d in docs:
-        fact = parse_doc(d)
-        if fact is None:
-            continue
+def answering_doc(docs, subject, relation):
+    """The index of the document a reader answers a question of `relation` about `subject` from:
+    the one that states it (the founder sentence answers "which company"), else the first that
+    states that relation about anyone; None if no document states the relation."""
+    def states(fact, about_subject):
         s, r, o = fact
-        if relation == "company" and r == "founder" and o == subject:
-            return s
-        if r == relation and s == subject:
-            return o
-    return None
-
-
-def first_of_relation(docs, relation):
-    """The value a question of `relation` takes from the first of `docs` that states that relation
-    about anyone, or None: what a reader answers when no result is about the question's entity."""
-    for d in docs:
-        fact = parse_doc(d)
-        if fact and (fact[1] == relation or relation == "company" and fact[1] == "founder"):
-            return fact[0] if relation == "company" else fact[2]
+        if relation == "company":
+            return r == "founder" and (o == subject or not about_subject)
+        return r == relation and (s == subject or not about_subject)
+    facts = [parse_doc(d) for d in docs]
+    for about_subject in (True, False):
+        found = next((j for j, f in enumerate(facts) if f and states(f, about_subject)), None)
+        if found is not None:
+            return found
     return None
 
 
@@ -172,8 +165,9 @@ def warmup_trajectory(q, search, information, names, rng, p_right=0.3, p_vague=0
     searches vaguely) and names another train entity otherwise. The results come in a random order
     (the engine ranks the fact a right query asks for first, and a policy warmed up on ranked
     results learns to copy Doc 1) and the answer is read from them as a reader would: the
-    document about the question's entity and relation, else the first about the relation, so
-    it is right only when every query was. The warm-up policy knows how to search and
+    document about the question's entity and relation, else the first about the relation
+    (`answering_doc`), quoted in a <think> before its value is taken, so it is right only when
+    every query was. The warm-up policy knows how to search and
     read but not what to search for: its accuracy starts honestly low and RL has to find the rest.
     `names[type]` lists train entities only. Returns the response text and its queries."""
     hops = [q["relation"]] if q["hops"] == 1 else list(TWO_HOP[q["relation"]][1:])
@@ -186,7 +180,10 @@ def warmup_trajectory(q, search, information, names, rng, p_right=0.3, p_vague=0
         docs = rng.sample(docs, len(docs))  # in any order: the answer must be read, not copied from Doc 1
         queries.append(query)
         text += f" <search> {query} </search>{information(docs)}"
-        subject = find_fact(docs, subject, relation) or first_of_relation(docs, relation) or subject
+        j = answering_doc(docs, subject, relation)
+        if j is not None:  # quote the document that answers, then take its value: reading, one step at a time
+            text += f" <think> Doc {j + 1} : {docs[j]} </think>"
+            subject = answer_from_doc(docs[j], relation)
     return text + f" <answer> {subject} </answer>", queries
 
 
@@ -230,13 +227,13 @@ def tiny_model(vocab_size, hidden_size, layers, heads, seed, num_labels=None):
 
 
 def read_jsonl(path):
-    """(line number, object) for each line of a JSONL file; blank lines are skipped, any other line
-    that is not a JSON object (or not UTF-8) is one clear error."""
-    rows = []
+    """(line number, object) for each line of a JSONL file, one at a time (a corpus of millions of lines
+    is never held twice; a progress bar shows when reading takes a while); blank lines are skipped,
+    any other line that is not a JSON object (or not UTF-8) is one clear error."""
     if os.path.isdir(path):
         raise SystemExit(f"error: {path} is a folder; name a JSONL file, one JSON object a line")
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
+        for n, raw in enumerate(tqdm(f, desc=f"reading {os.path.basename(path)}", unit=" lines", delay=2), 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -249,8 +246,7 @@ def read_jsonl(path):
                 row = None
             if not isinstance(row, dict):
                 raise SystemExit(f"error: {path}:{n}: not a JSON object; the file must hold one JSON object a line")
-            rows.append((n, row))
-    return rows
+            yield n, row
 
 
 def load_questions(path):

@@ -10,16 +10,12 @@ from the paper; config.yaml lists every key.
     python zerosearch.py algo=grpo steps=40 out_dir=out/grpo   # any key of config.yaml as key=value
     torchrun --nproc_per_node=8 zerosearch.py preset=paper data=... eval_data=... corpus=...
 """
-import collections
 import json
 import os
 import random
-import re
-import string
 import sys
 import time
 import urllib.parse
-from dataclasses import dataclass
 
 import torch
 import yaml
@@ -32,50 +28,9 @@ import config
 import parallel
 import plots
 import ppo
+import reward
 import sim
 import world
-
-
-# ----------------------------------------------------------------------------- reward
-def normalize_answer(text):
-    """SQuAD normalisation: lower case, drop punctuation and articles, collapse white space."""
-    text = "".join(ch for ch in str(text).lower() if ch not in set(string.punctuation))
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
-
-
-def extract_answer(response_text):
-    """The text inside the last <answer>...</answer> of the response, or None. Pass the
-    *response* only: the prompt holds example tags that must never be scored."""
-    found = re.findall(r"<answer>(.*?)</answer>", response_text or "", flags=re.DOTALL)
-    return found[-1].strip() if found else None
-
-
-def f1_score(prediction, golds):
-    """Word-level F1 (SQuAD), max over the gold answers; 0 for no answer."""
-    if prediction is None:
-        return 0.0
-    pred, best = normalize_answer(prediction).split(), 0.0
-    for gold in golds:
-        gold = normalize_answer(gold).split()
-        common = sum((collections.Counter(pred) & collections.Counter(gold)).values())
-        if common:
-            p, r = common / len(pred), common / len(gold)
-            best = max(best, 2 * p * r / (p + r))
-    return best
-
-
-def exact_match(prediction, golds):
-    """Strict EM: the normalised prediction equals a normalised gold answer."""
-    return float(prediction is not None and normalize_answer(prediction) in {normalize_answer(g) for g in golds})
-
-
-def substring_match(prediction, golds):
-    """What the paper's tables call EM (the official code's check): a normalised gold answer occurs
-    in the normalised prediction, as a plain substring ("1990" is in "1990s")."""
-    if prediction is None:
-        return 0.0
-    pred = normalize_answer(prediction)
-    return float(any(normalize_answer(g) in pred for g in golds if normalize_answer(g)))
 
 
 # ----------------------------------------------------------------------------- curriculum
@@ -92,77 +47,7 @@ def curriculum_noise(step, cfg):
     return noise_probability(step, cfg["steps"], cfg["p_start"], cfg["p_end"], cfg["curriculum_base"])
 
 
-# ----------------------------------------------------------------------------- rollout
-@dataclass
-class Rollout:
-    """B trajectories as token lists (ragged); `to_batch` pads them into tensors."""
-    prompt_ids: list      # B x [prompt tokens]
-    response_ids: list    # B x [response tokens]: sampled actions and injected observations
-    response_mask: list   # B x [1 where the policy sampled the token, 0 inside <information>]
-    answers: list         # B x (answer text or None), from the policy's own tokens
-    searches: list        # B x number of searches made
-    engine_seconds: float = 0.0  # time spent in the engine's calls (the rest of the rollout is sampling)
-
-
-def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seeds=None, greedy=False, max_turns=None, template=None):
-    """Search-R1/ZeroSearch rollout of many sequences at once. Each turn samples every active
-    sequence until `</search>` or `</answer>`; the queries of the whole batch go to the engine
-    in one call; its documents come back inside <information> (masked out of every loss) and
-    generation resumes; a turn with neither action gets the paper's fixed "invalid action" observation
-    (`invalid_action`) and tries again. After `max_turns` turns one last turn has search disabled. `seeds`, one
-    int per question (default 0, 1, ...): a row's tokens and its searches draw from streams of its
-    own, so a question samples the same in any batch, on one process or N."""
-    max_turns = cfg["max_turns"] if max_turns is None else max_turns
-    template = template or cfg["prompt_template"]
-    prompts = [sim.prompt_ids(tok, template.format(question=q["question"]), cfg["chat_template"]) for q in questions]
-    resp, mask, searches = [[] for _ in questions], [[] for _ in questions], [0] * len(questions)
-    active, engine_seconds = list(range(len(questions))), 0.0
-    seeds = list(range(len(questions))) if seeds is None else seeds
-    for turn in range(max_turns + 1):
-        if not active:
-            break
-        last = turn == max_turns
-        new, _ = sim.sample(policy, [prompts[i] + resp[i] for i in active], cfg["max_turn_tokens"],
-                        temperature=0.0 if greedy else cfg["temperature"], top_p=cfg["top_p"],
-                        stop=("</answer>",) if last else ("</search>", "</answer>"),
-                        eos_token_id=tok.eos_token_id, seed=[seeds[i] * 1000 + turn for i in active], tokenizer=tok)
-        requests, invalid = [], []  # (batch row, query): rows are kept with their own question (fault 1 of the public code)
-        for i, toks in zip(active, new):
-            resp[i] += toks
-            mask[i] += [1] * len(toks)
-            text = tok.decode(toks)
-            if last or len(resp[i]) >= cfg["max_response_tokens"]:
-                continue
-            action = parse_action(text)
-            if action and action[0] == "search":
-                requests.append((i, action[1]))
-            elif not action and cfg["invalid_action"]:
-                invalid.append(i)  # neither search nor answer: the fixed "invalid action" observation, try again
-        t0 = time.time()
-        docs = engine.search([dict(questions[i], query=q) for i, q in requests], noise_prob,
-                             [seeds[i] * 1000 + 500 + turn for i, _ in requests]) if requests else []  # not the policy's stream
-        engine_seconds += time.time() - t0
-        observations = {i: sim.information(d) for (i, _), d in zip(requests, docs)}
-        observations.update({i: " " + cfg["invalid_action"] for i in invalid})
-        for i, obs in observations.items():
-            obs = tok.encode(obs, add_special_tokens=False)
-            resp[i] += obs
-            mask[i] += [0] * len(obs)
-        for i, _ in requests:
-            searches[i] += 1
-        active = sorted(observations)
-    # the response is cut to its budget before the answer is read: the reward is for tokens that are trained
-    resp, mask = [r[:cfg["max_response_tokens"]] for r in resp], [m[:cfg["max_response_tokens"]] for m in mask]
-    answers = [extract_answer(tok.decode([t for t, m in zip(r, ms) if m])) for r, ms in zip(resp, mask)]
-    return Rollout(prompts, resp, mask, answers, searches, engine_seconds)
-
-
-def parse_action(text):
-    """The turn's first action, as Search-R1 reads it: ("search" | "answer", its text), or None."""
-    found = re.search(r"<(search|answer)>(.*?)</\1>", text, flags=re.DOTALL)
-    return (found.group(1), found.group(2).strip()) if found else None
-
-
+# ----------------------------------------------------------------------------- batches and reward
 def to_batch(ro, pad_id, device, mask_information=True):
     """Right-padded tensors [B, T] of prompt + response; response_mask is 1 on the tokens trained: the
     sampled ones, or with mask_information=False every response token, <information> included."""
@@ -180,25 +65,33 @@ def to_batch(ro, pad_id, device, mask_information=True):
 
 def score(ro, questions, kind="f1"):
     """Per-sequence outcome reward: F1 (paper) or strict EM of the answer against the golds."""
-    fn = f1_score if kind == "f1" else exact_match
+    fn = reward.f1_score if kind == "f1" else reward.exact_match
     return [fn(a, q["golden_answers"]) for a, q in zip(ro.answers, questions)]
 
 
 # ----------------------------------------------------------------------------- evaluation
-def evaluate(policy, tok, eval_sets, engine, cfg, ctx, max_turns=None, template=None):
+def evaluate(policy, tok, eval_sets, engine, cfg, ctx, max_turns=None, template=None, predictions=None):
     """Greedy rollouts on each evaluation set -> {set: {"em", "substring_em", "f1", "n"}}; the
-    questions are sharded over processes and the sums reduced."""
+    questions are sharded over processes and the sums reduced. `predictions`, a list: one row per
+    question is appended on process 0 (set, question, golden answers, the whole response, the
+    queries, the prediction and its scores)."""
     out = {}
     for name, questions in eval_sets.items():
         mine = questions[ctx.rank::ctx.world]
-        sums = torch.zeros(4, dtype=torch.float64)
+        sums, rows = torch.zeros(4, dtype=torch.float64), []
         for i in range(0, len(mine), 128):
             qs = mine[i:i + 128]
             with ppo.autocast(getattr(torch, cfg["dtype"]), ctx.device):  # the precision of training's rollouts
-                ro = rollout(policy, tok, qs, engine, cfg, greedy=True, max_turns=max_turns, template=template)
-            for a, q in zip(ro.answers, qs):
-                sums += torch.tensor([exact_match(a, q["golden_answers"]), substring_match(a, q["golden_answers"]),
-                                      f1_score(a, q["golden_answers"]), 1.0], dtype=torch.float64)
+                ro = sim.rollout(policy, tok, qs, engine, cfg, greedy=True, max_turns=max_turns, template=template)
+            for a, q, response, queries in zip(ro.answers, qs, ro.response_ids, ro.queries):
+                golds = q["golden_answers"]
+                scores = {"em": reward.exact_match(a, golds), "substring_em": reward.substring_match(a, golds),
+                          "f1": reward.f1_score(a, golds)}
+                sums += torch.tensor([*scores.values(), 1.0], dtype=torch.float64)
+                rows.append({"set": name, "question": q["question"], "golden_answers": golds,
+                             "response": tok.decode(response), "queries": queries, "prediction": a, **scores})
+        if predictions is not None:
+            predictions += [row for part in ctx.gather(rows) for row in part] if ctx.master else []
         sums = ctx.all_sum(sums)
         n = max(sums[3].item(), 1)
         out[name] = {"em": sums[0].item() / n, "substring_em": sums[1].item() / n, "f1": sums[2].item() / n, "n": int(sums[3])}
@@ -334,7 +227,7 @@ class Stopwatch:
 def step_metrics(name, step, ro, qs, scores, engine, noise_prob, seconds, adv_stats, stats, ctx):
     """One metrics.jsonl row: rewards and counts summed over processes, statistics averaged; the
     step's time split as time/<stage> (this process's, or process 0's under torchrun)."""
-    em = [substring_match(a, q["golden_answers"]) for a, q in zip(ro.answers, qs)]
+    em = [reward.substring_match(a, q["golden_answers"]) for a, q in zip(ro.answers, qs)]
     sums = ctx.sum_stats({"reward": scores.sum().item(), "em": sum(em), "searches": sum(ro.searches),
                           "sampled": sum(sum(m) for m in ro.response_mask), "n": len(qs), **engine.stats})
     engine_totals = {f"sim/{k}": int(sums[k]) for k in engine.stats}
@@ -384,7 +277,7 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
         noise_prob = curriculum_noise(step, cfg)
         with ppo.autocast(compute, ctx.device):  # one precision on every path: N processes sample as one
             policy = parallel.sampler_model(actor.model, sampler_copy)
-            ro = rollout(policy, tok, qs, engine, cfg, noise_prob=noise_prob, seeds=seeds)
+            ro = sim.rollout(policy, tok, qs, engine, cfg, noise_prob=noise_prob, seeds=seeds)
         clock.lap("sample", minus={"engine": ro.engine_seconds})
         # 3. reward: F1 of the final answer
         scores = torch.tensor(score(ro, qs, cfg["reward"]), device=ctx.device)
@@ -436,10 +329,11 @@ def rl_seed(cfg):
 
 # ----------------------------------------------------------------------------- main
 def setup(cfg, ctx):
-    """Tokenizer, train questions, evaluation sets, the real retriever, the simulator's
-    and the starting policy's paths: built here for the embedded world, else from the config."""
+    """Tokenizer, train questions, evaluation sets, the in-process BM25 retriever (None when no engine
+    searches it), the simulator's and the starting policy's paths: built here for the embedded world,
+    else from the config."""
     if cfg["data"] == "world":
-        if cfg["policy_model"] and cfg["sim_model"]:  # real models on the world: no tiny model to build
+        if cfg["policy_model"] and (cfg["sim_model"] or not uses_simulator(cfg)):  # no tiny model to build
             w = world.build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"])
             retriever, sim_path, policy_path = sim.Retriever(w.docs), None, None
         else:
@@ -456,8 +350,12 @@ def setup(cfg, ctx):
         return tok, train_qs, eval_sets, retriever, cfg["sim_model"] or sim_path, cfg["policy_model"] or policy_path, knowledge
     if not cfg["policy_model"]:
         raise SystemExit("error: data is a file, so policy_model must name a model (e.g. policy_model=Qwen/Qwen2.5-3B)")
-    if not cfg["corpus"]:  # the simulator sees the gold answer, so it must never be the evaluation's engine
-        raise SystemExit("error: data is a file, so evaluation needs a real engine: set corpus=path/to/corpus.jsonl")
+    if cfg["eval_backend"] == "real" and not cfg["corpus"]:  # the simulator sees the gold answer: never the evaluation's engine
+        raise SystemExit("error: data is a file, so evaluation needs a real engine: set corpus=path/to/corpus.jsonl "
+                         "(BM25 here) or eval_backend=retriever (a served one at retriever_url)")
+    if cfg["search_backend"] == "real" and not cfg["corpus"]:
+        raise SystemExit("error: search_backend=real searches BM25 over corpus=path/to/corpus.jsonl; set it, "
+                         "or search_backend=retriever (a served engine at retriever_url)")
     tok = world.load_tokenizer(cfg["policy_model"])
     eval_sets = {}
     for item in str(cfg["eval_data"]).split(","):
@@ -466,8 +364,15 @@ def setup(cfg, ctx):
             raise SystemExit(f"error: eval_data item {item!r} must be name=path (e.g. nq=data/nq_test.jsonl)")
         eval_sets[name] = fitting(world.load_questions(path), tok, cfg, path, ctx)[:cfg["eval_size"]]
     train_qs = fitting(world.load_questions(cfg["data"]), tok, cfg, cfg["data"], ctx)
-    retriever = sim.Retriever(world.load_corpus(cfg["corpus"]))
+    in_process = "real" in (cfg["eval_backend"], cfg["search_backend"])  # else both engines are served: no corpus here
+    retriever = sim.Retriever(world.load_corpus(cfg["corpus"])) if in_process else None
     return tok, train_qs, eval_sets, retriever, cfg["sim_model"], cfg["policy_model"], None
+
+
+def uses_simulator(cfg):
+    """Does this run search a simulator (in process, or served with the embedded one's tokenizer)?"""
+    backend = {"train": cfg["search_backend"], "eval": None, "ask": cfg["ask_engine"]}[cfg["mode"]]
+    return backend in ("sim", "http")
 
 
 def fitting(questions, tok, cfg, source, ctx):
@@ -479,7 +384,7 @@ def fitting(questions, tok, cfg, source, ctx):
     if len(kept) < len(questions):
         ctx.print0(f"note: {len(questions) - len(kept)} of {len(questions)} questions of {source} have a prompt "
                    f"longer than max_prompt_tokens={limit} tokens; they are skipped")
-    if not kept:
+    if questions and not kept:
         raise SystemExit(f"error: no question of {source} fits max_prompt_tokens={limit}; raise it or shorten them")
     return kept
 
@@ -502,10 +407,15 @@ def check_model(key, name):
                          f"(hub names cannot be fetched on a machine without network): {str(e).splitlines()[0]}")
 
 
-def make_engine(backend, cfg, retriever, sim_path, ctx, knowledge=None):
-    """The search engine of `backend`; `knowledge(query)` (embedded world) feeds the simulator's prompt."""
+def make_engine(backend, cfg, retriever, sim_path, ctx, knowledge=None, tok=None):
+    """The search engine of `backend`; `knowledge(query)` (embedded world) feeds the simulator's prompt;
+    `tok`, the policy's tokenizer, cuts a served retriever's documents to doc_tokens."""
     if backend == "real":
         return sim.RealEngine(retriever, cfg)
+    if backend == "retriever":
+        engine = sim.RetrieverEngine(cfg, tok)
+        engine.search([{"query": "test"}])  # the server answers now, not at the first search
+        return engine
     if backend == "http":
         url = urllib.parse.urlparse(cfg["sim_url"])
         if url.scheme not in ("http", "https") or not url.netloc:
@@ -521,20 +431,22 @@ def make_engine(backend, cfg, retriever, sim_path, ctx, knowledge=None):
             raise SystemExit("error: search_backend=sim needs sim_model (a fine-tuned simulator's name or path)")
         model = AutoModelForCausalLM.from_pretrained(sim_path).to(ctx.device)
         return sim.SimEngine(model, world.load_tokenizer(sim_path), cfg, knowledge)
-    raise SystemExit(f"error: search_backend must be sim, real or http, got {backend!r}")
+    raise SystemExit(f"error: search_backend must be sim, real, http or retriever, got {backend!r}")
 
 
-def results_table(results, sets):
-    """The paper's table: EM (substring, as the paper's tables) per evaluation set, then F1."""
+def results_table(results, sets, strict=False):
+    """The paper's table: EM (substring, as the paper's tables) per evaluation set, then (strict) strict
+    EM, then F1, and their averages."""
+    keys = ["substring_em"] + ["em"] * strict + ["f1"]
     head = "| policy | " + " | ".join(sets) + " | avg |\n|---|" + "---|" * (len(sets) + 1) + "\n"
     lines = []
     for label, res in results.items():
-        em = [100 * res[s]["substring_em"] for s in sets]
-        f1 = [100 * res[s]["f1"] for s in sets]
-        lines.append(f"| {label} | " + " | ".join(f"{e:.1f} / {f:.1f}" for e, f in zip(em, f1)) +
-                     f" | {sum(em) / len(em):.1f} / {sum(f1) / len(f1):.1f} |")
-    return ("EM / F1 (x100); EM = a normalised gold answer occurs in the normalised prediction, as in the paper.\n\n"
-            + head + "\n".join(lines) + "\n")
+        cells = [[100 * res[s][k] for k in keys] for s in sets]
+        avg = [sum(c[j] for c in cells) / len(cells) for j in range(len(keys))]
+        lines.append(f"| {label} | " + " | ".join(" / ".join(f"{v:.1f}" for v in c) for c in cells + [avg]) + " |")
+    what = "EM / strict EM / F1" if strict else "EM / F1"
+    return (f"{what} (x100); EM = a normalised gold answer occurs in the normalised prediction, as in the paper"
+            + ("; strict EM = they are equal" if strict else "") + ".\n\n" + head + "\n".join(lines) + "\n")
 
 
 def main(argv):
@@ -557,17 +469,24 @@ def main(argv):
     torch.manual_seed(cfg["seed"])
     tok, train_qs, eval_sets, retriever, sim_path, policy_path, knowledge = setup(cfg, ctx)
     torch.manual_seed(rl_seed(cfg))  # the critic's new head: the same whether the build was made now or loaded
-    real = make_engine("real", cfg, retriever, None, ctx)  # evaluation always searches the real engine, as the paper
-    engine = make_engine(cfg["search_backend"], cfg, retriever, sim_path, ctx, knowledge)
+    # evaluation (and the baseline) always searches a real engine, as the paper: BM25 here or a served retriever
+    real = make_engine(cfg["eval_backend"], cfg, retriever, None, ctx, tok=tok)
     start = AutoModelForCausalLM.from_pretrained(policy_path).to(ctx.device)
+    if cfg["mode"] == "ask":
+        engine = make_engine(cfg["ask_engine"], cfg, retriever, sim_path, ctx, knowledge, tok) if cfg["ask_engine"] else real
+        return ask(start, tok, engine, cfg, eval_sets | {"train": train_qs})
+    if cfg["mode"] == "eval":
+        return evaluate_checkpoint(start, tok, eval_sets, real, cfg, ctx, argv)
+    engine = make_engine(cfg["search_backend"], cfg, retriever, sim_path, ctx, knowledge, tok)
     results = {"(a) warm-up, no search": evaluate(start, tok, eval_sets, real, cfg, ctx, max_turns=0,
                                                   template=cfg["direct_template"]),
                "(b) warm-up + real search (RAG-like)": evaluate(start, tok, eval_sets, real, cfg, ctx)}
     single_hop = [q for q in eval_sets.get("single-hop", []) if q["evidence"]]  # the embedded world's
     reading = {"(b) warm-up": reading_check(start, tok, single_hop, real, cfg, ctx)} if single_hop else {}
     ctx.print0(f"reading check of the warm-up policy: {reading}")
-    policy = train(policy_path, tok, train_qs, engine, cfg, ctx, "zerosearch")
-    results[f"(c) ZeroSearch ({cfg['algo']}, {cfg['search_backend']} engine)"] = evaluate(policy, tok, eval_sets, real, cfg, ctx)
+    policy, predictions = train(policy_path, tok, train_qs, engine, cfg, ctx, "zerosearch"), []
+    results[f"(c) ZeroSearch ({cfg['algo']}, {cfg['search_backend']} engine)"] = evaluate(
+        policy, tok, eval_sets, real, cfg, ctx, predictions=predictions)
     if reading:
         reading["(c) ZeroSearch"] = reading_check(policy, tok, single_hop, real, cfg, ctx)
     if ctx.master:
@@ -578,10 +497,17 @@ def main(argv):
         results[f"(d) Search-R1 ({cfg['algo']}, real engine)"] = evaluate(baseline, tok, eval_sets, real, cfg, ctx)
         if reading:
             reading["(d) Search-R1"] = reading_check(baseline, tok, single_hop, real, cfg, ctx)
-    table = results_table(results, list(eval_sets))
+    write_results(results, reading, predictions, list(eval_sets), cfg, ctx, argv)
+    parallel.close(ctx)
+
+
+def write_results(results, reading, predictions, sets, cfg, ctx, argv, strict=False):
+    """results.md and results.json (the table, and the reading check under `reading`, ...) and
+    predictions.jsonl (a row per question of the last policy evaluated), from process 0."""
+    table = results_table(results, sets, strict)
     if reading:
         keys = {"(b) warm-up": "reading_warmup", "(c) ZeroSearch": "reading", "(d) Search-R1": "reading_search_r1"}
-        results.update({keys[label]: res for label, res in reading.items()})
+        results.update({keys.get(label, "reading"): res for label, res in reading.items()})
         table += "\n" + reading_table(reading)
     ctx.print0("\n" + table)
     if ctx.master:
@@ -589,7 +515,53 @@ def main(argv):
             f.write(f"# Results\n\n`python zerosearch.py {' '.join(argv)}`\n\n{table}")
         with open(os.path.join(cfg["out_dir"], "results.json"), "w") as f:
             json.dump(results, f, indent=1)
+        with open(os.path.join(cfg["out_dir"], "predictions.jsonl"), "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in predictions)
+
+
+def evaluate_checkpoint(policy, tok, eval_sets, engine, cfg, ctx, argv):
+    """mode=eval: policy_model evaluated on every set, greedy, no training; with the reading check
+    where the data is the embedded world."""
+    predictions = []
+    results = {cfg["policy_model"]: evaluate(policy, tok, eval_sets, engine, cfg, ctx, predictions=predictions)}
+    single_hop = [q for q in eval_sets.get("single-hop", []) if q["evidence"]]
+    reading = {cfg["policy_model"]: reading_check(policy, tok, single_hop, engine, cfg, ctx)} if single_hop else {}
+    write_results(results, reading, predictions, list(eval_sets), cfg, ctx, argv, strict=True)
     parallel.close(ctx)
+
+
+def ask(policy, tok, engine, cfg, known):
+    """mode=ask: each question (`question`, or one a line from standard input) answered greedily, its
+    trajectory printed turn by turn: the policy's text, each query's documents (useful or noisy when a
+    simulator wrote them), the answer. A question of the embedded world's sets keeps its gold answer,
+    which the simulator's prompt shows it; any other gets none."""
+    golds = {q["question"]: q for questions in known.values() for q in questions}
+    lines = [cfg["question"]] if cfg["question"] else (line.strip() for line in sys.stdin)
+    simulated = isinstance(engine, (sim.SimEngine, sim.HttpEngine))
+    noise = cfg["noise_prob"] or 0.0
+    for text in filter(None, lines):
+        q = golds.get(text, {"question": text, "golden_answers": [""], "evidence": []})
+        ro = sim.rollout(policy, tok, [q], engine, cfg, noise_prob=noise, greedy=True)
+        kinds = sim.draw_kinds(0, noise, ro.engine_seeds[0]) if simulated else [""] * ro.searches[0]
+        print(f"question: {text}")
+        response, mask, search = ro.response_ids[0], ro.response_mask[0], 0
+        for start, end in segments(mask):
+            part = tok.decode(response[start:end]).strip()
+            if mask[start]:
+                print(f"  policy: {part}")
+            elif part.startswith("<information>") and search < len(kinds):
+                label = f" ({kinds[search]})" if kinds[search] else ""
+                print(f"  engine{label}:\n    " + "\n    ".join(part.splitlines()))
+                search += 1
+            else:
+                print(f"  (invalid action) {part}")
+        print(f"  answer: {ro.answers[0]}" + (f"   (gold: {q['golden_answers'][0]})" if q["golden_answers"][0] else ""))
+
+
+def segments(mask):
+    """(start, end) of each run of equal values in `mask`."""
+    bounds = [0] + [t for t in range(1, len(mask)) if mask[t] != mask[t - 1]] + [len(mask)]
+    return list(zip(bounds, bounds[1:])) if mask else []
 
 
 if __name__ == "__main__":
