@@ -90,7 +90,7 @@ def check_values(cfg):
         if not cfg[key] > 0:
             hint = " (rollouts sample; evaluation is greedy anyway)" if key == "temperature" else ""
             raise SystemExit(f"error: {key} must be greater than 0{hint}, got {cfg[key]}")
-    if cfg["data"] == "world" and cfg["eval_data"] != "world":
+    if cfg["mode"] == "train" and cfg["data"] == "world" and cfg["eval_data"] != "world":
         raise SystemExit("error: eval_data names files but data=world: set data= to a train file too, "
                          "or leave eval_data=world")
     if not isinstance(cfg["out_dir"], str) or not cfg["out_dir"].strip():

@@ -332,7 +332,7 @@ def setup(cfg, ctx):
     """Tokenizer, train questions, evaluation sets, the in-process BM25 retriever (None when no engine
     searches it), the simulator's and the starting policy's paths: built here for the embedded world,
     else from the config."""
-    if cfg["data"] == "world":
+    if cfg["data"] == "world" and cfg["eval_data"] == "world":
         if cfg["policy_model"] and (cfg["sim_model"] or not uses_simulator(cfg)):  # no tiny model to build
             w = world.build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"])
             retriever, sim_path, policy_path = sim.Retriever(w.docs), None, None
@@ -363,7 +363,7 @@ def setup(cfg, ctx):
         if not path:
             raise SystemExit(f"error: eval_data item {item!r} must be name=path (e.g. nq=data/nq_test.jsonl)")
         eval_sets[name] = fitting(world.load_questions(path), tok, cfg, path, ctx)[:cfg["eval_size"]]
-    train_qs = fitting(world.load_questions(cfg["data"]), tok, cfg, cfg["data"], ctx)
+    train_qs = fitting(world.load_questions(cfg["data"]), tok, cfg, cfg["data"], ctx) if cfg["data"] != "world" else []
     in_process = "real" in (cfg["eval_backend"], cfg["search_backend"])  # else both engines are served: no corpus here
     retriever = sim.Retriever(world.load_corpus(cfg["corpus"])) if in_process else None
     return tok, train_qs, eval_sets, retriever, cfg["sim_model"], cfg["policy_model"], None
