@@ -122,8 +122,8 @@ def test_logprob_entropy_kernel_with_minus_inf_logits(compiled, dtype):
     logits[torch.rand(rows, V, device="cuda") < 0.5] = float("-inf")
     logits[0, :20000] = float("-inf")
     logits[1, :] = float("-inf")
-    logits[1, torch.randint(V, (5,))] = 1.0
-    logits[torch.arange(rows), labels] = 1.0
+    logits[1, torch.randint(V, (5,), device="cuda")] = 1.0
+    logits[torch.arange(rows, device="cuda"), labels] = 1.0
     logits = logits.to(dtype)
     dlogits = check_logits_path(logits, labels, 0.7)
     assert (dlogits[logits == float("-inf")] == 0).all()
@@ -199,7 +199,9 @@ def ragged_response_mask(B, T, generator):
 
 
 def textbook_gae(rewards, values, mask, gamma, lam):
-    """GAE run on each row's unmasked tokens only (A = 0, returns = V elsewhere), in fp64 on the CPU."""
+    """GAE run on each row's unmasked tokens only (A = 0, returns = V elsewhere), in fp64, one token at a
+    time on the CPU -> (advantages, returns) on the inputs' device."""
+    device = values.device
     rewards, values, mask = rewards.double().cpu(), values.double().cpu(), mask.cpu()
     advantages = torch.zeros_like(values)
     for b in range(len(rewards)):
@@ -209,7 +211,7 @@ def textbook_gae(rewards, values, mask, gamma, lam):
             delta = r[t] + gamma * next_value - v[t]  # δ_t = r_t + γ V_next - V_t
             next_adv = advantages[b, t] = delta + gamma * lam * next_adv  # A_t = δ_t + γλ A_next
             next_value = v[t]
-    return advantages, advantages + values
+    return advantages.to(device), (advantages + values).to(device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -246,6 +248,7 @@ def cuda_model(kind):
              "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**TINY, head_dim=16)),
              "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
                                                         bos_token_id=0, eos_token_id=0))}[kind]()
+    model.generation_config.eos_token_id = None  # generate stops at EOS only when a test passes one
     return model.to("cuda").eval()
 
 
@@ -343,7 +346,7 @@ def test_one_rl_step_of_a_qwen25_05b_policy_on_the_kernel_path(compiled, monkeyp
                                                             values, cfg, 0.01)
     batch = ppo.Batch(input_ids, attention_mask, response_mask, old_logp, ref_logp, advantages, values, returns)
     learners = [ppo.Learner(model, *ppo.make_optimizer(model, 1e-5, 0.0, 0, 10)) for model in (actor, critic)]
-    watched = [actor.lm.model.layers[12].self_attn.q_proj.weight, critic.score.weight]
+    watched = [actor.lm.model.layers[-1].self_attn.q_proj.weight, critic.score.weight]
     before = [w.detach().clone() for w in watched]
     stats = ppo.update(*learners, batch, cfg, 0.01)
     assert torch.isfinite(old_logp).all() and torch.isfinite(values).all() and torch.isfinite(advantages).all()
