@@ -1,13 +1,12 @@
 """Benchmarks that print markdown tables: `python bench.py` runs every section, `python bench.py
-logprob` or `python bench.py sampler` one. `BENCH_QUICK=1` shrinks every size to check the script
+SECTION` one (logprob, sampler, gpu-logprob, gpu-sampler, gpu-step). `BENCH_QUICK=1` shrinks every size to check the script
 runs in seconds; its figures mean nothing.
 
 logprob  peak memory and time of per-token log-prob + entropy + backward, fused and chunked vs
          naive. Every variant runs in a fresh subprocess, so its peak memory is its own: we report
          how far the process's peak RSS (VmHWM, reset once the inputs are allocated) rises above its
-         RSS at that point, and the mean wall time of two runs after one warm-up. On a CPU-only
-         machine the figures are for the torch (CPU) path; GPU figures for the Triton kernels
-         cannot be measured here.
+         RSS at that point, and the mean wall time of two runs after one warm-up. The figures are
+         for the torch (CPU) path; gpu-logprob measures the Triton kernels.
 sampler  tokens/s of sim.sample against Hugging Face generate, against batch size; the same with the
          HF forward for decode steps; and the matmuls alone (linear layers, attention products), which
          bound any sampler.
@@ -104,7 +103,7 @@ def bench_logprob():
     print(f"| `logprob_entropy_from_hidden` (torch, chunked) | {chunked['peak_mb']:.0f} | {chunked['seconds']:.2f} |")
     print(f"| ratio naive / chunked | {naive['peak_mb'] / chunked['peak_mb']:.1f}x | "
           f"{naive['seconds'] / chunked['seconds']:.2f}x |")
-    print("\nGPU (Triton kernel) figures cannot be measured on this CPU-only machine.\n")
+    print("\nThe Triton kernels run on a GPU only: `python bench.py gpu-logprob` measures them there.\n")
 
 
 # --- sampler: tokens/s of sim.sample against Hugging Face generate ----------------------------------
