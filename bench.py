@@ -1,6 +1,6 @@
 """Benchmarks that print markdown tables: `python bench.py` runs every section, `python bench.py
-SECTION` one (logprob, sampler, gpu-logprob, gpu-sampler, gpu-step). `BENCH_QUICK=1` shrinks every size to check the script
-runs in seconds; its figures mean nothing.
+SECTION` one (logprob, sampler, gpu-logprob, gpu-sampler, gpu-step). `BENCH_QUICK=1` shrinks every
+size to check the script runs in seconds; its figures mean nothing.
 
 logprob  peak memory and time of per-token log-prob + entropy + backward, fused and chunked vs
          naive. Every variant runs in a fresh subprocess, so its peak memory is its own: we report
