@@ -1,20 +1,28 @@
 """Benchmarks that print markdown tables: `python bench.py` runs every section, `python bench.py
-logprob` or `python bench.py sampler` one. `BENCH_QUICK=1` shrinks every size to check the script
-runs in seconds; its figures mean nothing.
+SECTION` one (logprob, sampler, gpu-logprob, gpu-sampler, gpu-step). `BENCH_QUICK=1` shrinks every
+size to check the script runs in seconds; its figures mean nothing.
 
 logprob  peak memory and time of per-token log-prob + entropy + backward, fused and chunked vs
          naive. Every variant runs in a fresh subprocess, so its peak memory is its own: we report
          how far the process's peak RSS (VmHWM, reset once the inputs are allocated) rises above its
-         RSS at that point, and the mean wall time of two runs after one warm-up. On a CPU-only
-         machine the figures are for the torch (CPU) path; GPU figures for the Triton kernels
-         cannot be measured here.
+         RSS at that point, and the mean wall time of two runs after one warm-up. The figures are
+         for the torch (CPU) path; gpu-logprob measures the Triton kernels.
 sampler  tokens/s of sim.sample against Hugging Face generate, against batch size; the same with the
          HF forward for decode steps; and the matmuls alone (linear layers, attention products), which
          bound any sampler.
 retriever the in-process BM25 (sim.Retriever) on a synthetic corpus of a million passages: index time,
          peak memory (VmHWM), queries/s in batches of 128, and whether its top 3 are the old
          implementation's (one score array per query, a dict of postings, a stable sort of all scores).
+
+On a CUDA GPU (each says so in one line and measures nothing where there is none; gpu_check.sh runs them):
+gpu-logprob  peak GPU memory and time of log-prob + entropy + backward from hidden states, bf16, N=8192,
+             V=151936, D=896 and 2048: the Triton kernel, the chunked torch path and the naive one.
+gpu-sampler  tokens/s of sim.sample against Hugging Face generate at the Qwen2.5-0.5B architecture
+             (random weights), batch 64 and 256.
+gpu-step     one RL step's time split (rollout sampling, log-probs, values, advantages, update) at
+             that architecture, batch 64.
 """
+import copy
 import json
 import os
 import random
@@ -24,9 +32,10 @@ import time
 
 import numpy as np
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForTokenClassification
 
-from kernels import logprob_entropy_from_hidden
+from kernels import logprob_entropy_from_hidden, logprob_entropy_from_hidden_reference
+import ppo
 import sim
 from sim import sample
 from world import build_world, make_words, tiny_model, world_tokenizer
@@ -64,7 +73,7 @@ def logprob_inputs():
 
 
 def naive_logprob_entropy(hidden, weight, labels):
-    logp_all = torch.log_softmax((hidden @ weight.t()) / TEMPERATURE, -1)  # the full [N, V] fp32 log-softmax
+    logp_all = torch.log_softmax((hidden @ weight.t()).float() / TEMPERATURE, -1)  # the full [N, V] fp32 log-softmax
     logp = logp_all.gather(-1, labels[:, None]).squeeze(-1)
     return logp, -(logp_all.exp() * logp_all).sum(-1)  # H = -Σ p log p
 
@@ -99,7 +108,7 @@ def bench_logprob():
     print(f"| `logprob_entropy_from_hidden` (torch, chunked) | {chunked['peak_mb']:.0f} | {chunked['seconds']:.2f} |")
     print(f"| ratio naive / chunked | {naive['peak_mb'] / chunked['peak_mb']:.1f}x | "
           f"{naive['seconds'] / chunked['seconds']:.2f}x |")
-    print("\nGPU (Triton kernel) figures cannot be measured on this CPU-only machine.\n")
+    print("\nThe Triton kernels run on a GPU only: `python bench.py gpu-logprob` measures them there.\n")
 
 
 # --- sampler: tokens/s of sim.sample against Hugging Face generate ----------------------------------
@@ -135,8 +144,8 @@ def sampler_prompts(batch_size: int, vocab_size: int, seed: int = 0):
 
 def hf_generate(model, prompts):
     P = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
-    attention_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    input_ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=model.device)
+    attention_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=MAX_NEW_TOKENS,
                    do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0, eos_token_id=None)
 
@@ -336,7 +345,183 @@ def bench_retriever():
           f"to index {SUBSET:,} passages: about {PASSAGES // SUBSET} times that for {PASSAGES:,}.\n")
 
 
-SECTIONS = {"logprob": bench_logprob, "sampler": bench_sampler, "retriever": bench_retriever}
+# --- GPU sections: the kernels, the sampler and one RL step on CUDA --------------------------------
+QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=2 if QUICK else 24,
+                  num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)  # Qwen2.5-0.5B's architecture
+GPU_N, GPU_V = (1024, 32000) if QUICK else (8192, 151936)
+
+
+def no_cuda(section):
+    """Says so in one line where there is no CUDA device: a GPU section measures nothing on a CPU."""
+    if torch.cuda.is_available():
+        return False
+    print(f"{section}: no CUDA device here (torch.cuda.is_available() is False); nothing measured")
+    return True
+
+
+def gpu_name():
+    return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+
+
+def cuda_measure(step, repeats=3):
+    """-> {peak_mb, seconds} of step() on the GPU: the peak of allocated memory (torch.cuda.max_memory_allocated)
+    above what was allocated before, and the mean time of `repeats` runs after one warm-up (CUDA events)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated()
+    step()  # warm-up: Triton compiles its kernels, cuBLAS picks its own
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return {"peak_mb": (torch.cuda.max_memory_allocated() - baseline) / 2 ** 20,
+            "seconds": start.elapsed_time(end) / 1000 / repeats}
+
+
+def fp64_logp(hidden, weight, labels, rows=512):
+    """The oracle: log-probs of the labels from the same hidden states and weight in fp64, 512 rows at a time."""
+    w = weight.double()
+    return torch.cat([torch.log_softmax(hidden[i:i + rows].double() @ w.t() / TEMPERATURE, -1)
+                      .gather(-1, labels[i:i + rows, None]).squeeze(-1) for i in range(0, len(labels), rows)])
+
+
+def bench_gpu_logprob():
+    if no_cuda("gpu-logprob"):
+        return
+    paths = {"naive `log_softmax(hidden @ W.T)`": naive_logprob_entropy,
+             "chunked torch (`logprob_entropy_from_hidden_reference`)": logprob_entropy_from_hidden_reference,
+             "Triton kernel (`logprob_entropy_from_hidden`)": logprob_entropy_from_hidden}
+    print(f"### gpu-logprob: logprob + entropy + backward, N={GPU_N}, V={GPU_V}, bf16, {gpu_name()}\n")
+    print("| D | path | peak memory over inputs (MB) | time (ms) | largest logp error vs fp64 |")
+    print("|---:|---|---:|---:|---:|")
+    for D in (896, 2048):
+        torch.manual_seed(0)
+        hidden = torch.randn(GPU_N, D, device="cuda").to(torch.bfloat16).requires_grad_()
+        weight = (torch.randn(GPU_V, D, device="cuda") / D ** 0.5).to(torch.bfloat16).requires_grad_()
+        labels = torch.randint(GPU_V, (GPU_N,), device="cuda")
+        want = fp64_logp(hidden.detach(), weight.detach(), labels)
+        for name, fn in paths.items():
+            def step():
+                hidden.grad = weight.grad = None
+                logp, entropy = fn(hidden, weight, labels)
+                (logp + 0.01 * entropy).sum().backward()
+            m = cuda_measure(step)
+            with torch.no_grad():
+                error = (fn(hidden, weight, labels)[0].double() - want).abs().max().item()
+            print(f"| {D} | {name} | {m['peak_mb']:,.0f} | {1000 * m['seconds']:.1f} | {error:.1e} |", flush=True)
+    print()
+
+
+def synchronized(fn):
+    """fn, then a wait for the GPU, so that a timed call ends when its work does."""
+    def call(model, prompts):
+        fn(model, prompts)
+        torch.cuda.synchronize()
+    return call
+
+
+def ours_under_autocast(model, prompts):
+    with ppo.autocast(torch.bfloat16, "cuda"):
+        ours(model, prompts)
+
+
+def bench_gpu_sampler():
+    if no_cuda("gpu-sampler"):
+        return
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen2ForCausalLM(Qwen2Config(**QWEN25_05B)).eval()  # fp32 weights, as the actor holds them
+    model.generation_config.eos_token_id = None  # no EOS: every row makes MAX_NEW_TOKENS, in both samplers
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    repeats = 1 if QUICK else 2
+    print(f"### gpu-sampler: tokens/s at the Qwen2.5-0.5B architecture (random weights), {MAX_NEW_TOKENS} new tokens "
+          f"a row, prompts 20-60 tokens, {gpu_name()}\n")
+    print("| batch | HF generate, bf16 weights tok/s | sim.sample, bf16 weights tok/s | speed-up "
+          "| sim.sample, fp32 weights under bf16 autocast (zerosearch's rollouts) tok/s |")
+    print("|---:|---:|---:|---:|---:|")
+    for batch_size in [8] if QUICK else [64, 256]:
+        prompts = sampler_prompts(batch_size, model.config.vocab_size)
+        seconds = best_seconds([synchronized(hf_generate), synchronized(ours)], bf16, prompts, repeats)
+        seconds += best_seconds([synchronized(ours_under_autocast)], model, prompts, repeats)
+        hf, ws, wa = (batch_size * MAX_NEW_TOKENS / s for s in seconds)
+        print(f"| {batch_size} | {hf:,.0f} | {ws:,.0f} | {ws / hf:.2f}x | {wa:,.0f} |", flush=True)
+    print()
+
+
+def right_padded(prompts, responses):
+    """prompt + response of each row, right-padded as zerosearch's rollouts -> input ids, attention mask,
+    response mask [B, T] on the GPU."""
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    input_ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+    attention_mask, response_mask = torch.zeros_like(input_ids), torch.zeros(input_ids.shape)
+    for b, (p, s) in enumerate(zip(prompts, seqs)):
+        input_ids[b, :len(s)] = torch.tensor(s)
+        attention_mask[b, :len(s)] = 1
+        response_mask[b, len(p):len(s)] = 1
+    return input_ids.cuda(), attention_mask.cuda(), response_mask.cuda()
+
+
+def bench_gpu_step():
+    if no_cuda("gpu-step"):
+        return
+    B, micro = (8, 4) if QUICK else (64, 16)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        actor = ppo.Actor(Qwen2ForCausalLM(Qwen2Config(**QWEN25_05B)), torch.bfloat16)
+        critic = Qwen2ForTokenClassification(Qwen2Config(**QWEN25_05B, num_labels=1, classifier_dropout=0.0))
+    ref = copy.deepcopy(actor).requires_grad_(False)
+    learners = [ppo.Learner(m, *ppo.make_optimizer(m, 1e-6, 0.0, 0, 10)) for m in (actor, critic)]
+    cfg = dict(algo="ppo", gamma=1.0, lam=1.0, kl_type="k3", clip_ratio=0.2, dual_clip=3.0, value_clip=0.5,
+               entropy_coef=0.0, ppo_epochs=1, mini_batch_size=B, micro_batch_size=micro, grad_clip=1.0,
+               loss_agg="token-mean", critic_warmup=0, temperature=1.0, seed=0, dtype="bfloat16")
+    prompts = sampler_prompts(B, QWEN25_05B["vocab_size"])
+
+    def rl_step():
+        seconds = {}
+
+        def stage(name, fn):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = fn()
+            torch.cuda.synchronize()
+            seconds[name] = time.perf_counter() - start
+            return out
+
+        with ppo.autocast(torch.bfloat16, "cuda"):  # the rollout's precision, as zerosearch.train
+            responses, _ = stage("rollout sampling (`sim.sample`)", lambda: sample(
+                actor.lm, prompts, MAX_NEW_TOKENS, temperature=1.0, eos_token_id=[], seed=0))
+        ids, attn, response_mask = right_padded(prompts, responses)
+        with torch.no_grad():
+            old_logp, ref_logp = stage("log-probs of the policy and the reference (`ppo.Actor`)",
+                                       lambda: (actor(ids, attn)[0], ref(ids, attn)[0]))
+            values = stage("values (`ppo.token_values`)", lambda: ppo.token_values(critic, ids, attn, torch.bfloat16))
+        scores = torch.rand(B, device="cuda")
+        advantages, returns, _ = stage("advantages (`ppo.compute_advantages`)", lambda: ppo.compute_advantages(
+            "ppo", scores, response_mask, old_logp, ref_logp, values, cfg, 0.001))
+        batch = ppo.Batch(ids, attn, response_mask, old_logp, ref_logp, advantages, values, returns)
+        stage(f"update of the actor and critic (`ppo.update`, micro-batches of {micro})",
+              lambda: ppo.update(*learners, batch, cfg, 0.001))
+        return seconds
+
+    rl_step()  # warm-up: Triton compiles, cuBLAS picks its kernels, Adam allocates its states
+    torch.cuda.reset_peak_memory_stats()
+    seconds = rl_step()
+    total = sum(seconds.values())
+    print(f"### gpu-step: one PPO step at the Qwen2.5-0.5B architecture (random weights, actor, reference and "
+          f"critic), batch {B}, {MAX_NEW_TOKENS} new tokens a row, bf16 compute with fp32 weights, {gpu_name()}\n")
+    print("| stage | time (s) | share |")
+    print("|---|---:|---:|")
+    for name, s in seconds.items():
+        print(f"| {name} | {s:.2f} | {100 * s / total:.0f}% |")
+    print(f"| total | {total:.2f} | |")
+    print(f"\nPeak GPU memory allocated during the step: {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB.\n")
+
+
+SECTIONS = {"logprob": bench_logprob, "sampler": bench_sampler, "retriever": bench_retriever, "gpu-logprob": bench_gpu_logprob,
+            "gpu-sampler": bench_gpu_sampler, "gpu-step": bench_gpu_step}
 
 if __name__ == "__main__":
     section = sys.argv[1] if len(sys.argv) > 1 else "all"

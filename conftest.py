@@ -1,5 +1,28 @@
-"""Run Triton kernels on CPU tensors through the interpreter (this machine has no GPU); set
-before any test module imports triton."""
+"""The `gpu` marker, and whether this pytest process runs the Triton kernels compiled or interpreted.
+
+@triton.jit reads TRITON_INTERPRET when `kernels` is first imported, so a process runs the kernels one
+way only. They run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set here before
+any test module imports triton), as test_kernels.py needs, unless the run selects the gpu tests
+(`python -m pytest -m gpu`) on a machine with CUDA: then the variable is left unset and they test the
+compiled kernels. A gpu test that needs compiled kernels in any other run skips and says so.
+"""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; `python -m pytest -m gpu` runs these with the "
+                                       "Triton kernels compiled")
+    if not (torch.cuda.is_available() and config.getoption("markexpr") == "gpu"):
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -36,6 +36,7 @@ import array
 import collections
 import functools
 import http.client
+import inspect
 import json
 import math
 import os
@@ -118,6 +119,14 @@ def preallocated_cache(config, capacity: int):
     return cache
 
 
+@functools.lru_cache(maxsize=None)
+def cache_keyword(model_class) -> str:
+    """The forward's name for the KV cache: `cache` in newer transformers (5.24; `past_key_values` is
+    deprecated there), `past_key_values` in older ones (5.17), where an unknown `cache=` is silently
+    ignored and the model fills a cache of its own."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def prefill(model, prompts, max_new_tokens: int, groups: int = 4):
     """Fill the cache for `prompts`, left-padded to one length P -> (logits at the last position [B, V],
     cache, attention mask [B, P + max_new_tokens] with room for the new tokens, next positions [B, 1]).
@@ -130,10 +139,10 @@ def prefill(model, prompts, max_new_tokens: int, groups: int = 4):
     mask = torch.tensor([[0] * (P - len(p)) + [1] * (len(p) + max_new_tokens) for p in prompts],
                         device=model.device)
     position_ids = (mask[:, :P].cumsum(-1) - 1).clamp(min=0)  # left padding: first real token at 0
-    cache = preallocated_cache(model.config, P + max_new_tokens)
+    cache, cache_name = preallocated_cache(model.config, P + max_new_tokens), cache_keyword(type(model))
     if not all(type(layer) is PreallocatedLayer for layer in cache.layers):  # e.g. a sliding window
         logits = model(input_ids=input_ids, attention_mask=mask[:, :P], position_ids=position_ids,
-                       cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                       use_cache=True, logits_to_keep=1, **{cache_name: cache}).logits[:, -1]
         return logits, cache, mask, position_ids[:, -1:] + 1
     order, groups = sorted(range(B), key=lambda i: len(prompts[i])), min(groups, B)
     for g in range(groups):
@@ -141,7 +150,8 @@ def prefill(model, prompts, max_new_tokens: int, groups: int = 4):
         start = P - max(len(prompts[i]) for i in rows.tolist())  # the group's own left padding begins here
         part = preallocated_cache(model.config, P - start)
         out = model(input_ids=input_ids[rows, start:], attention_mask=mask[rows, start:P],
-                    position_ids=position_ids[rows, start:], cache=part, use_cache=True, logits_to_keep=1).logits[:, -1]
+                    position_ids=position_ids[rows, start:], use_cache=True, logits_to_keep=1,
+                    **{cache_name: part}).logits[:, -1]
         logits = out.new_empty(B, out.shape[-1]) if g == 0 else logits
         logits[rows] = out
         for layer, group_layer in zip(cache.layers, part.layers):
@@ -152,7 +162,7 @@ def prefill(model, prompts, max_new_tokens: int, groups: int = 4):
 def decode_one(model, tokens, mask, position_ids, cache):
     """tokens [b] at position_ids [b, 1]; mask [b, L] covers the cache and the new token -> logits [b, V]."""
     return model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position_ids,
-                 cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                 use_cache=True, logits_to_keep=1, **{cache_keyword(type(model)): cache}).logits[:, -1]
 
 
 LEAN_MODEL_TYPES = ("qwen2", "qwen3", "llama")  # pre-norm decoders: RMSNorm, rotary GQA attention, gated MLP
