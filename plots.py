@@ -4,6 +4,8 @@
 import json
 import math
 
+import numpy as np
+
 PANELS = [("reward", "reward (F1)"), ("em", "training EM"), ("searches", "searches per question"),
           ("noisy_share", "noisy share of searches"), ("rollout/kl", "KL to the reference"),
           ("actor/entropy", "entropy")]
@@ -52,7 +54,6 @@ def mean_curves(curves_by_variant, png_path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for variant, runs in curves_by_variant.items():
         n = min(len(r) for r in runs)

@@ -134,20 +134,18 @@ SUBJECT_TYPE = {"birthplace": "person", "birthyear": "person", "company": "perso
                 "founder": "company", "headquarters": "company", "foundedyear": "company"}
 
 
-def answering_doc(docs, subject, relation):
-    """The index of the document a reader answers a question of `relation` about `subject` from:
-    the one that states it (the founder sentence answers "which company"), else the first that
-    states that relation about anyone; None if no document states the relation."""
-    def states(fact, about_subject):
+def find_fact(docs, subject, relation):
+    """The value `relation` of `subject` as stated by one of `docs`, or None: reading a result
+    list the way a reader who can read would (the founder sentence answers "which company")."""
+    for d in docs:
+        fact = parse_doc(d)
+        if fact is None:
+            continue
         s, r, o = fact
-        if relation == "company":
-            return r == "founder" and (o == subject or not about_subject)
-        return r == relation and (s == subject or not about_subject)
-    facts = [parse_doc(d) for d in docs]
-    for about_subject in (True, False):
-        found = next((j for j, f in enumerate(facts) if f and states(f, about_subject)), None)
-        if found is not None:
-            return found
+        if relation == "company" and r == "founder" and o == subject:
+            return s
+        if r == relation and s == subject:
+            return o
     return None
 
 
@@ -162,13 +160,10 @@ def warmup_trajectory(q, search, information, names, rng, p_right=0.3, p_vague=0
 
     It teaches the *format* only: each query names the right entity with probability p_right,
     is vague (keywords only) with p_vague (the most likely choice, so a greedy warm-up policy
-    searches vaguely) and names another train entity otherwise. The results come in a random order
-    (the engine ranks the fact a right query asks for first, and a policy warmed up on ranked
-    results learns to copy Doc 1) and the answer is read from them as a reader would: the
-    document about the question's entity and relation, else the first about the relation
-    (`answering_doc`), quoted in a <think> before its value is taken, so it is right only when
-    every query was. The warm-up policy knows how to search and
-    read but not what to search for: its accuracy starts honestly low and RL has to find the rest.
+    searches vaguely) and names another train entity otherwise. The answer is read from the
+    results when they state it and is otherwise the value of the top result, so it is right
+    only when every query was. The warm-up policy knows how to search and read but not what
+    to search for: its accuracy starts honestly low and RL has to find the rest.
     `names[type]` lists train entities only. Returns the response text and its queries."""
     hops = [q["relation"]] if q["hops"] == 1 else list(TWO_HOP[q["relation"]][1:])
     text, subject, queries = "<think> I need to search . </think>", q["subject"], []
@@ -177,13 +172,10 @@ def warmup_trajectory(q, search, information, names, rng, p_right=0.3, p_vague=0
         query = (right_query(subject, relation) if u < p_right else keywords if u < p_right + p_vague
                  else right_query(rng.choice(names[SUBJECT_TYPE[relation]]), relation))
         docs = search(query)
-        docs = rng.sample(docs, len(docs))  # in any order: the answer must be read, not copied from Doc 1
         queries.append(query)
         text += f" <search> {query} </search>{information(docs)}"
-        j = answering_doc(docs, subject, relation)
-        if j is not None:  # quote the document that answers, then take its value: reading, one step at a time
-            text += f" <think> Doc {j + 1} : {docs[j]} </think>"
-            subject = answer_from_doc(docs[j], relation)
+        top = next((v for v in (answer_from_doc(d, relation) for d in docs) if v), subject)
+        subject = find_fact(docs, subject, relation) or top
     return text + f" <answer> {subject} </answer>", queries
 
 
@@ -350,9 +342,8 @@ def simulator_rows(world, queries, search, knowledge, rng, noisy_share=0.5):
     answer, documents, label), plus the simulator's knowledge of the query (`evidence`).
     `useful` documents state what is known about what the query names, then what the real
     engine also returns for it: faithful to the query, so a query about the wrong entity gets
-    that entity's facts and not the answer, in a random order (where the answer stands varies, as
-    in the warm-up). `noisy` ones are the same with wrong values; a row is noisy with probability
-    `noisy_share`."""
+    that entity's facts and not the answer. `noisy` ones are the same with wrong values; a row
+    is noisy with probability `noisy_share`."""
     pools = collections.defaultdict(list)
     for d in world.docs:
         fact = parse_doc(d)
@@ -362,7 +353,7 @@ def simulator_rows(world, queries, search, knowledge, rng, noisy_share=0.5):
     for q, query in queries:
         known, found = knowledge(query), search(query)
         docs = (known + [d for d in found if d not in known])[:len(found)]
-        docs, label = rng.sample(docs, len(docs)), ("noisy" if rng.random() < noisy_share else "useful")  # any order
+        label = "noisy" if rng.random() < noisy_share else "useful"
         if label == "noisy":
             docs = noisy_docs(docs, q["golden_answers"], pools, rng)
         rows.append(dict(query=query, question=q["question"], answer=q["golden_answers"][0],

@@ -275,37 +275,36 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
         qs, seeds = step_questions(questions, order, step, cfg, ctx)
         # 2. rollout with search; the curriculum sets how often a search returns noisy documents
         noise_prob = curriculum_noise(step, cfg)
-        with ppo.autocast(compute, ctx.device):  # one precision on every path: N processes sample as one
+        with ppo.autocast(compute, ctx.device):  # one precision on every path: N processes as one
             policy = parallel.sampler_model(actor.model, sampler_copy)
             ro = sim.rollout(policy, tok, qs, engine, cfg, noise_prob=noise_prob, seeds=seeds)
         clock.lap("sample", minus={"engine": ro.engine_seconds})
         # 3. reward: F1 of the final answer
         scores = torch.tensor(score(ro, qs, cfg["reward"]), device=ctx.device)
         # 4. log-probs of the sampled tokens under the policy and the frozen reference; values (PPO)
-        ids, attn, response_mask = to_batch(ro, tok.pad_token_id, ctx.device, cfg["mask_information"])
+        ids, attn, mask = to_batch(ro, tok.pad_token_id, ctx.device, cfg["mask_information"])
         with torch.no_grad():
             old_logp, _ = actor.model(ids, attn, cfg["temperature"])
             ref_logp, _ = ref(ids, attn, cfg["temperature"])
             clock.lap("logprob")
             values = ppo.token_values(critic.model, ids, attn, compute) if critic else None
             clock.lap("values")
-        # 5. advantages (GAE / group-normalised / REINFORCE / REINFORCE++), whitened over all processes
+        # 5. advantages (GAE, group-normalised, REINFORCE, REINFORCE++), whitened over all processes
         advantages, returns, adv_stats = ppo.compute_advantages(
-            cfg["algo"], scores, response_mask, old_logp, ref_logp, values, cfg, kl_coef, reduce=ctx.all_sum)
+            cfg["algo"], scores, mask, old_logp, ref_logp, values, cfg, kl_coef, ctx.all_sum)
         adv_stats = ctx.mean_stats(adv_stats)  # the same on every process, so is kl_coef
         kl_coef = ppo.adaptive_kl_coef(kl_coef, adv_stats["rollout/kl"], len(qs) * ctx.world,
-                                       cfg["kl_target"], cfg["kl_horizon"])  # fixed when kl_target is null
+                                       cfg["kl_target"], cfg["kl_horizon"])  # fixed if no kl_target
         # 6. PPO epochs over mini-batches; DDP/FSDP average the gradients over processes
-        batch = ppo.Batch(ids, attn, response_mask, old_logp, ref_logp, advantages, values, returns)
+        batch = ppo.Batch(ids, attn, mask, old_logp, ref_logp, advantages, values, returns)
         try:
             stats = ppo.update(actor, critic, batch, cfg, kl_coef, step, ctx.all_mean)
         except ppo.NonFiniteError as e:
-            kept = parallel.checkpoints(run_dir)
-            raise SystemExit(f"error: {e}; " + (f"the last good weights are in {kept[-1]}" if kept else
-                                                 "no checkpoint was written before it"))
+            raise SystemExit(f"error: {e}; {last_good(run_dir)}")
         clock.lap("update")
         # 7. log, 8. checkpoint every save_every steps, at the end, and after Ctrl-C (then stop)
-        row = step_metrics(name, step, ro, qs, scores, engine, noise_prob, clock.seconds, adv_stats, stats, ctx)
+        row = step_metrics(name, step, ro, qs, scores, engine, noise_prob, clock.seconds,
+                           adv_stats, stats, ctx)
         log_step(row, metrics_path, bar, ctx)
         interrupted = ctx.any(ctrl_c[0])
         if (step + 1) % cfg["save_every"] == 0 or step + 1 == cfg["steps"] or interrupted:
@@ -313,13 +312,19 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
             if ctx.master:
                 plots.curves(metrics_path, os.path.join(cfg["out_dir"], "curves.png"))
         if interrupted:
-            ctx.print0(f"stopped after step {step + 1} of {name}; checkpoint in {run_dir}; continue with resume=true")
+            ctx.print0(f"stopped after step {step + 1} of {name}; checkpoint in {run_dir}; "
+                       "continue with resume=true")
             parallel.close(ctx)
             raise SystemExit(0)
     restore_sigint()
     if ctx.master:
         plots.curves(metrics_path, os.path.join(cfg["out_dir"], "curves.png"))
     return parallel.sampler_model(actor.model, sampler_copy)
+
+
+def last_good(run_dir):
+    kept = parallel.checkpoints(run_dir)
+    return f"the last good weights are in {kept[-1]}" if kept else "no checkpoint was written before it"
 
 
 def rl_seed(cfg):
