@@ -307,7 +307,8 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
         t_rollout = time.time() - t0
         # 3. reward: F1 of the final answer
         scores = torch.tensor(score(ro, qs, cfg["reward"]), device=ctx.device)
-        # 4. log-probs of the sampled tokens under the policy and the frozen reference; values (PPO)
+        # 4. log-probs of the sampled tokens under the policy and the frozen reference; values (PPO);
+        #    each forward pass runs on the real tokens alone, several sequences a row (ppo.padding_free)
         ids, attn, response_mask = to_batch(ro, tok.pad_token_id, ctx.device)
         with torch.no_grad():
             old_logp, _ = actor.model(ids, attn, cfg["temperature"])
