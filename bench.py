@@ -21,6 +21,9 @@ gpu-sampler  tokens/s of sim.sample against Hugging Face generate at the Qwen2.5
              (random weights), batch 64 and 256.
 gpu-step     one RL step's time split (rollout sampling, log-probs, values, advantages, update) at
              that architecture, batch 64.
+step     the RL step's forward passes (log-probs of policy and reference, values) and PPO update on
+         the default's models and batch sizes: sequences packed several a row (ppo.padding_free)
+         against each in its own padded row, as before; token positions a step and time.
 """
 import copy
 import json
@@ -520,8 +523,103 @@ def bench_gpu_step():
     print(f"\nPeak GPU memory allocated during the step: {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB.\n")
 
 
-SECTIONS = {"logprob": bench_logprob, "sampler": bench_sampler, "retriever": bench_retriever, "gpu-logprob": bench_gpu_logprob,
-            "gpu-sampler": bench_gpu_sampler, "gpu-step": bench_gpu_step}
+# --- step: the training step's forward passes and update, packed rows against padded rows -----------
+# The default run's batches, synthesised: 128 sequences (32 questions x 4 samples) of 56 + Exp(mean 48)
+# tokens, cut at 200, which gives what the default run's batches measured (mean 102 tokens, median 88,
+# longest 200: 13,104 real tokens in 25,600 padded positions a step). Each holds 24 sampled tokens,
+# 12 after a 32-token prompt and 12 at its end; the rest stands for documents. The models are the
+# default's policy architecture (and its critic) with random weights.
+STEP_SEQUENCES = 16 if QUICK else 128
+
+
+def step_batch(vocab_size, seed=0):
+    """-> input_ids, attention_mask, response_mask [B, T] right-padded (as zerosearch.to_batch), scores [B]."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = (56 + torch.empty(STEP_SEQUENCES).exponential_(1 / 48, generator=g)).round().clamp(max=200).long()
+    columns = torch.arange(int(lengths.max()))
+    attention_mask = (columns < lengths[:, None]).long()
+    response_mask = (((columns >= 32) & (columns < 44)) | (columns >= lengths[:, None] - 12)).float() * attention_mask
+    input_ids = torch.randint(3, vocab_size, attention_mask.shape, generator=g) * attention_mask
+    return input_ids, attention_mask, response_mask, torch.rand(STEP_SEQUENCES, generator=g)
+
+
+def training_step(actor, critic, ref, batch, cfg):
+    """Stages 4-6 of zerosearch.train on one process: old and reference log-probs and values, advantages,
+    the PPO update (at a step after the critic's warm-up, so both models train) -> the update's stats,
+    old log-probs, values."""
+    ids, attn, response_mask, scores = batch
+    with torch.no_grad():
+        old_logp, _ = actor.model(ids, attn, cfg["temperature"])
+        ref_logp, _ = ref(ids, attn, cfg["temperature"])
+        values = ppo.token_values(critic.model, ids, attn)
+    advantages, returns, _ = ppo.compute_advantages("ppo", scores, response_mask, old_logp, ref_logp, values, cfg,
+                                                    cfg["kl_coef"])
+    batch = ppo.Batch(ids, attn, response_mask, old_logp, ref_logp, advantages, values, returns)
+    return ppo.update(actor, critic, batch, cfg, cfg["kl_coef"], step=cfg["critic_warmup"]), old_logp, values
+
+
+def bench_step():
+    cfg, threads = load_config([]), torch.get_num_threads()
+    torch.set_num_threads(cfg["threads"])
+    tiny = default_tiny_policy_config()
+    torch.manual_seed(0)
+    policy = ppo.Actor(Qwen2ForCausalLM(tiny).eval())
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    value_config = copy.deepcopy(tiny)  # the critic's config as zerosearch.load_models sets it
+    value_config.num_labels, value_config.classifier_dropout = 1, 0.0
+    head = Qwen2ForTokenClassification(value_config).eval()
+    start = {"actor": copy.deepcopy(policy.state_dict()), "critic": copy.deepcopy(head.state_dict())}
+    batch = step_batch(tiny.vocab_size)
+    lengths = batch[1].sum(-1)
+    before = "each sequence in its own padded row (before)"  # the layout of zerosearch.to_batch
+    packings = {before: lambda n: ([[b] for b in range(len(n))], max(n)),
+                "packed rows (`ppo.padding_free`)": ppo.pack_rows}
+    counts, seconds, results = {}, {}, {}
+
+    def run(name):  # one step from the same starting weights and fresh optimizers
+        policy.load_state_dict(start["actor"])
+        head.load_state_dict(start["critic"])
+        actor, critic = (ppo.Learner(m, *ppo.make_optimizer(m, lr, cfg["weight_decay"], 0, cfg["steps"]))
+                         for m, lr in ((policy, cfg["actor_lr"]), (head, cfg["critic_lr"])))
+        counts[name] = {"positions": 0, "tokens": 0}
+
+        def pack(n):
+            rows, width = packings[name](n)
+            counts[name]["positions"] += len(rows) * width
+            counts[name]["tokens"] += sum(n)
+            return rows, width
+        ppo.pack_rows, plan = pack, ppo.pack_rows
+        try:
+            t0 = time.perf_counter()
+            results[name] = training_step(actor, critic, ref, batch, cfg)
+            seconds[name] = min(seconds.get(name, float("inf")), time.perf_counter() - t0)
+        finally:
+            ppo.pack_rows = plan
+
+    for _ in range(1 if QUICK else 4):  # the first round warms up; runs alternate, so load hits both alike
+        for name in packings:
+            run(name)
+    print(f"### step: forward passes + PPO update of one RL step, {torch.get_num_threads()} threads\n")
+    print(f"{STEP_SEQUENCES} synthetic sequences (mean {lengths.float().mean():.0f} tokens, median "
+          f"{int(lengths.median())}, longest {int(lengths.max())}); log-probs of policy and reference and values, then "
+          f"{cfg['ppo_epochs']} epochs of mini-batch {cfg['mini_batch_size']}, micro-batch {cfg['micro_batch_size']} "
+          "(actor and critic); the best of 3 after a warm-up.\n")
+    print("| rows | token positions a step | over real tokens | time (s) | speed-up |")
+    print("|---|---:|---:|---:|---:|")
+    for name in packings:
+        c = counts[name]
+        print(f"| {name} | {c['positions']:,} | {c['positions'] / c['tokens']:.2f}x | {seconds[name]:.2f} | "
+              f"{seconds[before] / seconds[name]:.2f}x |")
+    (stats_0, logp_0, values_0), (stats_1, logp_1, values_1) = results.values()
+    outputs = max((logp_0 - logp_1).abs().max().item(), (values_0 - values_1).abs().max().item())
+    losses = max(abs(stats_0[k] - stats_1[k]) / abs(stats_0[k]) for k in ("actor/loss", "critic/loss"))
+    print(f"\nThe two agree: old log-probs and values within {outputs:.1e}, the update's actor and critic losses "
+          f"within {losses:.1e} (relative).\n")
+    torch.set_num_threads(threads)
+
+
+SECTIONS = {"logprob": bench_logprob, "sampler": bench_sampler, "step": bench_step, "retriever": bench_retriever,
+            "gpu-logprob": bench_gpu_logprob, "gpu-sampler": bench_gpu_sampler, "gpu-step": bench_gpu_step}
 
 if __name__ == "__main__":
     section = sys.argv[1] if len(sys.argv) > 1 else "all"

@@ -42,12 +42,13 @@ def tiny_models(seed=0):
     return actor, critic
 
 
-def rollout_batch(actor, critic, algo, B=4, T=12, seed=0):
-    """Random rows: prompt (mask 0), response, an <information> span (mask 0), response, padding."""
+def rollout_batch(actor, critic, algo, B=4, T=12, seed=0, lengths=None):
+    """Random rows: prompt (mask 0), response, an <information> span (mask 0), response, right padding
+    (rows of `lengths` tokens; by default row 1 is 2 tokens short)."""
     gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, 97, (B, T), generator=gen)
-    attention_mask = torch.ones(B, T, dtype=torch.long)
-    attention_mask[1, -2:] = 0  # right padding
+    lengths = torch.tensor(lengths or [T, T - 2] + [T] * (B - 2))
+    attention_mask = (torch.arange(T) < lengths[:, None]).long()
     response_mask = torch.zeros(B, T)
     response_mask[:, 3:5] = 1
     response_mask[:, 8:] = 1  # positions 5..7: injected <information> tokens
@@ -481,6 +482,81 @@ def test_micro_batch_accumulation_equals_one_pass_over_the_mini_batch():
                                  for micro in [4, 1])
         for g, h in zip(one_pass, accumulated):  # gradients are O(0.1-0.5): 1e-6 is summation order, not scaling
             torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-4)
+
+
+def one_sequence_a_row(lengths):
+    """Today's padded layout as a packing: each sequence alone in its row, rows as long as the longest."""
+    return [[b] for b in range(len(lengths))], max(lengths)
+
+
+def test_pack_rows_places_each_sequence_once_first_fit_decreasing_within_the_longest():
+    assert ppo.pack_rows([9, 6, 3, 2]) == ([[0], [1, 2], [3]], 9)
+    assert ppo.pack_rows([4, 1, 3, 2, 2]) == ([[0], [2, 1], [3, 4]], 4)
+    lengths = torch.randint(1, 60, (50,), generator=torch.Generator().manual_seed(17)).tolist()
+    rows, width = ppo.pack_rows(lengths)
+    assert width == max(lengths) and len(rows) < 0.7 * len(lengths)
+    assert sorted(b for row in rows for b in row) == list(range(50))
+    assert all(sum(lengths[b] for b in row) <= width for row in rows)
+
+
+def padded_forward(actor, critic, ids, attn, temperature):
+    """The oracle: the padded batch through the plain models, padding masked by attention_mask and
+    positions counting real tokens -> logp, entropy, values [B, T] at the scored positions."""
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = actor.lm(input_ids=ids, attention_mask=attn, position_ids=position_ids).logits / temperature
+        out = critic(input_ids=ids, attention_mask=attn, position_ids=position_ids).logits[..., 0]
+    logp_all = torch.log_softmax(logits[:, :-1].double(), -1)
+    logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return [torch.cat([torch.zeros_like(x[:, :1]), x], 1).float() for x in (logp, entropy, out[:, :-1])]
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_logp_entropy_and_values_equal_the_padded_forward_for_ragged_right_and_left_padding(
+        path, attention, monkeypatch):
+    monkeypatch.setenv("ZS_TRITON", "1" if path == "kernel" else "0")  # the Triton kernel, interpreted
+    actor, critic = tiny_models()
+    actor.lm.set_attn_implementation(attention)
+    critic.set_attn_implementation(attention)
+    gen = torch.Generator().manual_seed(18)
+    lengths, T = [11, 1, 7, 3, 11, 5, 2, 9], 11
+    rows = [torch.randint(0, 97, (n,), generator=gen) for n in lengths]
+    assert len(ppo.pack_rows(lengths)[0]) == 5  # 8 sequences packed into 5 rows
+    for side in ["right", "left"]:
+        ids, attn = torch.zeros(8, T, dtype=torch.long), torch.zeros(8, T, dtype=torch.long)
+        for b, row in enumerate(rows):
+            span = slice(0, len(row)) if side == "right" else slice(T - len(row), T)
+            ids[b, span], attn[b, span] = row, 1
+        with torch.no_grad():
+            logp, entropy = actor(ids, attn, 0.7)
+            values = ppo.token_values(critic, ids, attn)
+        scored = ppo.scored_positions(attn)
+        for packed, padded in zip((logp, entropy, values), padded_forward(actor, critic, ids, attn, 0.7)):
+            torch.testing.assert_close(packed[scored], padded[scored], atol=1e-5, rtol=1e-5)
+            assert torch.all(packed[~scored] == 0)
+
+
+@pytest.mark.parametrize("micro_batch_size,grad_checkpointing", [(4, False), (8, False), (8, True)])
+def test_one_update_on_packed_rows_takes_the_gradients_of_the_padded_update(micro_batch_size, grad_checkpointing,
+                                                                            monkeypatch):
+    actor, critic = tiny_models()
+    lengths = [12, 3, 12, 5, 10, 7, 6, 12]
+    assert len(ppo.pack_rows(lengths)[0]) == 6  # a micro-batch of all 8 rows packs into 6
+    batch, cfg = rollout_batch(actor, critic, "ppo", B=8, lengths=lengths)
+    cfg = dict(cfg, mini_batch_size=8, micro_batch_size=micro_batch_size)
+    with monkeypatch.context() as patch:
+        patch.setattr(ppo, "pack_rows", one_sequence_a_row)
+        padded = update_gradients(actor, critic, batch, cfg)
+    if grad_checkpointing:  # recomputed in the backward pass; Hugging Face checkpoints in train mode only
+        for model in (actor.lm, critic):
+            model.activation_checkpointing_enable()
+            model.train()
+    grads = update_gradients(actor, critic, batch, cfg)
+    assert any(g.abs().sum() > 0 for g in grads)
+    for g, h in zip(grads, padded):
+        torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-4)
 
 
 def test_make_optimizer_first_lr_is_positive_then_warms_up_to_lr_and_stays():

@@ -281,7 +281,8 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
         clock.lap("sample", minus={"engine": ro.engine_seconds})
         # 3. reward: F1 of the final answer
         scores = torch.tensor(score(ro, qs, cfg["reward"]), device=ctx.device)
-        # 4. log-probs of the sampled tokens under the policy and the frozen reference; values (PPO)
+        # 4. log-probs of the sampled tokens under the policy and the reference; values (PPO); each
+        #    forward pass runs on the real tokens alone, several sequences a row (ppo.padding_free)
         ids, attn, mask = to_batch(ro, tok.pad_token_id, ctx.device, cfg["mask_information"])
         with torch.no_grad():
             old_logp, _ = actor.model(ids, attn, cfg["temperature"])
