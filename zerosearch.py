@@ -91,7 +91,8 @@ def evaluate(policy, tok, eval_sets, engine, cfg, ctx, max_turns=None, template=
                 rows.append({"set": name, "question": q["question"], "golden_answers": golds,
                              "response": tok.decode(response), "queries": queries, "prediction": a, **scores})
         if predictions is not None:
-            predictions += [row for part in ctx.gather(rows) for row in part] if ctx.master else []
+            parts = ctx.gather(rows)  # a collective: every process calls it
+            predictions += [row for part in parts for row in part] if ctx.master else []
         sums = ctx.all_sum(sums)
         n = max(sums[3].item(), 1)
         out[name] = {"em": sums[0].item() / n, "substring_em": sums[1].item() / n, "f1": sums[2].item() / n, "n": int(sums[3])}
