@@ -57,7 +57,8 @@ def run(build, out, *args, nproc=1, wait=True):
 
 def metrics(out, name="zerosearch"):
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows if row["run"] == name]
+    return [{k: v for k, v in row.items() if k not in TIMING and not k.startswith("time/")}
+            for row in rows if row["run"] == name]
 
 
 def wait_for(condition, proc, what, timeout=120):
