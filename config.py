@@ -130,12 +130,16 @@ def merge(cfg, new, source):
         cfg[k] = v
 
 
-def check_folder(path, key):
-    """`path` is, or can be made, a folder that takes files: checked before any work, with one line."""
+def check_folder(path, key, keep=True):
+    """`path` is, or can be made, a folder that takes files: checked before any work, with one line.
+    keep=False removes the folder again if this check made it."""
     try:
+        made = not os.path.exists(path)
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write_test_{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
+        if made and not keep:
+            os.rmdir(path)
     except OSError as e:
         raise SystemExit(f"error: {key}={path} cannot hold files ({e.strerror or e}); set {key}= to a folder you can write")

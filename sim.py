@@ -902,7 +902,7 @@ def train_main(argv):
         raise SystemExit("error: sim.py train needs data=rows.jsonl and model=... (a Hugging Face name, or a "
                          "directory holding a model and its tokenizer)")
     rows = read_simulator_rows(args["data"])
-    config.check_folder(args["out"], "out")
+    config.check_folder(args["out"], "out", keep=False)
     try:
         tok = world.load_tokenizer(args["model"])
         model = AutoModelForCausalLM.from_pretrained(args["model"])
