@@ -2,13 +2,10 @@
 implementation of the same formula, and the retriever engine (`search_backend=retriever`,
 `eval_backend=retriever`) against a loopback HTTP server started here that speaks Search-R1's
 retrieval-server contract over the embedded world's corpus with that in-process BM25."""
-import contextlib
-import http.server
 import json
 import os
 import random
 import socket
-import threading
 import time
 
 import numpy as np
@@ -19,6 +16,7 @@ import build
 import config
 import sim
 import world
+import test_sim
 import zerosearch
 
 
@@ -82,35 +80,9 @@ def test_top_k_is_the_stable_sort_of_the_positive_scores():
 
 # ---------------------------------------------------------------- a loopback retrieval server
 
-@contextlib.contextmanager
 def serve(respond):
-    """A ThreadingHTTPServer on 127.0.0.1 (a free port) whose POST /retrieve answers respond(request
-    body) -> (status, reply: JSON-able or bytes); yields (its /retrieve URL, list of request bodies)."""
-    bodies = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            bodies.append(body)
-            status, reply = respond(body) if self.path == "/retrieve" else (404, {"detail": "Not Found"})
-            data = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/retrieve", bodies
-    finally:
-        server.shutdown()
-        server.server_close()
+    """The loopback server of test_sim.py on POST /retrieve; yields (its /retrieve URL, request bodies)."""
+    return test_sim.serve(respond, path="/retrieve", url_path="/retrieve")
 
 
 def bm25_server(docs, form):

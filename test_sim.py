@@ -69,17 +69,17 @@ def successor_simulator(path):
 
 
 @contextlib.contextmanager
-def serve(respond):
-    """A ThreadingHTTPServer on 127.0.0.1 (a free port) whose POST /v1/completions answers
-    respond(request body) -> (status, reply body), or bytes: the whole raw reply, then the connection
-    closes; yields (base url, list of request bodies)."""
+def serve(respond, path="/v1/completions", url_path="/v1"):
+    """A ThreadingHTTPServer on 127.0.0.1 (a free port) whose POST `path` answers respond(request
+    body) -> (status, reply body), or bytes: the whole raw reply, then the connection closes; yields
+    (its url: the server and `url_path`, list of request bodies)."""
     bodies = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             bodies.append(body)
-            answer = respond(body) if self.path == "/v1/completions" else (404, {"error": "not found"})
+            answer = respond(body) if self.path == path else (404, {"error": "not found"})
             if isinstance(answer, bytes):
                 self.wfile.write(answer)
                 return
@@ -99,7 +99,7 @@ def serve(respond):
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1", bodies
+        yield f"http://127.0.0.1:{server.server_address[1]}{url_path}", bodies
     finally:
         server.shutdown()
         server.server_close()
