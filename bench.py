@@ -23,12 +23,16 @@ gpu-step     one RL step's time split (rollout sampling, log-probs, values, adva
              that architecture, batch 64.
 step     the RL step's forward passes (log-probs of policy and reference, values) and PPO update on
          the default's models and batch sizes: sequences packed several a row (ppo.padding_free)
-         against each in its own padded row, as before; token positions a step and time.
+         against each in its own padded row, as before; token positions a step and time. Then whole
+         RL steps of the default run (zerosearch.py from the default build), both ways, split by stage.
 """
 import copy
 import json
 import os
 import random
+import runpy
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -616,6 +620,45 @@ def bench_step():
     print(f"\nThe two agree: old log-probs and values within {outputs:.1e}, the update's actor and critic losses "
           f"within {losses:.1e} (relative).\n")
     torch.set_num_threads(threads)
+    bench_rl_steps()
+
+
+RL_STEPS = 2 if QUICK else 10
+STAGES = ("sample", "engine", "logprob", "values", "update")
+
+
+def bench_rl_steps():
+    """Whole RL steps of the default run, packed against padded rows: `zerosearch.py` run as a program
+    (`--rl-steps`) for RL_STEPS steps from the default build (made in out/build if it is not there,
+    several minutes), the actor training from the first step; each step's time split from metrics.jsonl."""
+    os.makedirs(os.path.join("out", "build"), exist_ok=True)
+    split = {}
+    for layout in ("padded", "packed"):
+        out = os.path.join("out", "bench-step", layout)
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
+        os.symlink(os.path.abspath(os.path.join("out", "build")), os.path.join(out, "build"))
+        subprocess.run([sys.executable, __file__, "--rl-steps", layout, out], check=True, stdout=subprocess.DEVNULL)
+        rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][1:]  # the first warms up
+        split[layout] = {k: statistics.mean(r[f"time/{k}"] for r in rows) for k in STAGES}
+    whole = {layout: sum(s.values()) for layout, s in split.items()}
+    print(f"### step: whole RL steps of the default run (`python zerosearch.py`, steps 1-{RL_STEPS - 1} of a run "
+          f"with critic_warmup=0), {load_config([])['threads']} threads, one layout after the other\n")
+    print("| rows | " + " | ".join(STAGES) + " | whole step (s) | speed-up |")
+    print("|---|" + "---:|" * (len(STAGES) + 2))
+    for layout, s in split.items():
+        print(f"| {layout} | " + " | ".join(f"{s[k]:.2f}" for k in STAGES) +
+              f" | {whole[layout]:.2f} | {whole['padded'] / whole[layout]:.2f}x |")
+    print()
+
+
+def rl_steps(layout, out_dir):
+    """The default run's first RL_STEPS steps into out_dir, its forward passes on packed rows (as
+    zerosearch.py is) or with each sequence in its own padded row (as before packing)."""
+    if layout == "padded":
+        ppo.pack_rows = lambda lengths: ([[b] for b in range(len(lengths))], max(1, max(lengths)))
+    sys.argv = ["zerosearch.py", f"out_dir={out_dir}", f"steps={RL_STEPS}", "critic_warmup=0", "eval_size=1"] + ["preset=smoke"] * QUICK
+    runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "zerosearch.py"), run_name="__main__")
 
 
 SECTIONS = {"logprob": bench_logprob, "sampler": bench_sampler, "step": bench_step, "retriever": bench_retriever,
@@ -625,6 +668,8 @@ if __name__ == "__main__":
     section = sys.argv[1] if len(sys.argv) > 1 else "all"
     if section == "--variant":
         print(json.dumps(VARIANTS[sys.argv[2]]()))
+    elif section == "--rl-steps":
+        rl_steps(*sys.argv[2:4])
     elif section != "all" and section not in SECTIONS:
         raise SystemExit(f"usage: python bench.py [{' | '.join(SECTIONS)}]  (no argument: all of them)")
     else:
