@@ -25,7 +25,7 @@ def test_variants_parse_into_overrides_of_the_base_config():
     assert cfgs[0]["mask_information"] is False and cfgs[0]["steps"] == 4
     assert cfgs[2]["sim_sft_steps"] == int(base["sim_sft_steps"] * ablate.WEAK_SIM_SHARE)
     assert [c["rl_seed"] for c in cfgs] == [base["seed"], base["seed"] + 1] * 2 and all(c["seed"] == base["seed"] for c in cfgs)
-    assert ablate.parse(["quick=true"])[0]["seeds"] == 2 and "steps=20" in ablate.parse(["quick=true"])[1]
+    assert ablate.parse(["quick=true"])[0]["seeds"] == 2 and "steps=15" in ablate.parse(["quick=true"])[1]
     with pytest.raises(SystemExit, match="choose from"):
         ablate.parse(["variants=default,nope"])
     with pytest.raises(SystemExit, match="unknown config key"):
