@@ -109,7 +109,7 @@ def run_all(runs, parallel):
             if proc.returncode != 0:
                 raise SystemExit(f"error: run {variant} seed {k} failed (exit {proc.returncode}); see {out}/log.txt")
             done += 1
-            left = (time.time() - started) / done * (len(todo) + len(running)) / parallel
+            left = (time.time() - started) / done * (len(todo) + len(running))  # wall time per finished run x runs left
             print(f"ablate: {variant} seed {k} done; {done} of {done + len(todo) + len(running)} this time, "
                   f"about {left / 60:.0f} min left", flush=True)
 
