@@ -547,6 +547,11 @@ def step_batch(vocab_size, seed=0):
     return input_ids, attention_mask, response_mask, torch.rand(STEP_SEQUENCES, generator=g)
 
 
+def one_per_row(lengths):
+    """ppo.pack_rows's plan for the layout before packing: each sequence in its own row, padded to the longest."""
+    return [[b] for b in range(len(lengths))], max(1, max(lengths))
+
+
 def training_step(actor, critic, ref, batch, cfg):
     """Stages 4-6 of zerosearch.train on one process: old and reference log-probs and values, advantages,
     the PPO update (at a step after the critic's warm-up, so both models train) -> the update's stats,
@@ -576,8 +581,7 @@ def bench_step():
     batch = step_batch(tiny.vocab_size)
     lengths = batch[1].sum(-1)
     before = "each sequence in its own padded row (before)"  # the layout of zerosearch.to_batch
-    packings = {before: lambda n: ([[b] for b in range(len(n))], max(n)),
-                "packed rows (`ppo.padding_free`)": ppo.pack_rows}
+    packings = {before: one_per_row, "packed rows (`ppo.padding_free`)": ppo.pack_rows}
     counts, seconds, results = {}, {}, {}
 
     def run(name):  # one step from the same starting weights and fresh optimizers
@@ -656,7 +660,7 @@ def rl_steps(layout, out_dir):
     """The default run's first RL_STEPS steps into out_dir, its forward passes on packed rows (as
     zerosearch.py is) or with each sequence in its own padded row (as before packing)."""
     if layout == "padded":
-        ppo.pack_rows = lambda lengths: ([[b] for b in range(len(lengths))], max(1, max(lengths)))
+        ppo.pack_rows = one_per_row
     sys.argv = ["zerosearch.py", f"out_dir={out_dir}", f"steps={RL_STEPS}", "critic_warmup=0", "eval_size=1"] + ["preset=smoke"] * QUICK
     runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "zerosearch.py"), run_name="__main__")
 
