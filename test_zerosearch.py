@@ -306,6 +306,29 @@ def test_simulator_rows_useful_state_the_fact_noisy_never_state_a_gold():
             assert all(world.parse_doc(d) for d in r["documents"])  # still well-formed facts
 
 
+def test_warm_up_shows_results_in_a_random_order_and_answers_from_the_stating_result():
+    import collections
+    import random
+    w = world.build_world(0, 300, 90)
+    retriever = sim.Retriever(w.docs)
+    single_hop = [q for q in w.train if q["hops"] == 1]
+    names = {t: sorted({q["subject"] for q in single_hop if world.SUBJECT_TYPE[q["relation"]] == t}) for t in ("person", "company")}
+    rng, where, shown = random.Random(0), collections.Counter(), []
+    for q in single_hop[:600]:
+        text, queries = world.warmup_trajectory(q, lambda x: retriever.search(x, 3), sim.information, names, rng)
+        docs = sim.parse_docs(text[text.index("<information>"):text.index("</information>")], 3)
+        answer = text.rsplit("<answer>", 1)[1].split("</answer>")[0].strip()
+        stated = world.find_fact(docs, q["subject"], q["relation"])
+        values = [world.answer_from_doc(d, q["relation"]) for d in docs]
+        assert answer == stated if stated else answer in values or answer == q["subject"]
+        if stated:  # the stating result's place among the shown ones
+            where[next(i for i, d in enumerate(docs) if world.find_fact([d], q["subject"], q["relation"]))] += 1
+        shown.append(docs == retriever.search(queries[0], 3))
+    n = sum(where.values())  # right queries (p_right 0.6) find the fact; it stands at each place ~ n/3
+    assert n > 250 and all(abs(where[i] - n / 3) < 4 * (n * 2 / 9) ** 0.5 for i in range(3))
+    assert sum(shown) < 0.4 * len(shown)  # mostly not the engine's ranking (1 order in 6 is, by chance)
+
+
 def test_split_train_keeps_rl_entities_out_of_the_warm_up_founders_with_their_companies():
     w = world.build_world(0, 300, 90)
     warm, rl = world.split_train(w.train, 0.3)

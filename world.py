@@ -155,15 +155,18 @@ def right_query(subject, relation):
     return RELATIONS[relation][1].format(s=subject)
 
 
-def warmup_trajectory(q, search, information, names, rng, p_right=0.3, p_vague=0.45):
+def warmup_trajectory(q, search, information, names, rng, p_right=0.6, p_vague=0.25):
     """One warm-up (format-teaching) response for question q, searching the real engine.
 
-    It teaches the *format* only: each query names the right entity with probability p_right,
-    is vague (keywords only) with p_vague (the most likely choice, so a greedy warm-up policy
-    searches vaguely) and names another train entity otherwise. The answer is read from the
-    results when they state it and is otherwise the value of the top result, so it is right
-    only when every query was. The warm-up policy knows how to search and read but not what
-    to search for: its accuracy starts honestly low and RL has to find the rest.
+    Each query names the right entity with probability p_right, is vague (keywords only) with
+    p_vague and names another train entity otherwise. The results are shown in a random order,
+    not the engine's ranking, and the answer is read from the result that states the fact, or
+    else is the value of a random result about the relation: so no position holds the answer
+    more often than another, and the answer is right only when every query was. (With ranked
+    results, or with the first result's value as the fallback, the tiny policy learned to copy
+    Doc 1, which BM25 ranks right for a right query and the simulator does not.) The warm-up
+    policy learns the format, to query the question's entity, and to read a little (about 45% with
+    the right query, at every position): RL has to teach the rest of the reading and the second hop.
     `names[type]` lists train entities only. Returns the response text and its queries."""
     hops = [q["relation"]] if q["hops"] == 1 else list(TWO_HOP[q["relation"]][1:])
     text, subject, queries = "<think> I need to search . </think>", q["subject"], []
@@ -172,9 +175,10 @@ def warmup_trajectory(q, search, information, names, rng, p_right=0.3, p_vague=0
         query = (right_query(subject, relation) if u < p_right else keywords if u < p_right + p_vague
                  else right_query(rng.choice(names[SUBJECT_TYPE[relation]]), relation))
         docs = search(query)
+        docs = rng.sample(docs, len(docs))  # a random order: the answer is read, not ranked first
         queries.append(query)
         text += f" <search> {query} </search>{information(docs)}"
-        top = next((v for v in (answer_from_doc(d, relation) for d in docs) if v), subject)
+        top = rng.choice([v for v in (answer_from_doc(d, relation) for d in docs) if v] or [subject])
         subject = find_fact(docs, subject, relation) or top
     return text + f" <answer> {subject} </answer>", queries
 
