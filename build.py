@@ -1,5 +1,5 @@
 """The embedded default's build: the synthetic world, its tokenizer and real retriever, the tiny
-policy's format warm-up and the tiny simulator fine-tuned from it. zerosearch.py calls
+policy's warm-up and the tiny simulator fine-tuned from it. zerosearch.py calls
 `prepare_embedded` when data=world. The warm-up policy is cached in out_dir/build/<hash of
 WARMUP_KEYS>/warmup and each simulator made from it beside it, in simulator-<hash of SIMULATOR_KEYS>,
 so runs that differ only in the simulator's fine-tuning share one warm-up.
@@ -42,10 +42,10 @@ def prepare_embedded(cfg, cache_dir, log=print):
         log(f"embedded default: loading the world's tokenizer, warm-up policy and simulator from {base}")
         return w, retriever, sim_dir, policy_dir
     tok, trajectories, queries, rng = warmup_data(w, retriever, cfg)
-    if not os.path.isdir(policy_dir):  # 1. the policy: the format warm-up (queries and answers not reliably right)
+    if not os.path.isdir(policy_dir):  # 1. the policy: the warm-up (format, queries of the entity, a first reading)
         policy = world.tiny_model(len(tok), cfg["tiny_hidden"], cfg["tiny_layers"], cfg["tiny_heads"], cfg["seed"])
         sim.sft(policy, trajectories, cfg["warmup_steps"], cfg["warmup_batch_size"], cfg["warmup_lr"], cfg["seed"],
-                "warm-up (format only)", tok.pad_token_id)
+                "warm-up", tok.pad_token_id)
         save_atomically(policy, tok, policy_dir)
     # 2. the simulator: simulation fine-tuning of a copy on labelled (query, documents, useful/noisy) rows
     simulator = AutoModelForCausalLM.from_pretrained(policy_dir)
