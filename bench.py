@@ -277,8 +277,8 @@ def synthetic_corpus(n, vocab_size, seed=0):
 
 
 def old_bm25(docs, k1=0.9, b=0.4):
-    """The implementation before the CSR index (test_retriever.py keeps it as the test's oracle): a dict
-    of postings built document by document; per query one score array and a stable sort of all of it."""
+    """The implementation before the CSR index, and test_retriever.py's oracle: a dict of postings built
+    document by document; per query one score array and a stable sort of all of it."""
     postings, lengths = {}, np.zeros(len(docs), dtype=np.float32)
     for i, d in enumerate(docs):
         words = sim._words(d)

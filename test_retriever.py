@@ -12,39 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+import bench
 import build
 import config
 import sim
 import world
 import test_sim
 import zerosearch
-
-
-class PlainBM25:
-    """BM25 written the straightforward way (a dict of postings built document by document, every
-    document scored per query, a stable sort of all of them): the oracle for sim.Retriever."""
-
-    def __init__(self, docs, k1=0.9, b=0.4):
-        self.docs, self.k1, self.b = docs, k1, b
-        postings = {}
-        lengths = np.zeros(len(docs), dtype=np.float32)
-        for i, d in enumerate(docs):
-            words = sim._words(d)
-            lengths[i] = len(words)
-            for w in set(words):
-                postings.setdefault(w, []).append((i, words.count(w)))
-        self.norm = k1 * (1 - b + b * lengths / max(lengths.mean(), 1.0))
-        self.index = {w: (np.array([i for i, _ in p]), np.array([tf for _, tf in p], dtype=np.float32),
-                          np.log(1 + (len(docs) - len(p) + 0.5) / (len(p) + 0.5))) for w, p in postings.items()}
-
-    def search(self, query, k):
-        scores = np.zeros(len(self.docs), dtype=np.float32)
-        for w in dict.fromkeys(sim._words(query)):
-            if w in self.index:
-                ids, tf, idf = self.index[w]
-                scores[ids] += idf * tf * (self.k1 + 1) / (tf + self.norm[ids])
-        top = np.argsort(-scores, kind="stable")[:k]
-        return [self.docs[i] for i in top if scores[i] > 0]
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +30,15 @@ def test_the_index_gives_the_plain_algorithms_results_ties_included(world_docs):
     # the world's sentences tie often ("born" scores every birth sentence of a length alike); repeated,
     # punctuated and empty documents too
     docs = world_docs + ["born born born in in", "Born, born!", "", "1901 1901"] + world_docs[:50]
-    new, plain = sim.Retriever(docs), PlainBM25(docs)
+    new, plain = sim.Retriever(docs), bench.old_bm25(docs)  # BM25 the straightforward way: the oracle
     assert new.dense  # the frequent words ("was", "born", ...) take the dense path, the others the postings
     words = sorted({w for d in docs for w in d.split()}) + ["unknown", "BORN", "1901,"]
     rng = random.Random(0)
     for _ in range(1500):
         query = " ".join(rng.choice(words) for _ in range(rng.randint(1, 8)))
         k = rng.choice([1, 3, 5, 40, len(docs) + 3])
-        assert new.search(query, k) == plain.search(query, k), (query, k)
-    assert new.search("born", 3) == plain.search("born", 3) and len(new.search("born", 3)) == 3
+        assert new.search(query, k) == plain(query, k), (query, k)
+    assert new.search("born", 3) == plain("born", 3) and len(new.search("born", 3)) == 3
     assert new.search("nothing matches", 3) == []
 
 

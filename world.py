@@ -156,7 +156,7 @@ def right_query(subject, relation):
 
 
 def warmup_trajectory(q, search, information, names, rng, p_right=0.6, p_vague=0.25):
-    """One warm-up (format-teaching) response for question q, searching the real engine.
+    """One warm-up response for question q, searching the real engine.
 
     Each query names the right entity with probability p_right, is vague (keywords only) with
     p_vague and names another train entity otherwise. The results are shown in a random order,
@@ -178,8 +178,8 @@ def warmup_trajectory(q, search, information, names, rng, p_right=0.6, p_vague=0
         docs = rng.sample(docs, len(docs))  # a random order: the answer is read, not ranked first
         queries.append(query)
         text += f" <search> {query} </search>{information(docs)}"
-        top = rng.choice([v for v in (answer_from_doc(d, relation) for d in docs) if v] or [subject])
-        subject = find_fact(docs, subject, relation) or top
+        guess = rng.choice([v for v in (answer_from_doc(d, relation) for d in docs) if v] or [subject])
+        subject = find_fact(docs, subject, relation) or guess
     return text + f" <answer> {subject} </answer>", queries
 
 
