@@ -20,6 +20,7 @@ import time
 import build
 import config
 import plots
+import sim
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WEAK_SIM_SHARE = 0.25  # weak-sim: the simulator fine-tuned for this share of the base's sim_sft_steps
@@ -41,13 +42,8 @@ OWN = {"variants": ",".join(VARIANTS), "seeds": None, "quick": False, "parallel"
 
 def parse(argv):
     """-> (ablate's own arguments, the config arguments shared by every run)."""
-    own, shared = dict(OWN), []
-    for arg in argv:
-        key, eq, value = arg.partition("=")
-        if eq and key in own:
-            own[key] = config.parse_value(value)
-        else:
-            shared.append(arg)
+    own, shared = sim.own_arguments(argv, OWN)
+    own = {k: config.parse_value(v) if isinstance(v, str) else v for k, v in own.items()}
     names = [v for v in str(own["variants"]).split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown or not names:
