@@ -289,7 +289,8 @@ def test_to_batch_aligns_response_mask_with_tokens(tiny_tok):
 
 
 # ----------------------------------------------------------------------------- world
-def test_simulator_rows_useful_state_the_fact_noisy_never_state_a_gold():
+def test_simulator_rows_useful_state_the_fact_at_every_position_alike_noisy_never_state_a_gold():
+    import collections
     import random
     w = world.build_world(0, 300, 90)
     retriever, knowledge = sim.Retriever(w.docs), world.knowledge_index(w.docs)
@@ -297,13 +298,16 @@ def test_simulator_rows_useful_state_the_fact_noisy_never_state_a_gold():
     queries = [(q, world.right_query(q["subject"], q["relation"])) for q in qs]
     rows = world.simulator_rows(w, queries, lambda x: retriever.search(x, 3), knowledge, random.Random(0), noisy_share=0.25)
     assert 65 < sum(r["label"] == "noisy" for r in rows) < 135  # Binomial(400, 0.25): mean 100, sd 8.7
+    where = collections.Counter()
     for (q, query), r in zip(queries, rows):
         assert r["evidence"] == knowledge(query) and q["evidence"][0] in r["evidence"] and len(r["documents"]) == 3
         if r["label"] == "useful":
-            assert q["evidence"][0] in r["documents"]
+            where[r["documents"].index(q["evidence"][0])] += 1
         else:  # read as a reader would, no noisy document gives a gold answer, for any kind of question
             assert all(world.answer_from_doc(d, q["relation"]) not in q["golden_answers"] for d in r["documents"])
             assert all(world.parse_doc(d) for d in r["documents"])  # still well-formed facts
+    n = sum(where.values())  # every useful row states the fact; it stands at each place ~ n/3
+    assert n > 250 and all(abs(where[i] - n / 3) < 4 * (n * 2 / 9) ** 0.5 for i in range(3))
 
 
 def test_warm_up_shows_results_in_a_random_order_and_answers_from_the_stating_result():
