@@ -16,11 +16,12 @@ from transformers import AutoModelForCausalLM
 import sim
 import world
 
-BUILD_VERSION = 5  # bump when the code changes what a build holds, so old caches are not loaded
+BUILD_VERSION = 6  # bump when the code changes what a build holds, so old caches are not loaded
 WARMUP_KEYS = ["world_seed", "world_persons", "world_companies", "tiny_hidden", "tiny_layers", "tiny_heads",
                "warmup_steps", "warmup_batch_size", "warmup_lr", "rl_share", "prompt_template", "direct_template",
                "invalid_action", "sim_template_finetuned", "sim_template_prompted",  # in the tokenizer's vocabulary
                "sim_template_prompted_noisy", "topk", "seed"]
+MISNAMED_SHARE = 0.2  # of the warm-up's queries, also asked with the name miscopied, for the simulator's rows
 SIMULATOR_KEYS = ["sim_sft_steps", "sim_sft_batch_size", "sim_sft_lr", "sim_sft_noisy"]
 
 
@@ -60,9 +61,10 @@ def prepare_embedded(cfg, cache_dir, log=print):
 
 
 def warmup_data(w, retriever, cfg):
-    """-> (tokenizer, warm-up examples, the warm-up's (question, query) pairs, the random stream
-    after them, which the simulator's rows continue): one trajectory per train question,
-    searching the real engine; 10% are the no-search prompt's format (an answer straight away)."""
+    """-> (tokenizer, warm-up examples, the (question, query) pairs of the simulator's rows, the random
+    stream after them, which the rows continue): one trajectory per train question, searching the real
+    engine; 10% are the no-search prompt's format (an answer straight away). The rows' queries are the
+    warm-up's, and a fifth of them again with the entity's name miscopied (`world.misnamed_query`)."""
     tok = world.world_tokenizer(w, cfg)
     rng = random.Random(cfg["seed"])
     names, guesses = collections.defaultdict(set), collections.defaultdict(list)
@@ -86,6 +88,12 @@ def warmup_data(w, retriever, cfg):
             response, qs = world.warmup_trajectory(q, search, sim.information, names, rng)
             queries += [(q, query) for query in qs]
         trajectories.append(world.encode_warmup(tok, prompt, response))
+    # The same query with a name that is no entity's: the simulator then knows nothing and must not
+    # write the answer it sees in its prompt (without these rows it did for 73 of 123 such queries).
+    entities = {q["subject"] for q in w.train + w.test}
+    firsts = sorted({e.split()[0] for e in entities})
+    queries += [(q, wrong) for q, query in queries if rng.random() < MISNAMED_SHARE
+                for wrong in [world.misnamed_query(query, entities, firsts, rng)] if wrong]
     return tok, trajectories, queries, rng
 
 

@@ -333,6 +333,20 @@ def test_warm_up_shows_results_in_a_random_order_and_answers_from_the_stating_re
     assert sum(shown) < 0.4 * len(shown)  # mostly not the engine's ranking (1 order in 6 is, by chance)
 
 
+def test_misnamed_query_names_no_entity_and_changes_only_the_first_word_of_the_name():
+    import random
+    w = world.build_world(0, 300, 90)
+    entities = {q["subject"] for q in w.train + w.test}
+    firsts, rng = sorted({e.split()[0] for e in entities}), random.Random(0)
+    for q in [q for q in w.train if q["hops"] == 1][:200]:
+        query = world.right_query(q["subject"], q["relation"])
+        wrong = world.misnamed_query(query, entities, firsts, rng)
+        changed = [(a, b) for a, b in zip(query.split(), wrong.split()) if a != b]
+        assert len(wrong.split()) == len(query.split()) and changed and all(a == q["subject"].split()[0] for a, _ in changed)
+        assert not any(" ".join(wrong.split()[i:i + 2]) in entities for i in range(len(wrong.split()) - 1))
+    assert world.misnamed_query("born year", entities, firsts, rng) is None
+
+
 def test_split_train_keeps_rl_entities_out_of_the_warm_up_founders_with_their_companies():
     w = world.build_world(0, 300, 90)
     warm, rl = world.split_train(w.train, 0.3)

@@ -341,6 +341,19 @@ def knowledge_index(docs):
     return knowledge
 
 
+def misnamed_query(query, entities, firsts, rng):
+    """`query` with the first word of the entity it names swapped so that it names no entity (the
+    tiny policy's usual copy error), or None if it names none."""
+    words = query.split()
+    for i in range(len(words) - 1):
+        if " ".join(words[i:i + 2]) in entities:
+            for _ in range(50):
+                name = f"{rng.choice(firsts)} {words[i + 1]}"
+                if name not in entities:
+                    return " ".join(words[:i] + name.split() + words[i + 2:])
+    return None
+
+
 def simulator_rows(world, queries, search, knowledge, rng, noisy_share=0.5):
     """Labelled rows for simulation fine-tuning, as the paper collects them: (query, question,
     answer, documents, label), plus the simulator's knowledge of the query (`evidence`).
