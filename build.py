@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 import sim
 import world
 
-BUILD_VERSION = 6  # bump when the code changes what a build holds, so old caches are not loaded
+BUILD_VERSION = 7  # bump when the code changes what a build holds, so old caches are not loaded
 WARMUP_KEYS = ["world_seed", "world_persons", "world_companies", "tiny_hidden", "tiny_layers", "tiny_heads",
                "warmup_steps", "warmup_batch_size", "warmup_lr", "rl_share", "prompt_template", "direct_template",
                "invalid_action", "sim_template_finetuned", "sim_template_prompted",  # in the tokenizer's vocabulary

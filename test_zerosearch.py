@@ -289,7 +289,7 @@ def test_to_batch_aligns_response_mask_with_tokens(tiny_tok):
 
 
 # ----------------------------------------------------------------------------- world
-def test_simulator_rows_useful_state_the_fact_at_every_position_alike_noisy_never_state_a_gold():
+def test_simulator_rows_useful_are_the_real_engines_results_in_a_random_order_noisy_never_state_a_gold():
     import collections
     import random
     w = world.build_world(0, 300, 90)
@@ -302,11 +302,13 @@ def test_simulator_rows_useful_state_the_fact_at_every_position_alike_noisy_neve
     for (q, query), r in zip(queries, rows):
         assert r["evidence"] == knowledge(query) and q["evidence"][0] in r["evidence"] and len(r["documents"]) == 3
         if r["label"] == "useful":
-            where[r["documents"].index(q["evidence"][0])] += 1
+            assert sorted(r["documents"]) == sorted(retriever.search(query, 3))  # BM25's, same-relation look-alikes too
+            if q["evidence"][0] in r["documents"]:
+                where[r["documents"].index(q["evidence"][0])] += 1
         else:  # read as a reader would, no noisy document gives a gold answer, for any kind of question
             assert all(world.answer_from_doc(d, q["relation"]) not in q["golden_answers"] for d in r["documents"])
             assert all(world.parse_doc(d) for d in r["documents"])  # still well-formed facts
-    n = sum(where.values())  # every useful row states the fact; it stands at each place ~ n/3
+    n = sum(where.values())  # nearly every useful row states the fact; it stands at each place ~ n/3
     assert n > 250 and all(abs(where[i] - n / 3) < 4 * (n * 2 / 9) ** 0.5 for i in range(3))
 
 

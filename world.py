@@ -357,13 +357,14 @@ def misnamed_query(query, entities, firsts, rng):
 def simulator_rows(world, queries, search, knowledge, rng, noisy_share=0.5):
     """Labelled rows for simulation fine-tuning, as the paper collects them: (query, question,
     answer, documents, label), plus the simulator's knowledge of the query (`evidence`).
-    `useful` documents are what is known about what the query names, then what the real engine
-    also returns for it, in a random order: faithful to the query, so a query about the wrong
-    entity gets that entity's facts and not the answer, and the answer stands at every position
-    alike. (Listed in that order, the known facts first, the rows put a right query's answer in
-    Doc 3 half as often as in Doc 1 or 2, and RL against that simulator taught the policy to read
-    Doc 3 less.) `noisy` ones are the same with wrong values; a row is noisy with probability
-    `noisy_share`."""
+    `useful` documents are the real engine's results for the query, in a random order, as the paper
+    fine-tunes on the real engine's documents: a query about the wrong entity gets what BM25 finds for
+    it, not the answer, and the answer stands at every position alike. BM25's other results are often
+    the same relation about entities that share a name word ("Droubon Energy is headquartered in ..."
+    for "Droubon Textiles"), which the policy must learn to tell apart. (Rows of the entity's known
+    facts made the simulator's second hop easier than BM25's, 67.0 against 52.0 two-hop EM for one
+    policy; listed in ranked order, they taught the policy to read Doc 3 less.) `noisy` ones are the
+    same with wrong values; a row is noisy with probability `noisy_share`."""
     pools = collections.defaultdict(list)
     for d in world.docs:
         fact = parse_doc(d)
@@ -372,8 +373,7 @@ def simulator_rows(world, queries, search, knowledge, rng, noisy_share=0.5):
     rows = []
     for q, query in queries:
         known, found = knowledge(query), search(query)
-        docs = (known + [d for d in found if d not in known])[:len(found)]
-        docs = rng.sample(docs, len(docs))
+        docs = rng.sample(found, len(found))
         label = "noisy" if rng.random() < noisy_share else "useful"
         if label == "noisy":
             docs = noisy_docs(docs, q["golden_answers"], pools, rng)
