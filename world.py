@@ -361,10 +361,10 @@ def simulator_rows(world, queries, search, knowledge, rng, noisy_share=0.5):
     fine-tunes on the real engine's documents: a query about the wrong entity gets what BM25 finds for
     it, not the answer, and the answer stands at every position alike. BM25's other results are often
     the same relation about entities that share a name word ("Droubon Energy is headquartered in ..."
-    for "Droubon Textiles"), which the policy must learn to tell apart. (Rows of the entity's known
-    facts made the simulator's second hop easier than BM25's, 67.0 against 52.0 two-hop EM for one
-    policy; listed in ranked order, they taught the policy to read Doc 3 less.) `noisy` ones are the
-    same with wrong values; a row is noisy with probability `noisy_share`."""
+    for "Droubon Textiles"), which the policy must learn to tell apart. (Rows of the queried entity's
+    own facts made the simulator's second hop easier than BM25's, 67.0 against 52.0 two-hop EM for one
+    policy, and listed first they taught the policy to read Doc 3 less.) `noisy` ones are the same
+    with wrong values; a row is noisy with probability `noisy_share`."""
     pools = collections.defaultdict(list)
     for d in world.docs:
         fact = parse_doc(d)
