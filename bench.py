@@ -558,8 +558,8 @@ def training_step(actor, critic, ref, batch, cfg):
     old log-probs, values."""
     ids, attn, response_mask, scores = batch
     with torch.no_grad():
-        old_logp, _ = actor.model(ids, attn, cfg["temperature"])
-        ref_logp, _ = ref(ids, attn, cfg["temperature"])
+        old_logp, _ = actor.model(ids, attn, cfg["temperature"], response_mask)
+        ref_logp, _ = ref(ids, attn, cfg["temperature"], response_mask)
         values = ppo.token_values(critic.model, ids, attn)
     advantages, returns, _ = ppo.compute_advantages("ppo", scores, response_mask, old_logp, ref_logp, values, cfg,
                                                     cfg["kl_coef"])

@@ -270,15 +270,19 @@ class Actor(torch.nn.Module):
         super().__init__()
         self.lm, self.compute_dtype = lm, compute_dtype
 
-    def forward(self, input_ids, attention_mask, temperature=1.0):
-        """-> logp [B, T], entropy [B, T]; logp[:, t] = log π(x_t | x_<t) at `temperature`,
-        0 on padding and on each row's first token. The LM head and log-softmax run in the hidden
+    def forward(self, input_ids, attention_mask, temperature=1.0, positions=None):
+        """-> logp [B, T], entropy [B, T]; logp[:, t] = log π(x_t | x_<t) at `temperature` where
+        `positions` [B, T] (default: every real token after a row's first) is true, 0 elsewhere.
+        Training passes the response mask: the LM head, a tenth of the model's matmuls here, then
+        runs on the quarter of the tokens that are scored. It and the log-softmax run in the hidden
         state's dtype: fp32 under autocast, whose residual stream stays fp32."""
         decoder = self.lm.get_decoder()
         with autocast(self.compute_dtype, input_ids.device):
             hidden = padding_free(lambda ids, pos: decoder(input_ids=ids, position_ids=pos, use_cache=False)
                                   .last_hidden_state, input_ids, attention_mask)  # [B, T, D]
-        scored = scored_positions(attention_mask)  # the lm_head runs on these positions only
+        scored = scored_positions(attention_mask)
+        if positions is not None:
+            scored = scored & positions.bool()
         logp, entropy = logprob_entropy_from_hidden(hidden[:, :-1][scored[:, 1:]],
                                                     self.lm.get_output_embeddings().weight,
                                                     input_ids[:, 1:][scored[:, 1:]], temperature)
@@ -350,7 +354,7 @@ def update(actor, critic, batch, cfg, kl_coef, step=0, mean_over_processes=None)
                 mask = mask_all[micro]
                 ids, attn = batch.input_ids[micro], batch.attention_mask[micro]
                 if train_actor:
-                    logp, entropy = actor.model(ids, attn, cfg["temperature"])
+                    logp, entropy = actor.model(ids, attn, cfg["temperature"], mask)
                     pg_loss, pg_stats = policy_loss(logp, batch.old_logp[micro], batch.advantages[micro], mask,
                                                     cfg["clip_ratio"], cfg["dual_clip"], cfg["loss_agg"])
                     entropy_mean = masked_mean(entropy, mask)

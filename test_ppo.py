@@ -533,9 +533,15 @@ def test_packed_logp_entropy_and_values_equal_the_padded_forward_for_ragged_righ
             logp, entropy = actor(ids, attn, 0.7)
             values = ppo.token_values(critic, ids, attn)
         scored = ppo.scored_positions(attn)
-        for packed, padded in zip((logp, entropy, values), padded_forward(actor, critic, ids, attn, 0.7)):
+        oracle = padded_forward(actor, critic, ids, attn, 0.7)
+        for packed, padded in zip((logp, entropy, values), oracle):
             torch.testing.assert_close(packed[scored], padded[scored], atol=1e-5, rtol=1e-5)
             assert torch.all(packed[~scored] == 0)
+        some = scored & (torch.rand(scored.shape, generator=gen) < 0.5)  # the LM head on these alone, as training's response mask
+        with torch.no_grad():
+            for packed, padded in zip(actor(ids, attn, 0.7, some), oracle):
+                torch.testing.assert_close(packed[some], padded[some], atol=1e-5, rtol=1e-5)
+                assert torch.all(packed[~some] == 0)
 
 
 @pytest.mark.parametrize("micro_batch_size,grad_checkpointing", [(4, False), (8, False), (8, True)])

@@ -286,8 +286,8 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
         #    forward pass runs on the real tokens alone, several sequences a row (ppo.padding_free)
         ids, attn, mask = to_batch(ro, tok.pad_token_id, ctx.device, cfg["mask_information"])
         with torch.no_grad():
-            old_logp, _ = actor.model(ids, attn, cfg["temperature"])
-            ref_logp, _ = ref(ids, attn, cfg["temperature"])
+            old_logp, _ = actor.model(ids, attn, cfg["temperature"], mask)
+            ref_logp, _ = ref(ids, attn, cfg["temperature"], mask)
             clock.lap("logprob")
             values = ppo.token_values(critic.model, ids, attn, compute) if critic else None
             clock.lap("values")
