@@ -23,7 +23,8 @@ gpu-step     one RL step's time split (rollout sampling, log-probs, values, adva
              that architecture, batch 64.
 step     the RL step's forward passes (log-probs of policy and reference, values) and PPO update on
          the default's models and batch sizes: sequences packed several a row (ppo.padding_free)
-         against each in its own padded row, as before; token positions a step and time. Then whole
+         against each in its own padded row, as before, and the LM head on the response tokens alone
+         against every token; token positions a step and time. Then whole
          RL steps of the default run (zerosearch.py from the default build), both ways, split by stage.
 """
 import copy
@@ -580,8 +581,10 @@ def bench_step():
     start = {"actor": copy.deepcopy(policy.state_dict()), "critic": copy.deepcopy(head.state_dict())}
     batch = step_batch(tiny.vocab_size)
     lengths = batch[1].sum(-1)
-    before = "each sequence in its own padded row (before)"  # the layout of zerosearch.to_batch
-    packings = {before: one_per_row, "packed rows (`ppo.padding_free`)": ppo.pack_rows}
+    before = "each sequence in its own padded row, the LM head on every token (before)"  # as zerosearch.to_batch lays it out
+    layouts = {before: (one_per_row, False),  # name -> (rows plan, the LM head on the response alone)
+               "packed rows (`ppo.padding_free`), the LM head on every token": (ppo.pack_rows, False),
+               "packed rows, the LM head on the response (`ppo.Actor`'s `positions`)": (ppo.pack_rows, True)}
     counts, seconds, results = {}, {}, {}
 
     def run(name):  # one step from the same starting weights and fresh optimizers
@@ -592,37 +595,41 @@ def bench_step():
         counts[name] = {"positions": 0, "tokens": 0}
 
         def pack(n):
-            rows, width = packings[name](n)
+            rows, width = layouts[name][0](n)
             counts[name]["positions"] += len(rows) * width
             counts[name]["tokens"] += sum(n)
             return rows, width
-        ppo.pack_rows, plan = pack, ppo.pack_rows
+        ppo.pack_rows, plan, forward = pack, ppo.pack_rows, ppo.Actor.forward
+        if not layouts[name][1]:
+            ppo.Actor.forward = lambda self, ids, attn, temperature=1.0, positions=None: forward(self, ids, attn, temperature)
         try:
             t0 = time.perf_counter()
             results[name] = training_step(actor, critic, ref, batch, cfg)
             seconds[name] = min(seconds.get(name, float("inf")), time.perf_counter() - t0)
         finally:
-            ppo.pack_rows = plan
+            ppo.pack_rows, ppo.Actor.forward = plan, forward
 
-    for _ in range(1 if QUICK else 4):  # the first round warms up; runs alternate, so load hits both alike
-        for name in packings:
+    for _ in range(1 if QUICK else 4):  # the first round warms up; runs alternate, so load hits all alike
+        for name in layouts:
             run(name)
     print(f"### step: forward passes + PPO update of one RL step, {torch.get_num_threads()} threads\n")
     print(f"{STEP_SEQUENCES} synthetic sequences (mean {lengths.float().mean():.0f} tokens, median "
           f"{int(lengths.median())}, longest {int(lengths.max())}); log-probs of policy and reference and values, then "
-          f"{cfg['ppo_epochs']} epochs of mini-batch {cfg['mini_batch_size']}, micro-batch {cfg['micro_batch_size']} "
+          f"ppo_epochs={cfg['ppo_epochs']} over mini-batches of {cfg['mini_batch_size']}, micro-batch {cfg['micro_batch_size']} "
           "(actor and critic); the best of 3 after a warm-up.\n")
     print("| rows | token positions a step | over real tokens | time (s) | speed-up |")
     print("|---|---:|---:|---:|---:|")
-    for name in packings:
+    for name in layouts:
         c = counts[name]
         print(f"| {name} | {c['positions']:,} | {c['positions'] / c['tokens']:.2f}x | {seconds[name]:.2f} | "
               f"{seconds[before] / seconds[name]:.2f}x |")
-    (stats_0, logp_0, values_0), (stats_1, logp_1, values_1) = results.values()
-    outputs = max((logp_0 - logp_1).abs().max().item(), (values_0 - values_1).abs().max().item())
-    losses = max(abs(stats_0[k] - stats_1[k]) / abs(stats_0[k]) for k in ("actor/loss", "critic/loss"))
-    print(f"\nThe two agree: old log-probs and values within {outputs:.1e}, the update's actor and critic losses "
-          f"within {losses:.1e} (relative).\n")
+    response = batch[2].bool()  # where the log-probs are used
+    (stats_0, logp_0, values_0), *others = results.values()
+    outputs = max(max((logp_0 - logp)[response].abs().max().item(), (values_0 - values).abs().max().item())
+                  for _, logp, values in others)
+    losses = max(abs(stats_0[k] - stats[k]) / abs(stats_0[k]) for stats, _, _ in others for k in ("actor/loss", "critic/loss"))
+    print(f"\nThey agree: old log-probs (on the response) and values within {outputs:.1e}, the update's actor and "
+          f"critic losses within {losses:.1e} (relative).\n")
     torch.set_num_threads(threads)
     bench_rl_steps()
 
