@@ -664,10 +664,12 @@ def bench_rl_steps():
 
 
 def rl_steps(layout, out_dir):
-    """The default run's first RL_STEPS steps into out_dir, its forward passes on packed rows (as
-    zerosearch.py is) or with each sequence in its own padded row (as before packing)."""
+    """The default run's first RL_STEPS steps into out_dir, its forward passes on packed rows with the LM
+    head on the response (as zerosearch.py is) or with each sequence in its own padded row and the LM head
+    on every token (as before)."""
     if layout == "padded":
-        ppo.pack_rows = one_per_row
+        ppo.pack_rows, forward = one_per_row, ppo.Actor.forward
+        ppo.Actor.forward = lambda self, ids, attn, temperature=1.0, positions=None: forward(self, ids, attn, temperature)
     sys.argv = ["zerosearch.py", f"out_dir={out_dir}", f"steps={RL_STEPS}", "critic_warmup=0", "eval_size=1"] + ["preset=smoke"] * QUICK
     runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "zerosearch.py"), run_name="__main__")
 
