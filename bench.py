@@ -548,6 +548,11 @@ def step_batch(vocab_size, seed=0):
     return input_ids, attention_mask, response_mask, torch.rand(STEP_SEQUENCES, generator=g)
 
 
+def lm_head_on_every_token(forward):
+    """ppo.Actor.forward as before `positions`: the LM head on every real token, whatever the caller asks."""
+    return lambda self, ids, attn, temperature=1.0, positions=None: forward(self, ids, attn, temperature)
+
+
 def one_per_row(lengths):
     """ppo.pack_rows's plan for the layout before packing: each sequence in its own row, padded to the longest."""
     return [[b] for b in range(len(lengths))], max(1, max(lengths))
@@ -601,7 +606,7 @@ def bench_step():
             return rows, width
         ppo.pack_rows, plan, forward = pack, ppo.pack_rows, ppo.Actor.forward
         if not layouts[name][1]:
-            ppo.Actor.forward = lambda self, ids, attn, temperature=1.0, positions=None: forward(self, ids, attn, temperature)
+            ppo.Actor.forward = lm_head_on_every_token(forward)
         try:
             t0 = time.perf_counter()
             results[name] = training_step(actor, critic, ref, batch, cfg)
@@ -670,7 +675,7 @@ def rl_steps(layout, out_dir):
     on every token (as before)."""
     if layout == "padded":
         ppo.pack_rows, forward = one_per_row, ppo.Actor.forward
-        ppo.Actor.forward = lambda self, ids, attn, temperature=1.0, positions=None: forward(self, ids, attn, temperature)
+        ppo.Actor.forward = lm_head_on_every_token(forward)
     sys.argv = ["zerosearch.py", f"out_dir={out_dir}", f"steps={RL_STEPS}", "critic_warmup=0", "eval_size=1"] + ["preset=smoke"] * QUICK
     runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "zerosearch.py"), run_name="__main__")
 
