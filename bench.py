@@ -641,14 +641,17 @@ def bench_step():
 
 RL_STEPS = 2 if QUICK else 10
 STAGES = ("sample", "engine", "logprob", "values", "update")
+RL_LAYOUTS = {"padded-2-epochs": "padded, the LM head on every token, ppo_epochs=2 (the default before packing)",
+              "padded": "padded, the LM head on every token", "packed": "packed, the LM head on the response (now)"}
 
 
 def bench_rl_steps():
-    """Whole RL steps of the default run, packed against padded rows: `zerosearch.py` run as a program
-    (`--rl-steps`) for RL_STEPS steps from the default build (made in out/build if it is not there,
-    several minutes), the actor training from the first step; each step's time split from metrics.jsonl."""
+    """Whole RL steps of the default run, packed against padded rows, and against the default before
+    packing (padded rows, two PPO epochs a step): `zerosearch.py` run as a program (`--rl-steps`) for
+    RL_STEPS steps from the default build (made in out/build if it is not there, several minutes), the
+    actor training from the first step; each step's time split from metrics.jsonl."""
     os.makedirs(os.path.join("out", "build"), exist_ok=True)
-    rows = {"padded": [], "packed": []}
+    rows = {layout: [] for layout in RL_LAYOUTS}
     for _ in range(1 if QUICK else 2):  # runs alternate, so a slower spell of the machine hits both layouts
         for layout in rows:
             out = os.path.join("out", "bench-step", layout)
@@ -663,20 +666,22 @@ def bench_rl_steps():
           f"with critic_warmup=0, twice each), {load_config([])['threads']} threads, the layouts' runs alternating\n")
     print("| rows | " + " | ".join(STAGES) + " | whole step (s) | speed-up |")
     print("|---|" + "---:|" * (len(STAGES) + 2))
+    first = next(iter(RL_LAYOUTS))
     for layout, s in split.items():
-        print(f"| {layout} | " + " | ".join(f"{s[k]:.2f}" for k in STAGES) +
-              f" | {whole[layout]:.2f} | {whole['padded'] / whole[layout]:.2f}x |")
+        print(f"| {RL_LAYOUTS[layout]} | " + " | ".join(f"{s[k]:.2f}" for k in STAGES) +
+              f" | {whole[layout]:.2f} | {whole[first] / whole[layout]:.2f}x |")
     print()
 
 
 def rl_steps(layout, out_dir):
     """The default run's first RL_STEPS steps into out_dir, its forward passes on packed rows with the LM
     head on the response (as zerosearch.py is) or with each sequence in its own padded row and the LM head
-    on every token (as before)."""
-    if layout == "padded":
+    on every token (as before), with the default's one PPO epoch a step or two (before)."""
+    if layout.startswith("padded"):
         ppo.pack_rows, forward = one_per_row, ppo.Actor.forward
         ppo.Actor.forward = lm_head_on_every_token(forward)
-    sys.argv = ["zerosearch.py", f"out_dir={out_dir}", f"steps={RL_STEPS}", "critic_warmup=0", "eval_size=1"] + ["preset=smoke"] * QUICK
+    sys.argv = (["zerosearch.py", f"out_dir={out_dir}", f"steps={RL_STEPS}", "critic_warmup=0", "eval_size=1"]
+                + ["ppo_epochs=2"] * (layout == "padded-2-epochs") + ["preset=smoke"] * QUICK)
     runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "zerosearch.py"), run_name="__main__")
 
 
