@@ -10,6 +10,8 @@ the dispatch reads at call time. Tolerances:
     (2^-7, not 2^-8: the interpreter truncates fp32 -> bf16 where GPUs round to nearest).
 """
 import os
+import subprocess
+import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -159,6 +161,22 @@ def test_dispatch_runs_the_kernel_only_on_cuda_or_when_forced(monkeypatch):
     assert kernels.logprob.use_triton(torch.zeros(1))
     assert type(kernels.logprob._forward_kernel).__name__ == "InterpretedFunction", \
         "kernels was imported before TRITON_INTERPRET=1 was set (run test_kernels.py on its own)"
+
+
+def test_a_hub_kernels_package_beside_this_one_fails_with_what_to_do(tmp_path):
+    """Hugging Face's `kernels` (required by transformers>=5.25) has this package's import name; when its
+    metadata is on the path, importing ours stops with the fix in one line, not transformers' missing name."""
+    repo = os.path.dirname(os.path.abspath(__file__))
+    run = lambda: subprocess.run([sys.executable, "-c", "import kernels"], cwd=repo, capture_output=True, text=True,
+                                 env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert run().returncode == 0
+    (tmp_path / "kernels-0.19.1.dist-info").mkdir()
+    (tmp_path / "kernels-0.19.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.19.1\n")
+    out = run()
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1] == (
+        "ImportError: Hugging Face's `kernels` package is installed, and this repository's kernels/ takes its "
+        "import name: pip uninstall -y kernels && pip install 'transformers>=5.0,<5.25'")
 
 
 def gae_on_unmasked_tokens(rewards, values, mask, gamma, lam):
