@@ -558,15 +558,26 @@ def one_per_row(lengths):
     return [[b] for b in range(len(lengths))], max(1, max(lengths))
 
 
+def counted(plan, counts):
+    """`plan` (as ppo.pack_rows) that adds its rows' token positions and the real tokens to `counts`."""
+    def pack(lengths):
+        rows, width = plan(lengths)
+        counts["positions"] += len(rows) * width
+        counts["tokens"] += sum(lengths)
+        return rows, width
+    return pack
+
+
 def training_step(actor, critic, ref, batch, cfg):
     """Stages 4-6 of zerosearch.train on one process: old and reference log-probs and values, advantages,
     the PPO update (at a step after the critic's warm-up, so both models train) -> the update's stats,
     old log-probs, values."""
     ids, attn, response_mask, scores = batch
     with torch.no_grad():
-        old_logp, _ = actor.model(ids, attn, cfg["temperature"], response_mask)
-        ref_logp, _ = ref(ids, attn, cfg["temperature"], response_mask)
-        values = ppo.token_values(critic.model, ids, attn)
+        old_logp, ref_logp, values = ppo.in_micro_batches(
+            lambda r: (actor.model(ids[r], attn[r], cfg["temperature"], response_mask[r])[0],
+                       ref(ids[r], attn[r], cfg["temperature"], response_mask[r])[0],
+                       ppo.token_values(critic.model, ids[r], attn[r])), attn, cfg["micro_batch_size"])
     advantages, returns, _ = ppo.compute_advantages("ppo", scores, response_mask, old_logp, ref_logp, values, cfg,
                                                     cfg["kl_coef"])
     batch = ppo.Batch(ids, attn, response_mask, old_logp, ref_logp, advantages, values, returns)
@@ -598,13 +609,7 @@ def bench_step():
         actor, critic = (ppo.Learner(m, *ppo.make_optimizer(m, lr, cfg["weight_decay"], 0, cfg["steps"]))
                          for m, lr in ((policy, cfg["actor_lr"]), (head, cfg["critic_lr"])))
         counts[name] = {"positions": 0, "tokens": 0}
-
-        def pack(n):
-            rows, width = layouts[name][0](n)
-            counts[name]["positions"] += len(rows) * width
-            counts[name]["tokens"] += sum(n)
-            return rows, width
-        ppo.pack_rows, plan, forward = pack, ppo.pack_rows, ppo.Actor.forward
+        ppo.pack_rows, plan, forward = counted(layouts[name][0], counts[name]), ppo.pack_rows, ppo.Actor.forward
         if not layouts[name][1]:
             ppo.Actor.forward = lm_head_on_every_token(forward)
         try:
@@ -641,17 +646,21 @@ def bench_step():
 
 RL_STEPS = 2 if QUICK else 10
 STAGES = ("sample", "engine", "logprob", "values", "update")
-RL_LAYOUTS = {"padded-2-epochs": "padded, the LM head on every token, ppo_epochs=2 (the default before packing)",
-              "padded": "padded, the LM head on every token", "packed": "packed, the LM head on the response (now)"}
+WHOLE = ["micro_batch_size=128"]  # one forward pass over the step's 128 sequences, one per mini-batch of 64, as before
+RL_LAYOUTS = {  # name -> (what it is, padded rows with the LM head on every token, config overrides)
+    "before": ("padded, no micro-batches, ppo_epochs=2 (the default before)", True, WHOLE + ["ppo_epochs=2"]),
+    "padded": ("padded, no micro-batches", True, WHOLE),
+    "packed-whole": ("packed, the LM head on the response, no micro-batches", False, WHOLE),
+    "now": ("packed, the LM head on the response, micro-batches of 16 by length (now)", False, [])}
 
 
 def bench_rl_steps():
-    """Whole RL steps of the default run, packed against padded rows, and against the default before
-    packing (padded rows, two PPO epochs a step): `zerosearch.py` run as a program (`--rl-steps`) for
+    """Whole RL steps of the default run in each of RL_LAYOUTS, the first the default before packing
+    (padded rows, two PPO epochs a step): `zerosearch.py` run as a program (`--rl-steps`) for
     RL_STEPS steps from the default build (made in out/build if it is not there, several minutes), the
     actor training from the first step; each step's time split from metrics.jsonl."""
     os.makedirs(os.path.join("out", "build"), exist_ok=True)
-    rows = {layout: [] for layout in RL_LAYOUTS}
+    rows, over = {layout: [] for layout in RL_LAYOUTS}, {}
     for _ in range(1 if QUICK else 2):  # runs alternate, so a slower spell of the machine hits both layouts
         for layout in rows:
             out = os.path.join("out", "bench-step", layout)
@@ -660,15 +669,17 @@ def bench_rl_steps():
             os.symlink(os.path.abspath(os.path.join("out", "build")), os.path.join(out, "build"))
             subprocess.run([sys.executable, __file__, "--rl-steps", layout, out], check=True, stdout=subprocess.DEVNULL)
             rows[layout] += [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][1:]  # the first warms up
+            counts = json.load(open(os.path.join(out, "positions.json")))
+            over[layout] = counts["positions"] / counts["tokens"]
     split = {layout: {k: statistics.mean(r[f"time/{k}"] for r in rs) for k in STAGES} for layout, rs in rows.items()}
     whole = {layout: sum(s.values()) for layout, s in split.items()}
     print(f"### step: whole RL steps of the default run (`python zerosearch.py`, steps 1-{RL_STEPS - 1} of a run "
           f"with critic_warmup=0, twice each), {load_config([])['threads']} threads, the layouts' runs alternating\n")
-    print("| rows | " + " | ".join(STAGES) + " | whole step (s) | speed-up |")
-    print("|---|" + "---:|" * (len(STAGES) + 2))
+    print("| rows | token positions over real tokens | " + " | ".join(STAGES) + " | whole step (s) | speed-up |")
+    print("|---|" + "---:|" * (len(STAGES) + 3))
     first = next(iter(RL_LAYOUTS))
     for layout, s in split.items():
-        print(f"| {RL_LAYOUTS[layout]} | " + " | ".join(f"{s[k]:.2f}" for k in STAGES) +
+        print(f"| {RL_LAYOUTS[layout][0]} | {over[layout]:.2f}x | " + " | ".join(f"{s[k]:.2f}" for k in STAGES) +
               f" | {whole[layout]:.2f} | {whole[first] / whole[layout]:.2f}x |")
     print()
 
@@ -676,13 +687,17 @@ def bench_rl_steps():
 def rl_steps(layout, out_dir):
     """The default run's first RL_STEPS steps into out_dir, its forward passes on packed rows with the LM
     head on the response (as zerosearch.py is) or with each sequence in its own padded row and the LM head
-    on every token (as before), with the default's one PPO epoch a step or two (before)."""
-    if layout.startswith("padded"):
-        ppo.pack_rows, forward = one_per_row, ppo.Actor.forward
-        ppo.Actor.forward = lm_head_on_every_token(forward)
+    on every token (as before), with the layout's config overrides."""
+    _, padded, overrides = RL_LAYOUTS[layout]
+    counts = {"positions": 0, "tokens": 0}  # of every forward pass of the training step
+    ppo.pack_rows = counted(one_per_row if padded else ppo.pack_rows, counts)
+    if padded:
+        ppo.Actor.forward = lm_head_on_every_token(ppo.Actor.forward)
     sys.argv = (["zerosearch.py", f"out_dir={out_dir}", f"steps={RL_STEPS}", "critic_warmup=0", "eval_size=1"]
-                + ["ppo_epochs=2"] * (layout == "padded-2-epochs") + ["preset=smoke"] * QUICK)
+                + ["preset=smoke"] * QUICK + overrides)
     runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "zerosearch.py"), run_name="__main__")
+    with open(os.path.join(out_dir, "positions.json"), "w") as f:
+        json.dump(counts, f)
 
 
 SECTIONS = {"logprob": bench_logprob, "sampler": bench_sampler, "step": bench_step, "retriever": bench_retriever,

@@ -484,6 +484,41 @@ def test_micro_batch_accumulation_equals_one_pass_over_the_mini_batch():
             torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-4)
 
 
+def test_micro_batches_group_each_mini_batch_by_length():
+    """Each forward pass of the update gets sequences of similar length: the mini-batch's rows sorted by
+    length, then split; every row is in exactly one micro-batch of each mini-batch."""
+    actor, critic = tiny_models()
+    lengths = [12, 5, 9, 7, 11, 6, 8, 10]
+    batch, cfg = rollout_batch(actor, critic, "ppo", B=8, lengths=lengths)
+    seen, forward = [], actor.forward
+    actor.forward = lambda ids, attn, *a, **k: seen.append(attn.sum(-1).tolist()) or forward(ids, attn, *a, **k)
+    run_update(actor, critic, batch, dict(cfg, mini_batch_size=4, micro_batch_size=2))
+    assert [len(m) for m in seen] == [2] * 4
+    for first, second in (seen[0:2], seen[2:4]):  # the two mini-batches
+        assert first == sorted(first) and second == sorted(second) and max(first) <= min(second)
+    assert sorted(n for m in seen for n in m) == sorted(lengths)
+
+
+def test_forward_in_micro_batches_equals_one_call_over_the_batch():
+    """The step's log-probs and values, run a few rows at a time grouped by length, come back in the
+    batch's order and equal one forward pass over the whole batch; each call gets sequences of one length group."""
+    actor, critic = tiny_models()
+    lengths = [12, 5, 9, 7, 11, 6, 8, 10, 4]
+    batch, _ = rollout_batch(actor, critic, "ppo", B=9, lengths=lengths)
+    ids, attn = batch.input_ids, batch.attention_mask
+    calls = []
+
+    def forward(rows):
+        calls.append(attn[rows].sum(-1).tolist())
+        return actor(ids[rows], attn[rows])[0], ppo.token_values(critic, ids[rows], attn[rows])
+
+    with torch.no_grad():
+        logp, values = ppo.in_micro_batches(forward, attn, 4)
+        torch.testing.assert_close(logp, actor(ids, attn)[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(values, ppo.token_values(critic, ids, attn), atol=1e-6, rtol=1e-5)
+    assert calls == [[4, 5, 6, 7], [8, 9, 10, 11], [12]]
+
+
 def one_sequence_a_row(lengths):
     """Today's padded layout as a packing: each sequence alone in its row, rows as long as the longest."""
     return [[b] for b in range(len(lengths))], max(lengths)

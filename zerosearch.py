@@ -283,13 +283,15 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
         # 3. reward: F1 of the final answer
         scores = torch.tensor(score(ro, qs, cfg["reward"]), device=ctx.device)
         # 4. log-probs of the sampled tokens under the policy and the reference; values (PPO); each
-        #    forward pass runs on the real tokens alone, several sequences a row (ppo.padding_free)
+        #    forward pass runs on micro-batches of similar lengths, on their real tokens alone (ppo.padding_free)
         ids, attn, mask = to_batch(ro, tok.pad_token_id, ctx.device, cfg["mask_information"])
         with torch.no_grad():
-            old_logp, _ = actor.model(ids, attn, cfg["temperature"], mask)
-            ref_logp, _ = ref(ids, attn, cfg["temperature"], mask)
+            old_logp, ref_logp = ppo.in_micro_batches(lambda r: (actor.model(ids[r], attn[r], cfg["temperature"], mask[r])[0],
+                                                                 ref(ids[r], attn[r], cfg["temperature"], mask[r])[0]),
+                                                      attn, cfg["micro_batch_size"])
             clock.lap("logprob")
-            values = ppo.token_values(critic.model, ids, attn, compute) if critic else None
+            values = ppo.in_micro_batches(lambda r: [ppo.token_values(critic.model, ids[r], attn[r], compute)],
+                                          attn, cfg["micro_batch_size"])[0] if critic else None
             clock.lap("values")
         # 5. advantages (GAE, group-normalised, REINFORCE, REINFORCE++), whitened over all processes
         advantages, returns, adv_stats = ppo.compute_advantages(
