@@ -164,15 +164,21 @@ def test_dispatch_runs_the_kernel_only_on_cuda_or_when_forced(monkeypatch):
 
 
 def test_a_hub_kernels_package_beside_this_one_fails_with_what_to_do(tmp_path):
-    """Hugging Face's `kernels` (required by transformers>=5.25) has this package's import name; when its
-    metadata is on the path, importing ours stops with the fix in one line, not transformers' missing name."""
+    """Hugging Face's `kernels` (required by transformers>=5.25) has this package's import name; with the
+    metadata of a version transformers would import on the path, importing ours stops with the fix in one
+    line, not transformers' missing name; a version transformers ignores changes nothing."""
+    from transformers.utils.import_utils import KERNELS_MIN_VERSION
     repo = os.path.dirname(os.path.abspath(__file__))
-    run = lambda: subprocess.run([sys.executable, "-c", "import kernels"], cwd=repo, capture_output=True, text=True,
-                                 env=dict(os.environ, PYTHONPATH=str(tmp_path)))
-    assert run().returncode == 0
-    (tmp_path / "kernels-0.19.1.dist-info").mkdir()
-    (tmp_path / "kernels-0.19.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.19.1\n")
-    out = run()
+
+    def import_beside(version):
+        site = tmp_path / version
+        (site / f"kernels-{version}.dist-info").mkdir(parents=True)
+        (site / f"kernels-{version}.dist-info" / "METADATA").write_text(f"Metadata-Version: 2.1\nName: kernels\nVersion: {version}\n")
+        return subprocess.run([sys.executable, "-c", "import kernels"], cwd=repo, capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(site)))
+
+    assert import_beside("0.0.1").returncode == 0
+    out = import_beside(KERNELS_MIN_VERSION)
     assert out.returncode != 0
     assert out.stderr.strip().splitlines()[-1] == (
         "ImportError: Hugging Face's `kernels` package is installed, and this repository's kernels/ takes its "
