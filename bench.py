@@ -597,10 +597,11 @@ def bench_step():
     start = {"actor": copy.deepcopy(policy.state_dict()), "critic": copy.deepcopy(head.state_dict())}
     batch = step_batch(tiny.vocab_size)
     lengths = batch[1].sum(-1)
-    before = "each sequence in its own padded row, the LM head on every token (before)"  # as zerosearch.to_batch lays it out
-    layouts = {before: (one_per_row, False),  # name -> (rows plan, the LM head on the response alone)
-               "packed rows (`ppo.padding_free`), the LM head on every token": (ppo.pack_rows, False),
-               "packed rows, the LM head on the response (`ppo.Actor`'s `positions`)": (ppo.pack_rows, True)}
+    before = "each sequence in its own padded row, the LM head on every token, no micro-batches (before)"
+    layouts = {before: (one_per_row, False, STEP_SEQUENCES),  # name -> (rows plan, LM head on the response alone, micro-batch)
+               "packed rows (`ppo.padding_free`), the LM head on every token, no micro-batches": (ppo.pack_rows, False, STEP_SEQUENCES),
+               "packed rows, the LM head on the response (`ppo.Actor`'s `positions`), no micro-batches": (ppo.pack_rows, True, STEP_SEQUENCES),
+               "packed rows, the LM head on the response, micro-batches of 16 by length (now)": (ppo.pack_rows, True, cfg["micro_batch_size"])}
     counts, seconds, results = {}, {}, {}
 
     def run(name):  # one step from the same starting weights and fresh optimizers
@@ -614,7 +615,7 @@ def bench_step():
             ppo.Actor.forward = lm_head_on_every_token(forward)
         try:
             t0 = time.perf_counter()
-            results[name] = training_step(actor, critic, ref, batch, cfg)
+            results[name] = training_step(actor, critic, ref, batch, dict(cfg, micro_batch_size=layouts[name][2]))
             seconds[name] = min(seconds.get(name, float("inf")), time.perf_counter() - t0)
         finally:
             ppo.pack_rows, ppo.Actor.forward = plan, forward
@@ -625,8 +626,8 @@ def bench_step():
     print(f"### step: forward passes + PPO update of one RL step, {torch.get_num_threads()} threads\n")
     print(f"{STEP_SEQUENCES} synthetic sequences (mean {lengths.float().mean():.0f} tokens, median "
           f"{int(lengths.median())}, longest {int(lengths.max())}); log-probs of policy and reference and values, then "
-          f"ppo_epochs={cfg['ppo_epochs']} over mini-batches of {cfg['mini_batch_size']}, micro-batch {cfg['micro_batch_size']} "
-          "(actor and critic); the best of 3 after a warm-up.\n")
+          f"ppo_epochs={cfg['ppo_epochs']} over mini-batches of {cfg['mini_batch_size']} (actor and critic); "
+          "no micro-batches: one forward pass over the batch, one a mini-batch; the best of 3 after a warm-up.\n")
     print("| rows | token positions a step | over real tokens | time (s) | speed-up |")
     print("|---|---:|---:|---:|---:|")
     for name in layouts:
