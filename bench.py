@@ -23,9 +23,10 @@ gpu-step     one RL step's time split (rollout sampling, log-probs, values, adva
              that architecture, batch 64.
 step     the RL step's forward passes (log-probs of policy and reference, values) and PPO update on
          the default's models and batch sizes: sequences packed several a row (ppo.padding_free)
-         against each in its own padded row, as before, and the LM head on the response tokens alone
-         against every token; token positions a step and time. Then whole
-         RL steps of the default run (zerosearch.py from the default build), both ways, split by stage.
+         against each in its own padded row, as before; the LM head on the response tokens alone
+         against every token; micro-batches of 16 sorted by length against none; token positions a
+         step and time. Then whole RL steps of the default run (zerosearch.py from the default
+         build) in each layout, their token positions and time split by stage.
 """
 import copy
 import json
