@@ -256,12 +256,17 @@ def padding_free(forward, input_ids, attention_mask):
     return padded.view(*input_ids.shape, *out.shape[2:])
 
 
+def by_length(attention_mask, rows, size):
+    """The batch's `rows` sorted by length (stable), `size` at a time: micro-batches of similar lengths."""
+    return rows[torch.argsort(attention_mask[rows].sum(-1), stable=True)].split(size)
+
+
 def in_micro_batches(forward, attention_mask, size):
-    """`forward(rows) -> (tensors [len(rows), ...])` run on `size` rows at a time, grouped by length as
-    `update` groups them -> the tensors for every row, in the batch's order."""
-    order = torch.argsort(attention_mask.sum(-1), stable=True)
-    parts = [forward(rows) for rows in order.split(size)]
-    back = torch.argsort(order)
+    """`forward(rows) -> (tensors [len(rows), ...])` run on micro-batches `by_length`, as `update` runs
+    them -> the tensors for every row, in the batch's order."""
+    chunks = by_length(attention_mask, torch.arange(len(attention_mask), device=attention_mask.device), size)
+    parts = [forward(rows) for rows in chunks]
+    back = torch.argsort(torch.cat(chunks))
     return [torch.cat(outs)[back] for outs in zip(*parts)]
 
 
@@ -361,8 +366,7 @@ def update(actor, critic, batch, cfg, kl_coef, step=0, mean_over_processes=None)
             objective = {"actor": 0.0, "critic": 0.0}  # what this optimizer step minimises (this process's share)
             # micro-batches of similar lengths: a forward pass is as wide as its longest sequence, and the
             # default run's sequences are too alike to pack two a row (`bench.py step`)
-            by_length = rows[torch.argsort(batch.attention_mask[rows].sum(-1), stable=True)]
-            for micro in by_length.split(cfg["micro_batch_size"]):
+            for micro in by_length(batch.attention_mask, rows, cfg["micro_batch_size"]):
                 mask = mask_all[micro]
                 ids, attn = batch.input_ids[micro], batch.attention_mask[micro]
                 if train_actor:
