@@ -335,6 +335,23 @@ def test_warm_up_shows_results_in_a_random_order_and_answers_from_the_stating_re
     assert sum(shown) < 0.4 * len(shown)  # mostly not the engine's ranking (1 order in 6 is, by chance)
 
 
+def test_warmup_extra_gives_the_named_relations_single_hop_questions_a_second_trajectory():
+    import collections
+    cfg = config.load_config(["world_persons=300", "world_companies=90"])
+    w = world.build_world(0, 300, 90)
+    retriever = sim.Retriever(w.docs)
+    counts = {}
+    for extra in ("", "company, founder"):
+        tok, examples, _, _ = build.warmup_data(w, retriever, dict(cfg, warmup_extra=extra))
+        texts = collections.Counter(tok.decode(ids).split(" Question : ")[1].split(" ?")[0] for ids, _ in examples)
+        counts[extra] = {q["question"]: texts[q["question"].removesuffix(" ?")] for q in w.train}
+    doubled = {q["question"] for q in w.train if q["hops"] == 1 and q["relation"] in ("company", "founder")}
+    assert len(doubled) > 100 and set(counts[""].values()) == {1}
+    assert counts["company, founder"] == {question: 2 if question in doubled else 1 for question in counts[""]}
+    with pytest.raises(SystemExit, match="warmup_extra names birthday; it takes relations of the world"):
+        build.warmup_data(w, retriever, dict(cfg, warmup_extra="company,birthday"))
+
+
 def test_misnamed_query_names_no_entity_and_changes_only_the_first_word_of_the_name():
     import random
     w = world.build_world(0, 300, 90)
