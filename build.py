@@ -81,16 +81,15 @@ def warmup_data(w, retriever, cfg):
         return retriever.search(query, cfg["topk"])
 
     extra = warmup_extra(cfg)
-    for q in warmup_questions:
-        for _ in range(2 if q["hops"] == 1 and q["relation"] in extra else 1):
-            if rng.random() < 0.1:
-                prompt = cfg["direct_template"].format(question=q["question"])
-                response = f"<answer> {rng.choice(guesses[q['relation']])} </answer>"
-            else:
-                prompt = cfg["prompt_template"].format(question=q["question"])
-                response, qs = world.warmup_trajectory(q, search, sim.information, names, rng)
-                queries += [(q, query) for query in qs]
-            trajectories.append(world.encode_warmup(tok, prompt, response))
+    for q in [q for q in warmup_questions for _ in range(1 + (q["hops"] == 1 and q["relation"] in extra))]:
+        if rng.random() < 0.1:
+            prompt = cfg["direct_template"].format(question=q["question"])
+            response = f"<answer> {rng.choice(guesses[q['relation']])} </answer>"
+        else:
+            prompt = cfg["prompt_template"].format(question=q["question"])
+            response, qs = world.warmup_trajectory(q, search, sim.information, names, rng)
+            queries += [(q, query) for query in qs]
+        trajectories.append(world.encode_warmup(tok, prompt, response))
     # The same query with a name that is no entity's: the simulator then knows nothing and must not
     # write the answer it sees in its prompt (trained without such rows, on the entity's own facts, it
     # did for 73 of 123 such queries; with them 10, with BM25's results as the useful documents 7).
@@ -103,7 +102,7 @@ def warmup_data(w, retriever, cfg):
 
 def warmup_extra(cfg):
     """The relations named by warmup_extra (comma-separated), each checked against the world's."""
-    extra = {r.strip() for r in str(cfg["warmup_extra"] or "").split(",") if r.strip()}
+    extra = {r.strip() for r in str(cfg["warmup_extra"] or "").split(",")} - {""}
     if extra - set(world.RELATIONS):
         raise SystemExit(f"error: warmup_extra names {', '.join(sorted(extra - set(world.RELATIONS)))}; "
                          f"it takes relations of the world, comma-separated: {', '.join(world.RELATIONS)}")
