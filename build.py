@@ -18,7 +18,7 @@ import world
 
 BUILD_VERSION = 7  # bump when the code changes what a build holds, so old caches are not loaded
 WARMUP_KEYS = ["world_seed", "world_persons", "world_companies", "tiny_hidden", "tiny_layers", "tiny_heads",
-               "warmup_steps", "warmup_batch_size", "warmup_lr", "warmup_extra", "rl_share", "prompt_template", "direct_template",
+               "warmup_steps", "warmup_batch_size", "warmup_lr", "warmup_quote", "rl_share", "prompt_template", "direct_template",
                "invalid_action", "sim_template_finetuned", "sim_template_prompted",  # in the tokenizer's vocabulary
                "sim_template_prompted_noisy", "topk", "seed"]
 MISNAMED_SHARE = 0.2  # of the warm-up's queries, also asked with the name miscopied, for the simulator's rows
@@ -63,9 +63,8 @@ def prepare_embedded(cfg, cache_dir, log=print):
 def warmup_data(w, retriever, cfg):
     """-> (tokenizer, warm-up examples, the (question, query) pairs of the simulator's rows, the random
     stream after them, which the rows continue): one trajectory per train question, searching the real
-    engine; 10% are the no-search prompt's format (an answer straight away); the single-hop questions of
-    the relations in `warmup_extra` get two. The rows' queries are the warm-up's, and a fifth of them
-    again with the entity's name miscopied (`world.misnamed_query`)."""
+    engine; 10% are the no-search prompt's format (an answer straight away). The rows' queries are the
+    warm-up's, and a fifth of them again with the entity's name miscopied (`world.misnamed_query`)."""
     tok = world.world_tokenizer(w, cfg)
     rng = random.Random(cfg["seed"])
     names, guesses = collections.defaultdict(set), collections.defaultdict(list)
@@ -80,14 +79,13 @@ def warmup_data(w, retriever, cfg):
     def search(query):
         return retriever.search(query, cfg["topk"])
 
-    extra = warmup_extra(cfg)
-    for q in [q for q in warmup_questions for _ in range(1 + (q["hops"] == 1 and q["relation"] in extra))]:
+    for q in warmup_questions:
         if rng.random() < 0.1:
             prompt = cfg["direct_template"].format(question=q["question"])
             response = f"<answer> {rng.choice(guesses[q['relation']])} </answer>"
         else:
             prompt = cfg["prompt_template"].format(question=q["question"])
-            response, qs = world.warmup_trajectory(q, search, sim.information, names, rng)
+            response, qs = world.warmup_trajectory(q, search, sim.information, names, rng, cfg["warmup_quote"])
             queries += [(q, query) for query in qs]
         trajectories.append(world.encode_warmup(tok, prompt, response))
     # The same query with a name that is no entity's: the simulator then knows nothing and must not
@@ -98,15 +96,6 @@ def warmup_data(w, retriever, cfg):
     queries += [(q, wrong) for q, query in queries if rng.random() < MISNAMED_SHARE
                 for wrong in [world.misnamed_query(query, entities, firsts, rng)] if wrong]
     return tok, trajectories, queries, rng
-
-
-def warmup_extra(cfg):
-    """The relations named by warmup_extra (comma-separated), each checked against the world's."""
-    extra = {r.strip() for r in str(cfg["warmup_extra"] or "").split(",")} - {""}
-    if extra - set(world.RELATIONS):
-        raise SystemExit(f"error: warmup_extra names {', '.join(sorted(extra - set(world.RELATIONS)))}; "
-                         f"it takes relations of the world, comma-separated: {', '.join(world.RELATIONS)}")
-    return extra
 
 
 def save_atomically(model, tok, path):

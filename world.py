@@ -155,7 +155,7 @@ def right_query(subject, relation):
     return RELATIONS[relation][1].format(s=subject)
 
 
-def warmup_trajectory(q, search, information, names, rng, p_right=0.6, p_vague=0.25):
+def warmup_trajectory(q, search, information, names, rng, quote=True, p_right=0.6, p_vague=0.25):
     """One warm-up response for question q, searching the real engine.
 
     Each query names the right entity with probability p_right, is vague (keywords only) with
@@ -164,10 +164,13 @@ def warmup_trajectory(q, search, information, names, rng, p_right=0.6, p_vague=0
     else is the value of a random result about the relation: so no position holds the answer
     more often than another, and the answer is right only when every query was. (With ranked
     results, or with the first result's value as the fallback, the tiny policy learned to copy
-    Doc 1, which BM25 ranks right for a right query and the simulator does not.) The warm-up
-    policy learns the format, to query the question's entity, and to read a little (about 45% with
-    the right query, at every position): RL has to teach the rest of the reading and the second hop.
-    `names[type]` lists train entities only. Returns the response text and its queries."""
+    Doc 1, which BM25 ranks right for a right query and the simulator does not.) With `quote`,
+    a <think> after each search copies the result it reads whole, before the next action takes
+    the value from it: finding the sentence is then one skill for every kind of question, and
+    the value stands a few tokens back, wherever the result stood. (Without the quote, a value
+    after the relation, `born in X`, and a name before it, `X was founded by P`, were two ways of
+    reading, and the tiny policy learned one of them at a time.) `names[type]` lists train
+    entities only. Returns the response text and its queries."""
     hops = [q["relation"]] if q["hops"] == 1 else list(TWO_HOP[q["relation"]][1:])
     text, subject, queries = "<think> I need to search . </think>", q["subject"], []
     for relation in hops:
@@ -178,8 +181,11 @@ def warmup_trajectory(q, search, information, names, rng, p_right=0.6, p_vague=0
         docs = rng.sample(docs, len(docs))  # a random order: the answer is read, not ranked first
         queries.append(query)
         text += f" <search> {query} </search>{information(docs)}"
-        guess = rng.choice([v for v in (answer_from_doc(d, relation) for d in docs) if v] or [subject])
-        subject = find_fact(docs, subject, relation) or guess
+        guess = rng.choice([(v, d) for d in docs for v in [answer_from_doc(d, relation)] if v] or [(subject, None)])
+        stating = [(v, d) for d in docs for v in [find_fact([d], subject, relation)] if v]
+        subject, doc = stating[0] if stating else guess  # (the value read, the result it is read from)
+        if quote and doc:
+            text += f" <think> {doc} </think>"
     return text + f" <answer> {subject} </answer>", queries
 
 
