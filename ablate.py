@@ -36,7 +36,7 @@ VARIANTS = {  # name -> overrides of the base config (a function of it where a v
     "reinforce": lambda cfg: {"algo": "reinforce"},
     "reinforce++": lambda cfg: {"algo": "reinforce++"},
 }
-QUICK = {"steps": 15, "eval_size": 100}  # quick=true: these overrides and 2 seeds (20 runs in 23 min on 2 cores given the build, about 14 min more to build)
+QUICK = {"steps": 15, "eval_size": 100}  # quick=true: these overrides and 2 seeds (20 runs; on the earlier default 23 min on 2 cores given the build)
 OWN = {"variants": ",".join(VARIANTS), "seeds": None, "quick": False, "parallel": 2}
 
 
