@@ -181,9 +181,10 @@ def warmup_trajectory(q, search, information, names, rng, quote=True, p_right=0.
         docs = rng.sample(docs, len(docs))  # a random order: the answer is read, not ranked first
         queries.append(query)
         text += f" <search> {query} </search>{information(docs)}"
-        guess = rng.choice([(v, d) for d in docs for v in [answer_from_doc(d, relation)] if v] or [(subject, None)])
-        stating = [(v, d) for d in docs for v in [find_fact([d], subject, relation)] if v]
-        subject, doc = stating[0] if stating else guess  # (the value read, the result it is read from)
+        # (the value read, the result it is read from): the result stating the fact, else a random one's value
+        guess = rng.choice([(v, d) for d in docs if (v := answer_from_doc(d, relation))] or [(subject, None)])
+        stating = [(v, d) for d in docs if (v := find_fact([d], subject, relation))]
+        subject, doc = stating[0] if stating else guess
         if quote and doc:
             text += f" <think> {doc} </think>"
     return text + f" <answer> {subject} </answer>", queries
