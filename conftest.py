@@ -7,9 +7,12 @@ any test module imports triton), as test_kernels.py needs, unless the run select
 compiled kernels. A gpu test that needs compiled kernels in any other run skips and says so.
 """
 import os
+import sys
 
 import pytest
 import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))  # tests import ablate, bench
 
 
 def pytest_configure(config):

@@ -24,7 +24,7 @@ import sim
 import world
 import zerosearch as zs
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 # the smoke preset with a policy warmed up long enough to search, so the simulator is on the path;
 # one mini-batch per PPO epoch (8 rows), so one process and two take the same optimizer steps
 SMALL = ["preset=smoke", "threads=1", "eval_size=1", "warmup_steps=200", "sim_sft_steps=60",

@@ -270,13 +270,13 @@ def test_training_flag_is_restored():
 
 
 def test_bench_sampler_runs():
-    """bench.py's sampler section, shrunk (BENCH_QUICK=1): one table row per model and batch size,
+    """tools/bench.py's sampler section, shrunk (BENCH_QUICK=1): one table row per model and batch size,
     each with a positive speed-up; the README's figures come from its full run."""
     import os
     import subprocess
     import sys
-    here = os.path.dirname(os.path.abspath(__file__))
-    out = subprocess.run([sys.executable, os.path.join(here, "bench.py"), "sampler"], capture_output=True, text=True,
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(here, "tools", "bench.py"), "sampler"], capture_output=True, text=True,
                          env={**os.environ, "BENCH_QUICK": "1"}, cwd=here, check=True).stdout
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "tok/s" not in line]
     assert [(r[0].strip().split(" (")[0], r[1].strip()) for r in rows] == [

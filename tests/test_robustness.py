@@ -22,7 +22,7 @@ import sim
 import world
 import zerosearch as zs
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 
 def one_line_error(fn, *args, match=""):

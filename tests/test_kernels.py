@@ -168,7 +168,7 @@ def test_a_hub_kernels_package_beside_this_one_fails_with_what_to_do(tmp_path):
     metadata of a version transformers would import on the path, importing ours stops with the fix in one
     line, not transformers' missing name; a version transformers ignores changes nothing."""
     from transformers.utils.import_utils import KERNELS_MIN_VERSION
-    repo = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def import_beside(version):
         site = tmp_path / version

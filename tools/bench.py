@@ -1,4 +1,4 @@
-"""Benchmarks that print markdown tables: `python bench.py` runs every section, `python bench.py
+"""Benchmarks that print markdown tables: `python tools/bench.py` runs every section, `python tools/bench.py
 SECTION` one (logprob, sampler, gpu-logprob, gpu-sampler, gpu-step). `BENCH_QUICK=1` shrinks every
 size to check the script runs in seconds; its figures mean nothing.
 
@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
 
 import numpy as np
 import torch
@@ -117,7 +118,7 @@ def bench_logprob():
     print(f"| `logprob_entropy_from_hidden` (torch, chunked) | {chunked['peak_mb']:.0f} | {chunked['seconds']:.2f} |")
     print(f"| ratio naive / chunked | {naive['peak_mb'] / chunked['peak_mb']:.1f}x | "
           f"{naive['seconds'] / chunked['seconds']:.2f}x |")
-    print("\nThe Triton kernels run on a GPU only: `python bench.py gpu-logprob` measures them there.\n")
+    print("\nThe Triton kernels run on a GPU only: `python tools/bench.py gpu-logprob` measures them there.\n")
 
 
 # --- sampler: tokens/s of sim.sample against Hugging Face generate ----------------------------------
@@ -261,7 +262,7 @@ def small_op_costs(config):
 # --- retriever: the in-process BM25 at corpus scale ------------------------------------------------
 # Passages of 80-120 made-up words drawn with Zipf-like frequencies (the word of rank r with p ∝ 1/r);
 # a query is 8 distinct words of a random passage, so it holds frequent words as real questions do.
-PASSAGES, VOCAB, QUERIES, SUBSET = (20_000, 5_000, 100, 5_000) if QUICK else (1_000_000, 50_000, 1_000, 100_000)
+PASSAGES, VOCAB, QUERIES = (20_000, 5_000, 100) if QUICK else (1_000_000, 50_000, 1_000)
 
 
 def synthetic_corpus(n, vocab_size, seed=0):
@@ -276,35 +277,6 @@ def synthetic_corpus(n, vocab_size, seed=0):
         docs += [" ".join([words[j] for j in ids[end - length:end]]) for length, end in zip(lengths, ends)]
     queries = [" ".join(rng.choice(docs[i].split(), 8, replace=False)) for i in rng.integers(0, n, QUERIES)]
     return docs, queries
-
-
-def old_bm25(docs, k1=0.9, b=0.4):
-    """The implementation before the CSR index, and test_retriever.py's oracle: a dict of postings built
-    document by document; per query one score array and a stable sort of all of it."""
-    postings, lengths = {}, np.zeros(len(docs), dtype=np.float32)
-    for i, d in enumerate(docs):
-        words = sim._words(d)
-        lengths[i] = len(words)
-        for w in set(words):
-            postings.setdefault(w, []).append((i, words.count(w)))
-    norm = k1 * (1 - b + b * lengths / max(lengths.mean(), 1.0))
-    index = {w: (np.array([i for i, _ in p]), np.array([tf for _, tf in p], dtype=np.float32),
-                 np.log(1 + (len(docs) - len(p) + 0.5) / (len(p) + 0.5))) for w, p in postings.items()}
-
-    def search(query, k):
-        scores = np.zeros(len(docs), dtype=np.float32)
-        for w in dict.fromkeys(sim._words(query)):
-            if w in index:
-                ids, tf, idf = index[w]
-                scores[ids] += idf * tf * (k1 + 1) / (tf + norm[ids])
-        top = np.argsort(-scores, kind="stable")[:k]
-        return [docs[i] for i in top if scores[i] > 0]
-    return search
-
-
-def old_selection(retriever, query, k):
-    scores = retriever.scores(query)
-    return [retriever.docs[i] for i in np.argsort(-scores, kind="stable")[:k] if scores[i] > 0]
 
 
 def bench_retriever():
@@ -324,18 +296,6 @@ def bench_retriever():
     for i in range(0, len(queries), 128):
         top3 += engine.search([{"query": q} for q in queries[i:i + 128]])
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    # the old per-query algorithm on the same index data: every word's postings scattered into the
-    # scores (no dense rows), then a stable sort of all of them
-    retriever.dense = {}
-    same_scores = sum(docs_found == old_selection(retriever, q, 3) for docs_found, q in zip(top3, queries))
-    # the old implementation itself, built on the first SUBSET passages, against a new index of them
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before, t0 = rss_mb("VmRSS"), time.perf_counter()
-    old = old_bm25(docs[:SUBSET])
-    old_index_s, old_mb = time.perf_counter() - t0, rss_mb("VmHWM") - before
-    new = sim.Retriever(docs[:SUBSET])
-    same_old = sum(old(q, 3) == new.search(q, 3) for q in queries)
     load = os.getloadavg()[0]
     print(f"### retriever: sim.Retriever (BM25), {PASSAGES:,} synthetic passages of 80-120 words (Zipf-like over "
           f"{VOCAB:,} made-up words, made in {made:.0f} s), {len(queries):,} queries of 8 words; one process, "
@@ -347,11 +307,6 @@ def bench_retriever():
     print(f"| index size (GB: {len(retriever.postings):,} postings, {n_dense} dense rows) | {index_mb / 1024:.1f} | |")
     print(f"| queries/s, batches of 128, top 3 (wall clock) | {len(queries) / wall:.0f} | ≥ 50 |")
     print(f"| queries per CPU second (the same, without other processes' load) | {len(queries) / cpu:.0f} | |")
-    print(f"| top 3 = old per-query algorithm on the same index (scatter every word, sort all scores) | "
-          f"{same_scores}/{len(queries)} | all |")
-    print(f"| top 3 = old implementation, both built on the first {SUBSET:,} passages | {same_old}/{len(queries)} | all |")
-    print(f"\nThe old implementation took {old_index_s:.0f} s and {old_mb / 1024:.1f} GB (peak over what was in memory) "
-          f"to index {SUBSET:,} passages: about {PASSAGES // SUBSET} times that for {PASSAGES:,}.\n")
 
 
 # --- GPU sections: the kernels, the sampler and one RL step on CUDA --------------------------------
@@ -697,7 +652,7 @@ def rl_steps(layout, out_dir):
         ppo.Actor.forward = lm_head_on_every_token(ppo.Actor.forward)
     sys.argv = (["zerosearch.py", f"out_dir={out_dir}", f"steps={RL_STEPS}", "critic_warmup=0", "eval_size=1"]
                 + ["preset=smoke"] * QUICK + overrides)
-    runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "zerosearch.py"), run_name="__main__")
+    runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "zerosearch.py"), run_name="__main__")
     with open(os.path.join(out_dir, "positions.json"), "w") as f:
         json.dump(counts, f)
 
@@ -712,7 +667,7 @@ if __name__ == "__main__":
     elif section == "--rl-steps":
         rl_steps(*sys.argv[2:4])
     elif section != "all" and section not in SECTIONS:
-        raise SystemExit(f"usage: python bench.py [{' | '.join(SECTIONS)}]  (no argument: all of them)")
+        raise SystemExit(f"usage: python tools/bench.py [{' | '.join(SECTIONS)}]  (no argument: all of them)")
     else:
         for name in SECTIONS if section == "all" else [section]:
             SECTIONS[name]()

@@ -5,9 +5,9 @@
 # then bench.py's GPU sections. Everything goes to gpu_check.md, in $OUT when that is set. Each stage
 # has its own time limit, and together they stay under 8 minutes; a stage that fails or runs out of
 # time is reported and the next one runs. Exit status 1 if any stage failed.
-#     bash gpu_check.sh            PYTHON=python3.12 bash gpu_check.sh
+#     bash tools/gpu_check.sh            PYTHON=python3.12 bash tools/gpu_check.sh
 set -uo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 REPORT="${OUT:-.}/gpu_check.md"
 unset TRITON_INTERPRET ZS_TRITON  # the kernels compile for the GPU
@@ -73,14 +73,14 @@ print(f"{p.name}, {p.total_memory / 2**30:.0f} GiB, compute capability {p.major}
 EOF
 
 # 2. the gpu tests: in-process ones (kernels, sampler, RL step), then the end-to-end runs, each with its limit
-PYTEST=("$PY" -m pytest -q -m gpu -rfEs --durations=8 -p no:cacheprovider test_gpu.py)
+PYTEST=("$PY" -m pytest -q -m gpu -rfEs --durations=8 -p no:cacheprovider tests/test_gpu.py)
 fence=1 stage 140 "gpu tests: kernels, sampler, one RL step at 0.5B" "${PYTEST[@]}" -k "not end_to_end"
 fence=1 stage 120 "gpu tests: smoke preset in bf16, torchrun with NCCL" "${PYTEST[@]}" -k "end_to_end"
 
 # 3. GPU figures (limits: 30 + 140 + 120 + 45 + 65 + 40 s, and 5 s each to stop = 470 s in all)
-stage 45 "bench.py gpu-logprob" "$PY" bench.py gpu-logprob
-stage 65 "bench.py gpu-sampler" "$PY" bench.py gpu-sampler
-stage 40 "bench.py gpu-step" "$PY" bench.py gpu-step
+stage 45 "bench.py gpu-logprob" "$PY" tools/bench.py gpu-logprob
+stage 65 "bench.py gpu-sampler" "$PY" tools/bench.py gpu-sampler
+stage 40 "bench.py gpu-step" "$PY" tools/bench.py gpu-step
 
 if [ "$failed" -eq 0 ]; then outcome="every stage passed"; else outcome="a stage failed (see above)"; fi
 echo "gpu_check: $outcome; the report is $REPORT" | tee -a "$REPORT"

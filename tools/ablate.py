@@ -1,8 +1,8 @@
 """The paper's ablations on one base config, several RL seeds each, from one shared build.
 
-    python ablate.py                                   # every variant, 3 seeds, on the embedded default
-    python ablate.py quick=true                        # fewer steps and seeds (QUICK), for a first look
-    python ablate.py variants=default,no-mask seeds=2 parallel=1 steps=40   # any config key applies to all
+    python tools/ablate.py                                   # every variant, 3 seeds, on the embedded default
+    python tools/ablate.py quick=true                        # fewer steps and seeds (QUICK), for a first look
+    python tools/ablate.py variants=default,no-mask seeds=2 parallel=1 steps=40   # any config key applies to all
 
 Each run is `python zerosearch.py` with the variant's overrides, `rl_seed` = the base's + k for its
 k-th seed, `threads=1`, in out_dir/ablate/runs/<variant>/seed<k>; the embedded build (warm-up policy
@@ -16,13 +16,14 @@ import statistics
 import subprocess
 import sys
 import time
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
 
 import build
 import config
 import plots
 import sim
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 WEAK_SIM_SHARE = 0.25  # weak-sim: the simulator fine-tuned for this share of the base's sim_sft_steps
 VARIANTS = {  # name -> overrides of the base config (a function of it where a value depends on it)
     "default": lambda cfg: {},
@@ -154,7 +155,7 @@ def main(argv):
     summary = summarise(runs)
     folder = os.path.join(base["out_dir"], "ablate")
     with open(os.path.join(folder, "results.md"), "w") as f:
-        f.write(f"# Ablations\n\n`python ablate.py {' '.join(argv)}`\n\nEM (x100) of row (c), evaluated with the "
+        f.write(f"# Ablations\n\n`python tools/ablate.py {' '.join(argv)}`\n\nEM (x100) of row (c), evaluated with the "
                 f"real engine, mean ± sd over seeds.\n\n{table(summary)}")
     with open(os.path.join(folder, "results.json"), "w") as f:
         json.dump({v: [{k: x for k, x in s.items() if k != "rewards"} for s in seeds] for v, seeds in summary.items()},
