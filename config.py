@@ -143,3 +143,16 @@ def check_folder(path, key, keep=True):
             os.rmdir(path)
     except OSError as e:
         raise SystemExit(f"error: {key}={path} cannot hold files ({e.strerror or e}); set {key}= to a folder you can write")
+
+
+def own_arguments(argv, defaults):
+    """-> (the command's own key=value arguments over `defaults`, the rest: config arguments)."""
+    args, config_args = dict(defaults), []
+    it = iter(argv)
+    for arg in it:
+        key, eq, value = arg.partition("=")
+        if eq and key in args:
+            args[key] = value
+        else:
+            config_args += [arg, next(it, "")] if arg == "--config" else [arg]
+    return args, config_args

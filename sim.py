@@ -18,19 +18,6 @@ Search engines, all with `.search(requests, noise_prob, seed) -> documents per r
   RetrieverEngine  search_backend=retriever: a real engine served on Search-R1's retrieval-server
                    contract (its e5 or BM25 server over wiki-18, or its SerpAPI proxy) at retriever_url.
 The real engine of evaluation (and of the baseline=true run) is `eval_backend`: real or retriever.
-
-Simulator fine-tuning (the embedded default runs the same `train_simulator` on the world's rows):
-    python sim.py train data=rows.jsonl model=Qwen/Qwen2.5-7B out=my_simulator preset=paper [steps=1000 batch_size=2 lr=1e-6 seed=0]
-rows.jsonl holds one JSON object a line:
-    {"query": "...", "question": "...", "answer": "...", "label": "useful" | "noisy",
-     "documents": ["first document", "second document", ...] | "Doc 1: ... Doc 2: ...",
-     "evidence": ["...", ...]}   # optional: facts shown to the simulator (`{evidence}` in the template)
-The simulator learns to write the documents after the control prompt it will be served with,
-`sim_template_{sim_style}` with `topk` as k, from the config chosen as for zerosearch.py: config.yaml
-< preset=NAME < --config FILE < any other config key=value. preset=paper gives the paper's prompt
-and k=5; without it the prompt is the tiny world's, k=3. data, steps, batch_size, lr and seed are
-the fine-tuning's own, not the RL config's. The loss is on the documents only. Defaults are the
-paper's SFT (1000 steps, batch 2, lr 1e-6); it runs in one process, on the GPU if there is one.
 """
 import array
 import collections
@@ -39,26 +26,20 @@ import http.client
 import inspect
 import json
 import math
-import os
 import random
 import re
-import sys
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-import config
-import reward
-import world
 
 
 # ---------------------------------------------------------------- sampler
@@ -320,87 +301,6 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, 
     tokens = [out_tokens[i, :n].tolist() for i, n in enumerate(lengths)]
     logprobs = [out_logp[i, :n].tolist() for i, n in enumerate(lengths)]
     return tokens, logprobs
-
-
-# ---------------------------------------------------------------- the policy's rollout with search
-
-@dataclass
-class Rollout:
-    """B trajectories as token lists (ragged); zerosearch.to_batch pads them into tensors."""
-    prompt_ids: list      # B x [prompt tokens]
-    response_ids: list    # B x [response tokens]: sampled actions and injected observations
-    response_mask: list   # B x [1 where the policy sampled the token, 0 inside <information>]
-    answers: list         # B x (answer text or None), from the policy's own tokens
-    searches: list        # B x number of searches made
-    engine_seconds: float = 0.0  # time spent in the engine's calls (the rest of the rollout is sampling)
-    queries: list = None      # B x [each search's query]
-    documents: list = None    # B x [each search's documents]
-    engine_seeds: list = None  # B x [each search's seed: sim.draw_kinds(n, noise_prob, seeds) says useful or noisy]
-
-
-def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seeds=None, greedy=False, max_turns=None,
-            template=None):
-    """Search-R1/ZeroSearch rollout of many sequences at once. Each turn samples every active
-    sequence until `</search>` or `</answer>`; the queries of the whole batch go to the engine in
-    one call; its documents come back inside <information> (masked out of every loss) and
-    generation resumes; a turn with neither action gets the paper's fixed "invalid action"
-    observation (`invalid_action`) and tries again. After `max_turns` turns one last turn has
-    search disabled. `seeds`, one int per question (default 0, 1, ...): a row's tokens and its
-    searches draw from streams of its own, so a question samples the same in any batch, on one
-    process or N."""
-    max_turns = cfg["max_turns"] if max_turns is None else max_turns
-    template = template or cfg["prompt_template"]
-    prompts = [prompt_ids(tok, template.format(question=q["question"]), cfg["chat_template"]) for q in questions]
-    B = len(questions)
-    resp, mask, searches = [[] for _ in range(B)], [[] for _ in range(B)], [0] * B
-    queries, documents, engine_seeds = [[] for _ in range(B)], [[] for _ in range(B)], [[] for _ in range(B)]
-    active, engine_seconds = list(range(B)), 0.0
-    seeds = list(range(B)) if seeds is None else seeds
-    for turn in range(max_turns + 1):
-        if not active:
-            break
-        last = turn == max_turns
-        new, _ = sample(policy, [prompts[i] + resp[i] for i in active], cfg["max_turn_tokens"],
-                        temperature=0.0 if greedy else cfg["temperature"], top_p=cfg["top_p"],
-                        stop=("</answer>",) if last else ("</search>", "</answer>"),
-                        eos_token_id=tok.eos_token_id, seed=[seeds[i] * 1000 + turn for i in active], tokenizer=tok)
-        requests, invalid = [], []  # (batch row, query): rows keep their own question (fault 1 of the public code)
-        for i, toks in zip(active, new):
-            resp[i] += toks
-            mask[i] += [1] * len(toks)
-            if last or len(resp[i]) >= cfg["max_response_tokens"]:
-                continue
-            action = parse_action(tok.decode(toks))
-            if action and action[0] == "search":
-                requests.append((i, action[1]))
-            elif not action and cfg["invalid_action"]:
-                invalid.append(i)  # neither search nor answer: the fixed "invalid action" observation, try again
-        t0 = time.time()
-        engine_seed = [seeds[i] * 1000 + 500 + turn for i, _ in requests]  # not the policy's stream
-        docs = engine.search([dict(questions[i], query=q) for i, q in requests], noise_prob, engine_seed) if requests else []
-        engine_seconds += time.time() - t0
-        observations = {i: information(d) for (i, _), d in zip(requests, docs)}
-        observations.update({i: " " + cfg["invalid_action"] for i in invalid})
-        for i, obs in observations.items():
-            obs = tok.encode(obs, add_special_tokens=False)
-            resp[i] += obs
-            mask[i] += [0] * len(obs)
-        for (i, query), d, s in zip(requests, docs, engine_seed):
-            searches[i] += 1
-            queries[i].append(query)
-            documents[i].append(d)
-            engine_seeds[i].append(s)
-        active = sorted(observations)
-    # the response is cut to its budget before the answer is read: the reward is for tokens that are trained
-    resp, mask = [r[:cfg["max_response_tokens"]] for r in resp], [m[:cfg["max_response_tokens"]] for m in mask]
-    answers = [reward.extract_answer(tok.decode([t for t, m in zip(r, ms) if m])) for r, ms in zip(resp, mask)]
-    return Rollout(prompts, resp, mask, answers, searches, engine_seconds, queries, documents, engine_seeds)
-
-
-def parse_action(text):
-    """The turn's first action, as Search-R1 reads it: ("search" | "answer", its text), or None."""
-    found = re.search(r"<(search|answer)>(.*?)</\1>", text, flags=re.DOTALL)
-    return (found.group(1), found.group(2).strip()) if found else None
 
 
 # ---------------------------------------------------------------- search engines and simulator fine-tuning
@@ -811,165 +711,3 @@ def train_simulator(model, tok, rows, cfg, steps, batch_size, lr, seed=0):
         target = tok.encode(" " + format_docs(docs), add_special_tokens=False) + [tok.eos_token_id]
         examples.append((prompt + target, [0] * len(prompt) + [1] * len(target)))
     return sft(model, examples, steps, batch_size, lr, seed, "simulator fine-tuning", tok.pad_token_id)
-
-
-# ---------------------------------------------------------------- python sim.py collect ...
-
-COLLECT_DEFAULTS = dict(out="rows.jsonl", n=20000)  # the paper fine-tuned on about 20k rows
-
-
-def collect(policy, tok, questions, engine, cfg, n, seed=0):
-    """Simulation fine-tuning rows the paper's way: the policy answers `questions` searching the real
-    `engine` (sampled, one batch at a time); every (query, documents) of a trajectory whose answer is
-    right (substring EM, the paper's EM) is labelled useful, of one whose answer is wrong noisy; the
-    two labels are balanced, n rows in all at most, in the form `python sim.py train` reads."""
-    rng, useful, noisy = random.Random(seed), [], []
-    order = rng.sample(range(len(questions)), len(questions))
-    for start in range(0, len(order), 128):
-        batch = [questions[i] for i in order[start:start + 128]]
-        ro = rollout(policy, tok, batch, engine, cfg, seeds=[seed * 1_000_003 + start + j for j in range(len(batch))])
-        for q, answer, queries, docs in zip(batch, ro.answers, ro.queries, ro.documents):
-            right = reward.substring_match(answer, q["golden_answers"])
-            rows = [dict(query=query, question=q["question"], answer=q["golden_answers"][0], documents=d,
-                         label="useful" if right else "noisy") for query, d in zip(queries, docs) if d]
-            (useful if right else noisy).extend(rows)
-        if min(len(useful), len(noisy)) >= n // 2:
-            break
-    keep = min(len(useful), len(noisy), n // 2)
-    rows = rng.sample(useful, keep) + rng.sample(noisy, keep)
-    rng.shuffle(rows)
-    return rows, len(useful), len(noisy)
-
-
-# ---------------------------------------------------------------- python sim.py train ...
-
-SIM_ROW_KEYS = ("query", "question", "answer", "documents", "label")
-TRAIN_DEFAULTS = dict(data=None, model=None, out="simulator", steps=1000, batch_size=2, lr=1e-6, seed=0)  # the paper's SFT
-
-
-def read_simulator_rows(path):
-    """Simulation fine-tuning rows from a JSONL file (the form is in the module docstring); a row
-    a user got wrong is one clear line naming it."""
-    if not os.path.exists(path):
-        raise SystemExit(f"error: data file not found: {path}")
-    rows = []
-    for n, row in world.read_jsonl(path):
-        docs = row.get("documents")
-        texts = ("query", "question", "answer")
-        if (any(k not in row for k in SIM_ROW_KEYS) or row["label"] not in ("useful", "noisy")
-                or not all(isinstance(row[k], str) and row[k].strip() for k in texts)
-                or not (isinstance(docs, list) and docs and all(isinstance(d, str) and d.strip() for d in docs)
-                        or isinstance(docs, str) and parse_docs(docs, 20))):
-            raise SystemExit(f"error: {path} line {n}: a row needs {', '.join(SIM_ROW_KEYS)}: query, question and "
-                             "answer as non-empty strings, label useful or noisy, and documents as a list of "
-                             "strings or one 'Doc 1: ... Doc 2: ...' string")
-        rows.append(row)
-    if not rows:
-        raise SystemExit(f"error: {path} holds no rows")
-    return rows
-
-
-def own_arguments(argv, defaults):
-    """-> (the command's own key=value arguments over `defaults`, the rest: config arguments)."""
-    args, config_args = dict(defaults), []
-    it = iter(argv)
-    for arg in it:
-        key, eq, value = arg.partition("=")
-        if eq and key in args:
-            args[key] = value
-        else:
-            config_args += [arg, next(it, "")] if arg == "--config" else [arg]
-    return args, config_args
-
-
-def train_main(argv):
-    """`python sim.py train data=rows.jsonl model=NAME_OR_DIR [out=DIR steps=N batch_size=N lr=X seed=N]
-    [preset=NAME --config FILE key=value ...]`: the arguments of TRAIN_DEFAULTS are the fine-tuning's
-    own; the rest choose the config (its `topk` and control prompt) exactly as for zerosearch.py."""
-    args, config_args = own_arguments(argv, TRAIN_DEFAULTS)
-    cfg = config.load_config(config_args)
-    for key in ("steps", "batch_size", "lr", "seed"):
-        kind, text = type(TRAIN_DEFAULTS[key]), args[key]
-        try:
-            args[key] = kind(text)
-            ok = key == "seed" or args[key] > 0
-        except ValueError:
-            ok = False
-        if not ok:
-            what = ("an" if key == "seed" else "a positive") + (" integer" if kind is int else " number")
-            raise SystemExit(f"error: sim.py train: {key}={text}: set {key} to {what} (default {TRAIN_DEFAULTS[key]})")
-    if not args["data"] or not args["model"]:
-        raise SystemExit("error: sim.py train needs data=rows.jsonl and model=... (a Hugging Face name, or a "
-                         "directory holding a model and its tokenizer)")
-    rows = read_simulator_rows(args["data"])
-    config.check_folder(args["out"], "out", keep=False)
-    try:
-        tok = world.load_tokenizer(args["model"])
-        model = AutoModelForCausalLM.from_pretrained(args["model"])
-    except OSError as e:
-        raise SystemExit(f"error: cannot load model {args['model']!r}: {str(e).splitlines()[0]}")
-    if tok.eos_token_id is None:
-        raise SystemExit(f"error: the tokenizer of {args['model']!r} has no EOS token to end the documents with")
-    if tok.pad_token is None:  # padding is masked out of the loss; any id will do
-        tok.pad_token = tok.eos_token
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(args["seed"])
-    loss = train_simulator(model, tok, rows, cfg, args["steps"], args["batch_size"], args["lr"], args["seed"])
-    model.save_pretrained(args["out"])
-    tok.save_pretrained(args["out"])
-    print(f"simulator fine-tuned on {len(rows)} rows ({args['steps']} steps, last loss {loss:.3f}), saved to {args['out']}")
-
-
-def collect_main(argv):
-    """`python sim.py collect policy_model=NAME_OR_DIR data=train.jsonl corpus=corpus.jsonl out=rows.jsonl
-    n=N [any config key=value]` (or eval_backend=retriever retriever_url=... for a served engine; with
-    data=world, the embedded world's train questions and BM25)."""
-    args, config_args = own_arguments(argv, COLLECT_DEFAULTS)
-    cfg = config.load_config(config_args)
-    try:
-        n = int(args["n"])
-    except ValueError:
-        n = 0
-    if n < 2:
-        raise SystemExit(f"error: sim.py collect: n={args['n']}: set n to the number of rows wanted, 2 or more")
-    if not cfg["policy_model"]:
-        raise SystemExit("error: sim.py collect needs policy_model=... (the paper used an instruct model, prompted; "
-                         "on the embedded world, its warm-up policy out_dir/build/<hash>/warmup)")
-    config.check_folder(os.path.dirname(os.path.abspath(args["out"])), "out")
-    if cfg["data"] == "world":
-        w = world.build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"])
-        questions, docs = w.train, w.docs
-    else:
-        questions = world.load_questions(cfg["data"])
-        docs = world.load_corpus(cfg["corpus"]) if cfg["eval_backend"] == "real" and cfg["corpus"] else None
-    try:
-        tok = world.load_tokenizer(cfg["policy_model"])
-        model = AutoModelForCausalLM.from_pretrained(cfg["policy_model"]).eval()
-    except OSError as e:
-        raise SystemExit(f"error: cannot load policy_model {cfg['policy_model']!r}: {str(e).splitlines()[0]}")
-    if cfg["eval_backend"] == "retriever":
-        engine = RetrieverEngine(cfg, tok)
-    elif docs is None:
-        raise SystemExit("error: sim.py collect searches a real engine: set corpus=corpus.jsonl, or "
-                         "eval_backend=retriever retriever_url=... (a served one)")
-    else:
-        engine = RealEngine(Retriever(docs), cfg)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    rows, n_useful, n_noisy = collect(model, tok, questions, engine, cfg, n, cfg["seed"])
-    with open(args["out"], "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    print(f"{len(rows)} rows ({len(rows) // 2} useful, {len(rows) // 2} noisy; collected {n_useful} useful and "
-          f"{n_noisy} noisy) written to {args['out']}")
-
-
-def main(argv):
-    commands = {"train": train_main, "collect": collect_main}
-    if not argv or argv[0] not in commands:
-        raise SystemExit("usage: python sim.py train data=rows.jsonl model=NAME_OR_DIR [out=DIR steps=N batch_size=N "
-                         "lr=X seed=N] [config key=value ...]\n   or: python sim.py collect policy_model=NAME_OR_DIR "
-                         "data=train.jsonl corpus=corpus.jsonl out=rows.jsonl n=N [config key=value ...]")
-    commands[argv[0]](argv[1:])
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -179,7 +179,7 @@ def test_rollout_stops_at_search_inserts_documents_and_masks_them(tiny_tok, monk
     scripted = ScriptedPolicy(tok, scripts, lambda p: next(i for i, pr in enumerate(prompts) if p[:len(pr)] == pr))
     monkeypatch.setattr(sim, "sample", scripted)
     engine = RecordingEngine()
-    ro = sim.rollout(None, tok, questions, engine, cfg)
+    ro = zs.rollout(None, tok, questions, engine, cfg)
     assert engine.requests == [["alpha"]]                      # one batched call, only the searching row
     assert scripted.calls[0]["stop"] == ("</search>", "</answer>") and scripted.calls[1]["n"] == 1
     obs = tok.encode("\n\n<information>Doc 1: q0 doc about alpha .</information>\n\n")  # Search-R1's form
@@ -198,7 +198,7 @@ def test_rollout_honours_max_turns_then_disables_search(tiny_tok, monkeypatch):
     scripted = ScriptedPolicy(tok, scripts, lambda p: 0)
     monkeypatch.setattr(sim, "sample", scripted)
     engine = RecordingEngine()
-    ro = sim.rollout(None, tok, q, engine, cfg)
+    ro = zs.rollout(None, tok, q, engine, cfg)
     assert engine.requests == [["alpha"], ["beta"]]             # the third search is not executed
     assert [c["stop"] for c in scripted.calls] == [("</search>", "</answer>")] * 2 + [("</answer>",)]
     assert ro.searches == [2] and ro.answers == [None]
@@ -212,7 +212,7 @@ def test_a_turn_with_neither_action_gets_the_invalid_action_observation_and_coun
     scripted = ScriptedPolicy(tok, [{"turns": turns, "done": []}], lambda p: 0)
     monkeypatch.setattr(sim, "sample", scripted)
     engine = RecordingEngine()
-    ro = sim.rollout(None, tok, q, engine, cfg)
+    ro = zs.rollout(None, tok, q, engine, cfg)
     invalid = tok.encode(" " + cfg["invalid_action"])
     docs = tok.encode("\n\n<information>Doc 1: q0 doc about alpha .</information>\n\n")
     t0, t1, t2 = (tok.encode(t) for t in turns)
@@ -222,7 +222,7 @@ def test_a_turn_with_neither_action_gets_the_invalid_action_observation_and_coun
     assert [c["stop"] for c in scripted.calls][-1] == ("</answer>",)  # the invalid turn used up turn 0 of max_turns
     # invalid_action empty: a turn without an action ends the trajectory
     monkeypatch.setattr(sim, "sample", ScriptedPolicy(tok, [{"turns": turns, "done": []}], lambda p: 0))
-    ro = sim.rollout(None, tok, q, RecordingEngine(), dict(cfg, invalid_action=""))
+    ro = zs.rollout(None, tok, q, RecordingEngine(), dict(cfg, invalid_action=""))
     assert ro.response_ids[0] == t0 and ro.answers == [None]
 
 
@@ -233,7 +233,7 @@ def test_the_turns_first_action_is_taken_even_with_text_after_it(tiny_tok, monke
     turns = ["<search> alpha </search> .", "<answer> one </answer> <search> beta </search>"]
     monkeypatch.setattr(sim, "sample", ScriptedPolicy(tok, [{"turns": turns, "done": []}], lambda p: 0))
     engine = RecordingEngine()
-    ro = sim.rollout(None, tok, q, engine, cfg)
+    ro = zs.rollout(None, tok, q, engine, cfg)
     assert engine.requests == [["alpha"]] and ro.searches == [1] and ro.answers == ["one"]
 
 
@@ -245,7 +245,7 @@ def test_an_answer_cut_off_by_the_response_budget_is_not_rewarded(tiny_tok, monk
     kept = len(tok.encode(turns[0])) + len(tok.encode("\n\n<information>Doc 1: q0 doc about alpha .</information>\n\n")) + 2
     for budget, answer in ((kept, None), (kept + 10, "one")):
         monkeypatch.setattr(sim, "sample", ScriptedPolicy(tok, [{"turns": list(turns), "done": []}], lambda p: 0))
-        ro = sim.rollout(None, tok, q, RecordingEngine(), config.load_config(["max_turns=2", f"max_response_tokens={budget}"]))
+        ro = zs.rollout(None, tok, q, RecordingEngine(), config.load_config(["max_turns=2", f"max_response_tokens={budget}"]))
         assert len(ro.response_ids[0]) <= budget and ro.answers == [answer]
         assert zs.score(ro, q) == [0.0 if answer is None else 1.0]
 
@@ -256,13 +256,13 @@ def test_chat_template_wraps_the_policy_prompt_and_is_required_when_on(tiny_tok,
     monkeypatch.setattr(sim, "sample", ScriptedPolicy(tok, [{"turns": ["<answer> two </answer>"], "done": []}], lambda p: 0))
     tok.chat_template = "{% for m in messages %}Question : {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} answer :{% endif %}"
     try:
-        ro = sim.rollout(None, tok, q, RecordingEngine(), cfg)
+        ro = zs.rollout(None, tok, q, RecordingEngine(), cfg)
         assert ro.prompt_ids[0] == tok.encode("Question : " + cfg["prompt_template"].format(question="q1") + " answer :")
         assert ro.answers == ["two"]
     finally:
         tok.chat_template = None
     with pytest.raises(SystemExit, match="has no chat template; set it to false"):
-        sim.rollout(None, tok, q, RecordingEngine(), cfg)
+        zs.rollout(None, tok, q, RecordingEngine(), cfg)
 
 
 def test_answer_is_taken_from_policy_tokens_never_from_documents(tiny_tok, monkeypatch):
@@ -275,12 +275,12 @@ def test_answer_is_taken_from_policy_tokens_never_from_documents(tiny_tok, monke
         def search(self, requests, noise_prob, seed):
             return [["<answer> one </answer>"]]
 
-    ro = sim.rollout(None, tok, q, Leaky(), cfg)
+    ro = zs.rollout(None, tok, q, Leaky(), cfg)
     assert ro.answers == [None]
 
 
 def test_to_batch_aligns_response_mask_with_tokens(tiny_tok):
-    ro = sim.Rollout(prompt_ids=[[5, 6], [7]], response_ids=[[8, 9, 10], [11]], response_mask=[[1, 0, 1], [1]],
+    ro = zs.Rollout(prompt_ids=[[5, 6], [7]], response_ids=[[8, 9, 10], [11]], response_mask=[[1, 0, 1], [1]],
                     answers=[None, None], searches=[0, 0])
     ids, attn, rmask = zs.to_batch(ro, pad_id=0, device="cpu")
     assert ids.tolist() == [[5, 6, 8, 9, 10], [7, 11, 0, 0, 0]]

@@ -13,9 +13,11 @@ from the paper; config.yaml lists every key.
 import json
 import os
 import random
+import re
 import sys
 import time
 import urllib.parse
+from dataclasses import dataclass
 
 import torch
 import yaml
@@ -45,6 +47,86 @@ def curriculum_noise(step, cfg):
     if not cfg["curriculum"]:
         return cfg["p_end"]
     return noise_probability(step, cfg["steps"], cfg["p_start"], cfg["p_end"], cfg["curriculum_base"])
+
+
+# ----------------------------------------------------------------------------- the rollout with search
+@dataclass
+class Rollout:
+    """B trajectories as token lists (ragged); zerosearch.to_batch pads them into tensors."""
+    prompt_ids: list      # B x [prompt tokens]
+    response_ids: list    # B x [response tokens]: sampled actions and injected observations
+    response_mask: list   # B x [1 where the policy sampled the token, 0 inside <information>]
+    answers: list         # B x (answer text or None), from the policy's own tokens
+    searches: list        # B x number of searches made
+    engine_seconds: float = 0.0  # time spent in the engine's calls (the rest of the rollout is sampling)
+    queries: list = None      # B x [each search's query]
+    documents: list = None    # B x [each search's documents]
+    engine_seeds: list = None  # B x [each search's seed: sim.draw_kinds(n, noise_prob, seeds) says useful or noisy]
+
+
+def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seeds=None, greedy=False, max_turns=None,
+            template=None):
+    """Search-R1/ZeroSearch rollout of many sequences at once. Each turn samples every active
+    sequence until `</search>` or `</answer>`; the queries of the whole batch go to the engine in
+    one call; its documents come back inside <information> (masked out of every loss) and
+    generation resumes; a turn with neither action gets the paper's fixed "invalid action"
+    observation (`invalid_action`) and tries again. After `max_turns` turns one last turn has
+    search disabled. `seeds`, one int per question (default 0, 1, ...): a row's tokens and its
+    searches draw from streams of its own, so a question samples the same in any batch, on one
+    process or N."""
+    max_turns = cfg["max_turns"] if max_turns is None else max_turns
+    template = template or cfg["prompt_template"]
+    prompts = [sim.prompt_ids(tok, template.format(question=q["question"]), cfg["chat_template"]) for q in questions]
+    B = len(questions)
+    resp, mask, searches = [[] for _ in range(B)], [[] for _ in range(B)], [0] * B
+    queries, documents, engine_seeds = [[] for _ in range(B)], [[] for _ in range(B)], [[] for _ in range(B)]
+    active, engine_seconds = list(range(B)), 0.0
+    seeds = list(range(B)) if seeds is None else seeds
+    for turn in range(max_turns + 1):
+        if not active:
+            break
+        last = turn == max_turns
+        new, _ = sim.sample(policy, [prompts[i] + resp[i] for i in active], cfg["max_turn_tokens"],
+                        temperature=0.0 if greedy else cfg["temperature"], top_p=cfg["top_p"],
+                        stop=("</answer>",) if last else ("</search>", "</answer>"),
+                        eos_token_id=tok.eos_token_id, seed=[seeds[i] * 1000 + turn for i in active], tokenizer=tok)
+        requests, invalid = [], []  # (batch row, query): rows keep their own question (fault 1 of the public code)
+        for i, toks in zip(active, new):
+            resp[i] += toks
+            mask[i] += [1] * len(toks)
+            if last or len(resp[i]) >= cfg["max_response_tokens"]:
+                continue
+            action = parse_action(tok.decode(toks))
+            if action and action[0] == "search":
+                requests.append((i, action[1]))
+            elif not action and cfg["invalid_action"]:
+                invalid.append(i)  # neither search nor answer: the fixed "invalid action" observation, try again
+        t0 = time.time()
+        engine_seed = [seeds[i] * 1000 + 500 + turn for i, _ in requests]  # not the policy's stream
+        docs = engine.search([dict(questions[i], query=q) for i, q in requests], noise_prob, engine_seed) if requests else []
+        engine_seconds += time.time() - t0
+        observations = {i: sim.information(d) for (i, _), d in zip(requests, docs)}
+        observations.update({i: " " + cfg["invalid_action"] for i in invalid})
+        for i, obs in observations.items():
+            obs = tok.encode(obs, add_special_tokens=False)
+            resp[i] += obs
+            mask[i] += [0] * len(obs)
+        for (i, query), d, s in zip(requests, docs, engine_seed):
+            searches[i] += 1
+            queries[i].append(query)
+            documents[i].append(d)
+            engine_seeds[i].append(s)
+        active = sorted(observations)
+    # the response is cut to its budget before the answer is read: the reward is for tokens that are trained
+    resp, mask = [r[:cfg["max_response_tokens"]] for r in resp], [m[:cfg["max_response_tokens"]] for m in mask]
+    answers = [reward.extract_answer(tok.decode([t for t, m in zip(r, ms) if m])) for r, ms in zip(resp, mask)]
+    return Rollout(prompts, resp, mask, answers, searches, engine_seconds, queries, documents, engine_seeds)
+
+
+def parse_action(text):
+    """The turn's first action, as Search-R1 reads it: ("search" | "answer", its text), or None."""
+    found = re.search(r"<(search|answer)>(.*?)</\1>", text, flags=re.DOTALL)
+    return (found.group(1), found.group(2).strip()) if found else None
 
 
 # ----------------------------------------------------------------------------- batches and reward
@@ -82,7 +164,7 @@ def evaluate(policy, tok, eval_sets, engine, cfg, ctx, max_turns=None, template=
         for i in range(0, len(mine), 128):
             qs = mine[i:i + 128]
             with ppo.autocast(getattr(torch, cfg["dtype"]), ctx.device):  # the precision of training's rollouts
-                ro = sim.rollout(policy, tok, qs, engine, cfg, greedy=True, max_turns=max_turns, template=template)
+                ro = rollout(policy, tok, qs, engine, cfg, greedy=True, max_turns=max_turns, template=template)
             for a, q, response, queries in zip(ro.answers, qs, ro.response_ids, ro.queries):
                 golds = q["golden_answers"]
                 scores = {"em": reward.exact_match(a, golds), "substring_em": reward.substring_match(a, golds),
@@ -278,7 +360,7 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
         noise_prob = curriculum_noise(step, cfg)
         with ppo.autocast(compute, ctx.device):  # one precision on every path: N processes as one
             policy = parallel.sampler_model(actor.model, sampler_copy)
-            ro = sim.rollout(policy, tok, qs, engine, cfg, noise_prob=noise_prob, seeds=seeds)
+            ro = rollout(policy, tok, qs, engine, cfg, noise_prob=noise_prob, seeds=seeds)
         clock.lap("sample", minus={"engine": ro.engine_seconds})
         # 3. reward: F1 of the final answer
         scores = torch.tensor(score(ro, qs, cfg["reward"]), device=ctx.device)
@@ -550,7 +632,7 @@ def ask(policy, tok, engine, cfg, known):
     noise = cfg["noise_prob"] or 0.0
     for text in filter(None, lines):
         q = golds.get(text, {"question": text, "golden_answers": [""], "evidence": []})
-        ro = sim.rollout(policy, tok, [q], engine, cfg, noise_prob=noise, greedy=True)
+        ro = rollout(policy, tok, [q], engine, cfg, noise_prob=noise, greedy=True)
         kinds = sim.draw_kinds(0, noise, ro.engine_seeds[0]) if simulated else [""] * ro.searches[0]
         print(f"question: {text}")
         response, mask, search = ro.response_ids[0], ro.response_mask[0], 0

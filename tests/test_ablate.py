@@ -60,7 +60,7 @@ def test_a_two_variant_two_seed_grid_shares_one_build_and_resume_skips_finished_
 
 
 def test_no_mask_trains_the_information_tokens_as_if_the_policy_wrote_them():
-    ro = sim.Rollout(prompt_ids=[[5, 6], [7]], response_ids=[[8, 9, 10, 11], [12]], response_mask=[[1, 0, 0, 1], [1]],
+    ro = zs.Rollout(prompt_ids=[[5, 6], [7]], response_ids=[[8, 9, 10, 11], [12]], response_mask=[[1, 0, 0, 1], [1]],
                     answers=[None, None], searches=[1, 0])
     _, attn, masked = zs.to_batch(ro, pad_id=0, device="cpu")
     _, _, unmasked = zs.to_batch(ro, pad_id=0, device="cpu", mask_information=False)

@@ -19,6 +19,7 @@ import parallel
 import ppo
 import reward
 import sim
+import simulator
 import world
 import zerosearch as zs
 
@@ -197,15 +198,15 @@ def test_a_build_killed_half_way_is_built_again(tmp_path, monkeypatch):
     sim.SimEngine(zs.AutoModelForCausalLM.from_pretrained(sim_dir), world.load_tokenizer(sim_dir), cfg)  # it loads
 
 
-# ----------------------------------------------------------------------------- sim.py train
+# ----------------------------------------------------------------------------- tools/simulator.py train
 def test_sim_train_checks_its_rows_and_its_output_before_any_work(tmp_path):
     good = {"query": "q", "question": "q ?", "answer": "a", "label": "useful", "documents": ["d"]}
     for bad in ({**good, "answer": None}, {**good, "documents": ["d", 3]}, {**good, "query": ""}):
         (tmp_path / "rows.jsonl").write_text(json.dumps(bad) + "\n")
-        one_line_error(sim.main, ["train", f"data={tmp_path / 'rows.jsonl'}", "model=unused"], match="line 1")
+        one_line_error(simulator.main, ["train", f"data={tmp_path / 'rows.jsonl'}", "model=unused"], match="line 1")
     (tmp_path / "rows.jsonl").write_text(json.dumps(good) + "\n")
     (tmp_path / "taken").write_text("")
-    one_line_error(sim.main, ["train", f"data={tmp_path / 'rows.jsonl'}", "model=unused", f"out={tmp_path / 'taken'}"],
+    one_line_error(simulator.main, ["train", f"data={tmp_path / 'rows.jsonl'}", "model=unused", f"out={tmp_path / 'taken'}"],
                    match="out=")
 
 
@@ -236,7 +237,7 @@ def test_parsers_reward_and_rollout_masks_survive_random_bytes_and_token_ids(tok
     for _ in range(2000):
         text = "".join(rng.choice(pieces) if rng.random() < 0.7 else chr(rng.randrange(0x10FFFF // 64))
                        for _ in range(rng.randrange(30)))
-        action, answer = sim.parse_action(text), reward.extract_answer(text)
+        action, answer = zs.parse_action(text), reward.extract_answer(text)
         assert action is None or (action[0] in ("search", "answer") and isinstance(action[1], str))
         for fn in (reward.f1_score, reward.exact_match, reward.substring_match):
             assert 0.0 <= fn(answer, [text or "x", "alpha"]) <= 1.0
@@ -254,7 +255,7 @@ def test_parsers_reward_and_rollout_masks_survive_random_bytes_and_token_ids(tok
 
     questions = [dict(question=f"alpha {i}", golden_answers=["one"]) for i in range(16)]
     for trial in range(3):
-        ro = sim.rollout(model, tok, questions, RandomDocs(), dict(cfg, temperature=1.0), seeds=[trial * 100 + i for i in range(16)])
+        ro = zs.rollout(model, tok, questions, RandomDocs(), dict(cfg, temperature=1.0), seeds=[trial * 100 + i for i in range(16)])
         for r, m, a in zip(ro.response_ids, ro.response_mask, ro.answers):
             assert len(r) == len(m) <= cfg["max_response_tokens"] and set(m) <= {0, 1}
             assert a == reward.extract_answer(tok.decode([t for t, keep in zip(r, m) if keep]))

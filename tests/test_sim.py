@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 import config
 import sim
+import simulator
 import world
 import zerosearch
 
@@ -275,7 +276,7 @@ def test_make_engine_builds_the_http_engine_from_the_config_and_asks_the_server_
         zerosearch.make_engine("http", dict(cfg, sim_url="127.0.0.1:8000/v1"), None, path, None)
 
 
-# ---------------------------------------------------------------- python sim.py train
+# ---------------------------------------------------------------- python tools/simulator.py train
 
 def sim_rows():
     """Rows in the documented JSONL form, documents as a list and as `Doc i:` text."""
@@ -322,7 +323,7 @@ def test_sim_train_fine_tunes_and_saves_a_simulator_that_loads(tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     model_dir, cfg = tiny_model_dir(tmp_path / "tiny", rows)
     out = tmp_path / "trained"
-    sim.main(["train", f"data={data}", f"model={model_dir}", f"out={out}", "steps=40", "batch_size=4", "lr=1e-2", "seed=1"])
+    simulator.main(["train", f"data={data}", f"model={model_dir}", f"out={out}", "steps=40", "batch_size=4", "lr=1e-2", "seed=1"])
     before, after = documents_loss(model_dir, rows, cfg), documents_loss(out, rows, cfg)
     assert after < 0.5 * before, (before, after)  # measured 5.37 -> 0.71
     engine = sim.SimEngine(Qwen2ForCausalLM.from_pretrained(out), world.load_tokenizer(str(out)),
@@ -339,14 +340,14 @@ def test_sim_train_prompts_with_the_config_chosen_as_for_zerosearch_py(tmp_path,
     calls = []
     monkeypatch.setattr(sim, "train_simulator", lambda model, tok, rows, cfg, *args: calls.append((cfg, args)) or 0.0)
     train = ["train", f"data={data}", f"model={model_dir}", f"out={tmp_path / 'out'}", "steps=3", "batch_size=1", "lr=0.5", "seed=7"]
-    sim.main(train + ["preset=paper"])
+    simulator.main(train + ["preset=paper"])
     paper = yaml.safe_load(open(os.path.join(os.path.dirname(sim.__file__), "presets", "paper.yaml")))
     (cfg, args), = calls
     assert (cfg["sim_template_finetuned"], cfg["topk"]) == (paper["sim_template_finetuned"], paper["topk"]) and cfg["topk"] == 5
     assert args == (3, 1, 0.5, 7)  # steps, batch_size, lr and seed of the fine-tuning, not the RL config's
     config = tmp_path / "sim.yaml"
     config.write_text("topk: 4\nsim_style: prompted\n")
-    sim.main(train + ["--config", str(config), "doc_tokens=12"])
+    simulator.main(train + ["--config", str(config), "doc_tokens=12"])
     cfg = calls[-1][0]
     assert (cfg["topk"], cfg["sim_style"], cfg["doc_tokens"]) == (4, "prompted", 12)
 
@@ -365,7 +366,7 @@ def test_sim_train_prompts_with_the_config_chosen_as_for_zerosearch_py(tmp_path,
     (["train", "data=/no/such/rows.jsonl", "model=m"], "data file not found: /no/such/rows.jsonl"),
     (["train", "data={bad}", "model=m"], "line 2: a row needs query, question, answer, documents, label"),
     (["train", "data={good}", "model={tmp}/no_model"], "cannot load model"),
-    (["fit"], "usage: python sim.py train"),
+    (["fit"], "usage: python tools/simulator.py train"),
 ])
 def test_sim_train_errors_are_one_clear_line(tmp_path, args, message):
     good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
@@ -373,7 +374,7 @@ def test_sim_train_errors_are_one_clear_line(tmp_path, args, message):
     bad.write_text(json.dumps(sim_rows()[0]) + "\n" + json.dumps(dict(sim_rows()[0], label="maybe")) + "\n")
     args = [a.format(bad=bad, good=good, tmp=tmp_path) for a in args]
     with pytest.raises(SystemExit, match=message):
-        sim.main(args)
+        simulator.main(args)
 
 
 # ---------------------------------------------------------------- data loaders (world.py)
@@ -468,7 +469,7 @@ def test_transformers_serve_itself_serves_the_http_engine(tmp_path):
         server.wait(timeout=30)
 
 
-# ---------------------------------------------------------------- python sim.py collect
+# ---------------------------------------------------------------- python tools/simulator.py collect
 
 def test_collect_labels_each_search_by_the_answer_balances_and_train_takes_the_rows(tmp_path, monkeypatch):
     """A scripted policy searches the right query for every question, then answers the even ones right
@@ -492,7 +493,7 @@ def test_collect_labels_each_search_by_the_answer_balances_and_train_takes_the_r
         return out, [[0.0] * len(o) for o in out]
 
     monkeypatch.setattr(sim, "sample", scripted)
-    rows, n_useful, n_noisy = sim.collect(None, tok, questions, engine, cfg, n=8)
+    rows, n_useful, n_noisy = simulator.collect(None, tok, questions, engine, cfg, n=8)
     assert (n_useful, n_noisy) == (6, 6) and len(rows) == 8
     assert sorted(r["label"] for r in rows) == ["noisy"] * 4 + ["useful"] * 4
     for r in rows:
@@ -501,13 +502,13 @@ def test_collect_labels_each_search_by_the_answer_balances_and_train_takes_the_r
         assert r["query"] == world.right_query(questions[i]["subject"], questions[i]["relation"])
         assert r["documents"] == engine.search([{"query": r["query"]}])[0]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    read = sim.read_simulator_rows(str(tmp_path / "rows.jsonl"))
+    read = simulator.read_simulator_rows(str(tmp_path / "rows.jsonl"))
     model = world.tiny_model(len(tok), 16, 1, 2, seed=0)
     assert read == rows and sim.train_simulator(model, tok, read, cfg, steps=2, batch_size=2, lr=1e-3) > 0
 
 
 def test_collect_needs_a_policy_and_a_real_engine():
     with pytest.raises(SystemExit, match="needs policy_model"):
-        sim.main(["collect", "n=10"])
+        simulator.main(["collect", "n=10"])
     with pytest.raises(SystemExit, match="set n to"):
-        sim.main(["collect", "n=1"])
+        simulator.main(["collect", "n=1"])

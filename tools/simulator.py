@@ -1,0 +1,175 @@
+"""The simulator's data and fine-tuning from the command line, for a real simulator at scale.
+
+    python tools/simulator.py collect policy_model=NAME_OR_DIR data=train.jsonl corpus=corpus.jsonl out=rows.jsonl n=N
+    python tools/simulator.py train data=rows.jsonl model=Qwen/Qwen2.5-7B out=my_simulator preset=paper [steps=1000 batch_size=2 lr=1e-6 seed=0]
+
+rows.jsonl (what collect writes) holds one JSON object a line:
+    {"query": "...", "question": "...", "answer": "...", "label": "useful" | "noisy",
+     "documents": ["first document", "second document", ...] | "Doc 1: ... Doc 2: ...",
+     "evidence": ["...", ...]}   # optional: facts shown to the simulator (`{evidence}` in the template)
+The simulator learns to write the documents after the control prompt it will be served with,
+`sim_template_{sim_style}` with `topk` as k, from the config chosen as for zerosearch.py: config.yaml
+< preset=NAME < --config FILE < any other config key=value. preset=paper gives the paper's prompt
+and k=5; without it the prompt is the tiny world's, k=3. data, steps, batch_size, lr and seed are
+the fine-tuning's own, not the RL config's. The loss is on the documents only. Defaults are the
+paper's SFT (1000 steps, batch 2, lr 1e-6); it runs in one process, on the GPU if there is one.
+"""
+import json
+import os
+import random
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
+import config
+import reward
+import sim
+import world
+import zerosearch
+
+
+COLLECT_DEFAULTS = dict(out="rows.jsonl", n=20000)  # the paper fine-tuned on about 20k rows
+
+
+def collect(policy, tok, questions, engine, cfg, n, seed=0):
+    """Simulation fine-tuning rows the paper's way: the policy answers `questions` searching the real
+    `engine` (sampled, one batch at a time); every (query, documents) of a trajectory whose answer is
+    right (substring EM, the paper's EM) is labelled useful, of one whose answer is wrong noisy; the
+    two labels are balanced, n rows in all at most, in the form `python tools/simulator.py train` reads."""
+    rng, useful, noisy = random.Random(seed), [], []
+    order = rng.sample(range(len(questions)), len(questions))
+    for start in range(0, len(order), 128):
+        batch = [questions[i] for i in order[start:start + 128]]
+        ro = zerosearch.rollout(policy, tok, batch, engine, cfg, seeds=[seed * 1_000_003 + start + j for j in range(len(batch))])
+        for q, answer, queries, docs in zip(batch, ro.answers, ro.queries, ro.documents):
+            right = reward.substring_match(answer, q["golden_answers"])
+            rows = [dict(query=query, question=q["question"], answer=q["golden_answers"][0], documents=d,
+                         label="useful" if right else "noisy") for query, d in zip(queries, docs) if d]
+            (useful if right else noisy).extend(rows)
+        if min(len(useful), len(noisy)) >= n // 2:
+            break
+    keep = min(len(useful), len(noisy), n // 2)
+    rows = rng.sample(useful, keep) + rng.sample(noisy, keep)
+    rng.shuffle(rows)
+    return rows, len(useful), len(noisy)
+
+
+SIM_ROW_KEYS = ("query", "question", "answer", "documents", "label")
+TRAIN_DEFAULTS = dict(data=None, model=None, out="simulator", steps=1000, batch_size=2, lr=1e-6, seed=0)  # the paper's SFT
+
+
+def read_simulator_rows(path):
+    """Simulation fine-tuning rows from a JSONL file (the form is in the module docstring); a row
+    a user got wrong is one clear line naming it."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: data file not found: {path}")
+    rows = []
+    for n, row in world.read_jsonl(path):
+        docs = row.get("documents")
+        texts = ("query", "question", "answer")
+        if (any(k not in row for k in SIM_ROW_KEYS) or row["label"] not in ("useful", "noisy")
+                or not all(isinstance(row[k], str) and row[k].strip() for k in texts)
+                or not (isinstance(docs, list) and docs and all(isinstance(d, str) and d.strip() for d in docs)
+                        or isinstance(docs, str) and sim.parse_docs(docs, 20))):
+            raise SystemExit(f"error: {path} line {n}: a row needs {', '.join(SIM_ROW_KEYS)}: query, question and "
+                             "answer as non-empty strings, label useful or noisy, and documents as a list of "
+                             "strings or one 'Doc 1: ... Doc 2: ...' string")
+        rows.append(row)
+    if not rows:
+        raise SystemExit(f"error: {path} holds no rows")
+    return rows
+
+
+def train_main(argv):
+    """`python tools/simulator.py train data=rows.jsonl model=NAME_OR_DIR [out=DIR steps=N batch_size=N lr=X seed=N]
+    [preset=NAME --config FILE key=value ...]`: the arguments of TRAIN_DEFAULTS are the fine-tuning's
+    own; the rest choose the config (its `topk` and control prompt) exactly as for zerosearch.py."""
+    args, config_args = config.own_arguments(argv, TRAIN_DEFAULTS)
+    cfg = config.load_config(config_args)
+    for key in ("steps", "batch_size", "lr", "seed"):
+        kind, text = type(TRAIN_DEFAULTS[key]), args[key]
+        try:
+            args[key] = kind(text)
+            ok = key == "seed" or args[key] > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            what = ("an" if key == "seed" else "a positive") + (" integer" if kind is int else " number")
+            raise SystemExit(f"error: simulator.py train: {key}={text}: set {key} to {what} (default {TRAIN_DEFAULTS[key]})")
+    if not args["data"] or not args["model"]:
+        raise SystemExit("error: simulator.py train needs data=rows.jsonl and model=... (a Hugging Face name, or a "
+                         "directory holding a model and its tokenizer)")
+    rows = read_simulator_rows(args["data"])
+    config.check_folder(args["out"], "out", keep=False)
+    try:
+        tok = world.load_tokenizer(args["model"])
+        model = AutoModelForCausalLM.from_pretrained(args["model"])
+    except OSError as e:
+        raise SystemExit(f"error: cannot load model {args['model']!r}: {str(e).splitlines()[0]}")
+    if tok.eos_token_id is None:
+        raise SystemExit(f"error: the tokenizer of {args['model']!r} has no EOS token to end the documents with")
+    if tok.pad_token is None:  # padding is masked out of the loss; any id will do
+        tok.pad_token = tok.eos_token
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(args["seed"])
+    loss = sim.train_simulator(model, tok, rows, cfg, args["steps"], args["batch_size"], args["lr"], args["seed"])
+    model.save_pretrained(args["out"])
+    tok.save_pretrained(args["out"])
+    print(f"simulator fine-tuned on {len(rows)} rows ({args['steps']} steps, last loss {loss:.3f}), saved to {args['out']}")
+
+
+def collect_main(argv):
+    """`python tools/simulator.py collect policy_model=NAME_OR_DIR data=train.jsonl corpus=corpus.jsonl out=rows.jsonl
+    n=N [any config key=value]` (or eval_backend=retriever retriever_url=... for a served engine; with
+    data=world, the embedded world's train questions and BM25)."""
+    args, config_args = config.own_arguments(argv, COLLECT_DEFAULTS)
+    cfg = config.load_config(config_args)
+    try:
+        n = int(args["n"])
+    except ValueError:
+        n = 0
+    if n < 2:
+        raise SystemExit(f"error: simulator.py collect: n={args['n']}: set n to the number of rows wanted, 2 or more")
+    if not cfg["policy_model"]:
+        raise SystemExit("error: simulator.py collect needs policy_model=... (the paper used an instruct model, prompted; "
+                         "on the embedded world, its warm-up policy out_dir/build/<hash>/warmup)")
+    config.check_folder(os.path.dirname(os.path.abspath(args["out"])), "out")
+    if cfg["data"] == "world":
+        w = world.build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"])
+        questions, docs = w.train, w.docs
+    else:
+        questions = world.load_questions(cfg["data"])
+        docs = world.load_corpus(cfg["corpus"]) if cfg["eval_backend"] == "real" and cfg["corpus"] else None
+    try:
+        tok = world.load_tokenizer(cfg["policy_model"])
+        model = AutoModelForCausalLM.from_pretrained(cfg["policy_model"]).eval()
+    except OSError as e:
+        raise SystemExit(f"error: cannot load policy_model {cfg['policy_model']!r}: {str(e).splitlines()[0]}")
+    if cfg["eval_backend"] == "retriever":
+        engine = sim.RetrieverEngine(cfg, tok)
+    elif docs is None:
+        raise SystemExit("error: simulator.py collect searches a real engine: set corpus=corpus.jsonl, or "
+                         "eval_backend=retriever retriever_url=... (a served one)")
+    else:
+        engine = sim.RealEngine(sim.Retriever(docs), cfg)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    rows, n_useful, n_noisy = collect(model, tok, questions, engine, cfg, n, cfg["seed"])
+    with open(args["out"], "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    print(f"{len(rows)} rows ({len(rows) // 2} useful, {len(rows) // 2} noisy; collected {n_useful} useful and "
+          f"{n_noisy} noisy) written to {args['out']}")
+
+
+def main(argv):
+    commands = {"train": train_main, "collect": collect_main}
+    if not argv or argv[0] not in commands:
+        raise SystemExit("usage: python tools/simulator.py train data=rows.jsonl model=NAME_OR_DIR [out=DIR steps=N batch_size=N "
+                         "lr=X seed=N] [config key=value ...]\n   or: python tools/simulator.py collect policy_model=NAME_OR_DIR "
+                         "data=train.jsonl corpus=corpus.jsonl out=rows.jsonl n=N [config key=value ...]")
+    commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
