@@ -407,3 +407,18 @@ def update(actor, critic, batch, cfg, kl_coef, step=0, mean_over_processes=None)
     if use_critic:
         log({"critic/explained_variance": explained_variance(batch.values, batch.returns, mask_all)})
     return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+@torch.no_grad()
+def logprobs(actor, input_ids, attention_mask, response_mask, cfg):
+    """log π(x_t | x_<t) [B, T] of the response tokens at the rollout's temperature, in micro-batches."""
+    return in_micro_batches(lambda r: actor(input_ids[r], attention_mask[r], cfg["temperature"], response_mask[r])[:1],
+                            attention_mask, cfg["micro_batch_size"])[0]
+
+
+@torch.no_grad()
+def values(critic, input_ids, attention_mask, cfg):
+    """V(x_<t) [B, T] (`token_values`), in micro-batches."""
+    compute = getattr(torch, cfg["dtype"])
+    return in_micro_batches(lambda r: [token_values(critic, input_ids[r], attention_mask[r], compute)],
+                            attention_mask, cfg["micro_batch_size"])[0]

@@ -129,7 +129,73 @@ def parse_action(text):
     return (found.group(1), found.group(2).strip()) if found else None
 
 
-# ----------------------------------------------------------------------------- batches and reward
+# ----------------------------------------------------------------------------- RL
+def train(policy_path, tok, questions, engine, cfg, ctx, name):
+    """RL on `questions` against `engine`, resumed from a checkpoint if cfg["resume"] says so; returns
+    the trained Hugging Face policy, with full weights on every process."""
+    cfg = dict(cfg, mini_batch_size=cfg["mini_batch_size"] // ctx.world, seed=rl_seed(cfg))  # per process
+    compute = getattr(torch, cfg["dtype"])  # fp32 weights on every path, forward passes in `dtype`
+    actor, critic, ref, sampler_copy = load_models(policy_path, cfg, ctx)
+    models = {"actor": actor, **({"critic": critic} if critic else {})}
+    run_dir = os.path.join(cfg["out_dir"], "checkpoints", name)
+    metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
+    start, kl_coef = resume_or_start_over(run_dir, metrics_path, models, engine, cfg, ctx)
+    order = random.Random(cfg["seed"]).sample(range(len(questions)), len(questions))
+    ctrl_c, restore_sigint = parallel.catch_ctrl_c()
+    backend = cfg["search_backend"] if name == "zerosearch" else "real"
+    bar = tqdm(range(start, cfg["steps"]), initial=start, total=cfg["steps"], disable=not ctx.master,
+               desc=f"RL {name} ({cfg['algo']}, {backend} search)")
+    for step in bar:
+        clock = Stopwatch()
+        # 1. this process's questions of the step, n samples each
+        qs, seeds = step_questions(questions, order, step, cfg, ctx)
+        # 2. rollout with search; the curriculum sets how often a search returns noisy documents
+        noise_prob = curriculum_noise(step, cfg)
+        with ppo.autocast(compute, ctx.device):  # one precision on every path: N processes as one
+            ro = rollout(parallel.sampler_model(actor.model, sampler_copy), tok, qs, engine, cfg, noise_prob, seeds)
+        clock.lap("sample", minus={"engine": ro.engine_seconds})
+        # 3. reward: F1 of the final answer
+        scores = torch.tensor(score(ro, qs, cfg["reward"]), device=ctx.device)
+        # 4. log-probs of the sampled tokens under the policy and the reference; values (PPO)
+        ids, attn, mask = to_batch(ro, tok.pad_token_id, ctx.device, cfg["mask_information"])
+        old_logp, ref_logp = ppo.logprobs(actor.model, ids, attn, mask, cfg), ppo.logprobs(ref, ids, attn, mask, cfg)
+        clock.lap("logprob")
+        values = ppo.values(critic.model, ids, attn, cfg) if critic else None
+        clock.lap("values")
+        # 5. advantages (GAE, group-normalised, REINFORCE, REINFORCE++), whitened over all processes
+        advantages, returns, adv_stats = ppo.compute_advantages(
+            cfg["algo"], scores, mask, old_logp, ref_logp, values, cfg, kl_coef, ctx.all_sum)
+        adv_stats = ctx.mean_stats(adv_stats)  # the same on every process, so is kl_coef
+        kl_coef = ppo.adaptive_kl_coef(kl_coef, adv_stats["rollout/kl"], len(qs) * ctx.world,
+                                       cfg["kl_target"], cfg["kl_horizon"])  # fixed if no kl_target
+        # 6. PPO epochs over mini-batches; DDP/FSDP average the gradients over processes
+        batch = ppo.Batch(ids, attn, mask, old_logp, ref_logp, advantages, values, returns)
+        try:
+            stats = ppo.update(actor, critic, batch, cfg, kl_coef, step, ctx.all_mean)
+        except ppo.NonFiniteError as e:
+            raise SystemExit(f"error: {e}; {last_good(run_dir)}")
+        clock.lap("update")
+        # 7. log, 8. checkpoint every save_every steps, at the end, and after Ctrl-C (then stop)
+        row = step_metrics(name, step, ro, qs, scores, engine, noise_prob, clock.seconds,
+                           adv_stats, stats, ctx)
+        log_step(row, metrics_path, bar, ctx)
+        interrupted = ctx.any(ctrl_c[0])
+        if (step + 1) % cfg["save_every"] == 0 or step + 1 == cfg["steps"] or interrupted:
+            save_step(run_dir, step, models, row, kl_coef, cfg, ctx)
+            if ctx.master:
+                plots.curves(metrics_path, os.path.join(cfg["out_dir"], "curves.png"))
+        if interrupted:
+            ctx.print0(f"stopped after step {step + 1} of {name}; checkpoint in {run_dir}; "
+                       "continue with resume=true")
+            parallel.close(ctx)
+            raise SystemExit(0)
+    restore_sigint()
+    if ctx.master:
+        plots.curves(metrics_path, os.path.join(cfg["out_dir"], "curves.png"))
+    return parallel.sampler_model(actor.model, sampler_copy)
+
+
+# ----------------------------------------------------------------------------- the step's parts
 def to_batch(ro, pad_id, device, mask_information=True):
     """Right-padded tensors [B, T] of prompt + response; response_mask is 1 on the tokens trained: the
     sampled ones, or with mask_information=False every response token, <information> included."""
@@ -335,77 +401,6 @@ def save_step(run_dir, step, models, row, kl_coef, cfg, ctx):
     state = {"step": step + 1, "kl_coef": kl_coef, "noise_prob": row["noise_prob"], "engine_stats": engine_totals,
              "config": {k: cfg[k] for k in RESUME_KEYS}}
     parallel.save_checkpoint(os.path.join(run_dir, f"step_{step + 1:06d}"), models, state, ctx, cfg["keep_last"])
-
-
-def train(policy_path, tok, questions, engine, cfg, ctx, name):
-    """RL on `questions` against `engine`, resumed from a checkpoint if cfg["resume"] says so; returns
-    the trained Hugging Face policy, with full weights on every process."""
-    cfg = dict(cfg, mini_batch_size=cfg["mini_batch_size"] // ctx.world, seed=rl_seed(cfg))  # per process
-    compute = getattr(torch, cfg["dtype"])  # fp32 weights on every path, forward passes in `dtype`
-    actor, critic, ref, sampler_copy = load_models(policy_path, cfg, ctx)
-    models = {"actor": actor, **({"critic": critic} if critic else {})}
-    run_dir = os.path.join(cfg["out_dir"], "checkpoints", name)
-    metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
-    start, kl_coef = resume_or_start_over(run_dir, metrics_path, models, engine, cfg, ctx)
-    order = random.Random(cfg["seed"]).sample(range(len(questions)), len(questions))
-    ctrl_c, restore_sigint = parallel.catch_ctrl_c()
-    backend = cfg["search_backend"] if name == "zerosearch" else "real"
-    bar = tqdm(range(start, cfg["steps"]), initial=start, total=cfg["steps"], disable=not ctx.master,
-               desc=f"RL {name} ({cfg['algo']}, {backend} search)")
-    for step in bar:
-        clock = Stopwatch()
-        # 1. this process's questions of the step, n samples each
-        qs, seeds = step_questions(questions, order, step, cfg, ctx)
-        # 2. rollout with search; the curriculum sets how often a search returns noisy documents
-        noise_prob = curriculum_noise(step, cfg)
-        with ppo.autocast(compute, ctx.device):  # one precision on every path: N processes as one
-            policy = parallel.sampler_model(actor.model, sampler_copy)
-            ro = rollout(policy, tok, qs, engine, cfg, noise_prob=noise_prob, seeds=seeds)
-        clock.lap("sample", minus={"engine": ro.engine_seconds})
-        # 3. reward: F1 of the final answer
-        scores = torch.tensor(score(ro, qs, cfg["reward"]), device=ctx.device)
-        # 4. log-probs of the sampled tokens under the policy and the reference; values (PPO); each
-        #    forward pass runs on micro-batches of similar lengths, on their real tokens alone (ppo.padding_free)
-        ids, attn, mask = to_batch(ro, tok.pad_token_id, ctx.device, cfg["mask_information"])
-        with torch.no_grad():
-            old_logp, ref_logp = ppo.in_micro_batches(lambda r: (actor.model(ids[r], attn[r], cfg["temperature"], mask[r])[0],
-                                                                 ref(ids[r], attn[r], cfg["temperature"], mask[r])[0]),
-                                                      attn, cfg["micro_batch_size"])
-            clock.lap("logprob")
-            values = ppo.in_micro_batches(lambda r: [ppo.token_values(critic.model, ids[r], attn[r], compute)],
-                                          attn, cfg["micro_batch_size"])[0] if critic else None
-            clock.lap("values")
-        # 5. advantages (GAE, group-normalised, REINFORCE, REINFORCE++), whitened over all processes
-        advantages, returns, adv_stats = ppo.compute_advantages(
-            cfg["algo"], scores, mask, old_logp, ref_logp, values, cfg, kl_coef, ctx.all_sum)
-        adv_stats = ctx.mean_stats(adv_stats)  # the same on every process, so is kl_coef
-        kl_coef = ppo.adaptive_kl_coef(kl_coef, adv_stats["rollout/kl"], len(qs) * ctx.world,
-                                       cfg["kl_target"], cfg["kl_horizon"])  # fixed if no kl_target
-        # 6. PPO epochs over mini-batches; DDP/FSDP average the gradients over processes
-        batch = ppo.Batch(ids, attn, mask, old_logp, ref_logp, advantages, values, returns)
-        try:
-            stats = ppo.update(actor, critic, batch, cfg, kl_coef, step, ctx.all_mean)
-        except ppo.NonFiniteError as e:
-            raise SystemExit(f"error: {e}; {last_good(run_dir)}")
-        clock.lap("update")
-        # 7. log, 8. checkpoint every save_every steps, at the end, and after Ctrl-C (then stop)
-        row = step_metrics(name, step, ro, qs, scores, engine, noise_prob, clock.seconds,
-                           adv_stats, stats, ctx)
-        log_step(row, metrics_path, bar, ctx)
-        interrupted = ctx.any(ctrl_c[0])
-        if (step + 1) % cfg["save_every"] == 0 or step + 1 == cfg["steps"] or interrupted:
-            save_step(run_dir, step, models, row, kl_coef, cfg, ctx)
-            if ctx.master:
-                plots.curves(metrics_path, os.path.join(cfg["out_dir"], "curves.png"))
-        if interrupted:
-            ctx.print0(f"stopped after step {step + 1} of {name}; checkpoint in {run_dir}; "
-                       "continue with resume=true")
-            parallel.close(ctx)
-            raise SystemExit(0)
-    restore_sigint()
-    if ctx.master:
-        plots.curves(metrics_path, os.path.join(cfg["out_dir"], "curves.png"))
-    return parallel.sampler_model(actor.model, sampler_copy)
 
 
 def last_good(run_dir):
