@@ -4,6 +4,7 @@ formulas (SQuAD's definition, the curriculum equation) or are hand-checked token
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -481,3 +482,23 @@ def test_mode_ask_prints_the_trajectory_with_useful_and_noisy_documents(tmp_path
         assert "engine (useful)" in shown["0"] and "engine (noisy)" in shown["1"] and "noisy" not in shown["0"]
     real = subprocess.run(base + [f"question={question}"], capture_output=True, text=True, timeout=600)
     assert real.returncode == 0 and "(useful)" not in real.stdout and f"question: {question}" in real.stdout
+
+
+def test_the_walkthrough_prints_one_step_whose_clipped_losses_follow_from_its_advantages_and_ratios(tmp_path):
+    """tools/walkthrough.py on a smoke build: the trajectory turn by turn, then a row per sampled token whose
+    L is max(-A r, -A clip(r, 0.8, 1.2)) of the row's own A and r, and whose KL is 0 (the policy is the
+    reference before its first update); the <information> tokens stand as masked blocks, not as rows."""
+    r = subprocess.run([sys.executable, os.path.join(HERE, "tools", "walkthrough.py"), "preset=smoke",
+                        f"out_dir={tmp_path}", "threads=1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "**Question**" in r.stdout and "*policy (sampled, trained)*" in r.stdout
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert rows
+    for t, token, logp, ref, kl, v, a, ratio, loss in rows:
+        a, ratio = float(a), float(ratio)
+        assert float(kl) == 0.0 and float(logp) <= 0
+        assert float(loss) == pytest.approx(max(-a * ratio, -a * min(max(ratio, 0.8), 1.2)), abs=2e-3)
+    steps = [int(row[0]) for row in rows]
+    assert steps == sorted(steps)
+    if "<information>" in r.stdout:  # it searched: the documents are one masked block between sampled rows
+        assert "tokens with response_mask 0" in r.stdout

@@ -28,7 +28,8 @@ SMALL = ["batch_size=4", "mini_batch_size=16", "threads=2"]  # 4 questions, n_sa
 def main(argv):
     own, argv = config.own_arguments(argv, OWN)
     cfg = config.load_config(SMALL + argv)
-    step = int(own["step"]) if own["step"] is not None else cfg["critic_warmup"] if cfg["algo"] == "ppo" else 0
+    first_actor_step = cfg["critic_warmup"] if cfg["algo"] == "ppo" else 0  # before it PPO trains the critic alone
+    step = min(int(own["step"]) if own["step"] is not None else first_actor_step, cfg["steps"] - 1)
     ctx = parallel.init_processes(cfg)
     tok, questions, _, retriever, sim_path, policy_path, knowledge = zs.setup(cfg, ctx)
     engine = zs.make_engine(cfg["search_backend"], cfg, retriever, sim_path, ctx, knowledge, tok)
