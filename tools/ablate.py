@@ -21,7 +21,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import build
 import config
 import plots
-import sim
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 WEAK_SIM_SHARE = 0.25  # weak-sim: the simulator fine-tuned for this share of the base's sim_sft_steps
@@ -43,7 +42,7 @@ OWN = {"variants": ",".join(VARIANTS), "seeds": None, "quick": False, "parallel"
 
 def parse(argv):
     """-> (ablate's own arguments, the config arguments shared by every run)."""
-    own, shared = sim.own_arguments(argv, OWN)
+    own, shared = config.own_arguments(argv, OWN)
     own = {k: config.parse_value(v) if isinstance(v, str) else v for k, v in own.items()}
     names = [v for v in str(own["variants"]).split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
