@@ -47,7 +47,7 @@ from transformers.cache_utils import DynamicLayer
 class PreallocatedLayer(DynamicLayer):
     """One attention layer's KV cache in buffers [B, H, capacity, D] sized for the whole call, so a
     decode step writes its key and value in place where DynamicLayer `torch.cat`s the whole cache
-    again (the cat was 20% of a decode step at batch 64 on the tiny policy). keys/values are views
+    again, a cost that grows with the cache. keys/values are views
     of the filled part. `sample` only calls update, get_seq_length and batch_select_indices."""
 
     def __init__(self, capacity: int):
@@ -112,7 +112,7 @@ def prefill(model, prompts, max_new_tokens: int, groups: int = 4):
     """Fill the cache for `prompts`, left-padded to one length P -> (logits at the last position [B, V],
     cache, attention mask [B, P + max_new_tokens] with room for the new tokens, next positions [B, 1]).
     Rows run in up to `groups` forwards of similar length, so a short prompt does not pay for the
-    longest one's padding (a third of the work for prompts of 20-60 tokens); each group's keys and
+    longest one's padding; each group's keys and
     values land in the cache's positions P - P_g .. P, where left padding puts them. Models with
     other kinds of cache layer (sliding window, ...) prefill in one forward."""
     B, P = len(prompts), max(len(p) for p in prompts)
@@ -176,7 +176,7 @@ def lean_decode_one(model, tokens, mask, position_ids, cache):
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin  # RoPE
         keys, values = kv.update(k, v)                                        # [b, kv_heads, L, head_dim]
         # attention for one query: the query heads of a group share their key/value head (GQA). Two
-        # batched matmuls, not SDPA, whose CPU kernel is tuned for long queries and took twice as long here
+        # batched matmuls, not SDPA, whose CPU kernel is tuned for long queries
         scores = q.reshape(b, keys.shape[1], -1, attn.head_dim) @ keys.transpose(-1, -2)  # [b, kv_heads, group, L]
         weights = (scores * attn.scaling + bias).softmax(-1, dtype=torch.float32).to(values.dtype)
         x = x + attn.o_proj((weights @ values).reshape(b, 1, -1))            # heads in order kv_head * group + g
@@ -361,7 +361,7 @@ class Retriever:
         keys, tf = np.unique(keys, return_counts=True)  # [P] one per (word, document), word-major; its count
         df = np.bincount(keys // n, minlength=len(self.vocab))
         self.indptr = np.concatenate([[0], np.cumsum(df)])
-        self.postings = keys % n  # int64: numpy indexes with it without a conversion (a third faster than int32)
+        self.postings = keys % n  # int64: numpy indexes with it without a conversion, faster than int32
         del keys
         lengths = lengths.astype(np.float32)
         norm = k1 * (1 - b + b * lengths / max(lengths.mean(), 1.0))  # k1 (1 - b + b |d| / avgdl)

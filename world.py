@@ -369,8 +369,8 @@ def simulator_rows(world, queries, search, knowledge, rng, noisy_share=0.5):
     it, not the answer, and the answer stands at every position alike. BM25's other results are often
     the same relation about entities that share a name word ("Droubon Energy is headquartered in ..."
     for "Droubon Textiles"), which the policy must learn to tell apart. (Rows of the queried entity's
-    own facts made the simulator's second hop easier than BM25's, 67.0 against 52.0 two-hop EM for one
-    policy, and listed first they taught the policy to read Doc 3 less.) `noisy` ones are the same
+    own facts made the simulator's second hop easier than BM25's, and listed first they taught the
+    policy to read Doc 3 less: docs/experiments.md.) `noisy` ones are the same
     with wrong values; a row is noisy with probability `noisy_share`."""
     pools = collections.defaultdict(list)
     for d in world.docs:
@@ -394,8 +394,7 @@ def split_train(train, rl_share):
     `train`; with a share, the train questions about disjoint sets of train entities (a company
     with its founder), `rl_share` of them for RL, by a hash of the name. The warm-up's loss
     covers the results it read, so a policy warmed up on an entity's facts answers from memory,
-    and RL on those entities rewards recall over reading (measured: reading of held-out "which
-    company" answers fell from 0.55 to 0.22 in RL). README has what the split did."""
+    and RL on those entities rewards recall over reading (docs/experiments.md has what the split did)."""
     if rl_share is None:
         return train, train
     company_of = {q["golden_answers"][0]: q["subject"] for q in train if q["relation"] == "founder"}
