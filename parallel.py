@@ -137,13 +137,9 @@ def close(ctx):
 
 def check_config(cfg, ctx, runs):
     """The scale keys, checked at the edge with one clear line each."""
-    if cfg["sharding"] not in ("ddp", "fsdp"):
-        raise SystemExit(f"error: sharding must be ddp or fsdp, got {cfg['sharding']!r}")
     for key in ("batch_size", "mini_batch_size"):
         if cfg[key] % ctx.world:
             raise SystemExit(f"error: {key}={cfg[key]} must be a multiple of the number of processes ({ctx.world})")
-    if cfg["save_every"] < 1 or cfg["keep_last"] < 1:
-        raise SystemExit("error: save_every and keep_last must be at least 1")
     resume = cfg["resume"]
     if isinstance(resume, str):
         if not os.path.isdir(resume):
@@ -296,8 +292,8 @@ def save_checkpoint(path, models, state, ctx, keep_last):
         with _one_process_is_fine():  # every process writes its own shards as safetensors
             dcp.save(_as_files(tensors), checkpoint_id=tmp, storage_writer=HuggingFaceStorageWriter(tmp, save_distributed=True),
                      no_dist=ctx.world == 1)
-    cuda = torch.cuda.is_available()
-    rng = ctx.gather((random.getstate(), torch.get_rng_state(), torch.stack(torch.cuda.get_rng_state_all()) if cuda else None))
+    cuda = torch.stack(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None
+    rng = ctx.gather((random.getstate(), torch.get_rng_state(), cuda))
     if ctx.master:
         state = dict(state, world=ctx.world, python_rng=[r[0] for r in rng], saved=sorted(tensors), param_groups=groups,
                      schedulers={name: learner.scheduler.state_dict() for name, learner in models.items()})
