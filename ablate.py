@@ -58,7 +58,7 @@ def parse(argv):
     if own["quick"] not in (True, False):
         raise SystemExit(f"error: quick must be true or false, got {own['quick']!r}")
     if own["quick"]:
-        shared = [f"{k}={v}" for k, v in QUICK.items()] + shared
+        shared = [f"{k}={v}" for k, v in QUICK.items() if not any(a.startswith(f"{k}=") for a in shared)] + shared
     return own, shared
 
 
