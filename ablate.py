@@ -8,7 +8,7 @@ Each run is `python zerosearch.py` with the variant's overrides, `rl_seed` = the
 k-th seed, `threads=1`, in out_dir/ablate/runs/<variant>/seed<k>; the embedded build (warm-up policy
 and simulators) is made once in out_dir/build and linked into every run. `parallel` runs go at once.
 A finished run (results.json written) is not run again, an interrupted one resumes from its
-checkpoint. Writes out_dir/ablate/results.md, results.json and curves.png.
+checkpoint. The runs end with ablate.py, however it ends: the kernel sends each SIGTERM (it saves and stops). Writes out_dir/ablate/results.md, results.json and curves.png.
 """
 import ctypes
 import json
