@@ -84,7 +84,8 @@ def check_values(cfg):
             raise SystemExit(f"error: {key} is {len(value)} characters long; a text value holds at most 100000")
         text = key in TEXT_OR_NULL and value is not None or isinstance(defaults[key], str) and key not in CHOICES
         if text and not isinstance(value, str):
-            raise SystemExit(f"error: {key} must be text, got {value!r}: quote it, e.g. {key}='\"{value}\"' on the command line")
+            raise SystemExit(f"error: {key} is empty; set {key}=..., or leave it out for config.yaml's value" if value is None else
+                             f"error: {key} must be text, got {value!r}: quote it, e.g. {key}='\"{value}\"' on the command line")
     for key, default in defaults.items():
         value = cfg[key]
         if key == "eval_size" and value is None:  # all questions
