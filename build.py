@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM
 
 import sim
@@ -39,11 +40,11 @@ def prepare_embedded(cfg, cache_dir, log=print):
     retriever = sim.Retriever(w.docs)
     base = os.path.join(cache_dir, digest(cfg, WARMUP_KEYS))
     policy_dir, sim_dir = os.path.join(base, "warmup"), os.path.join(base, "simulator-" + digest(cfg, SIMULATOR_KEYS))
-    if os.path.isdir(policy_dir) and os.path.isdir(sim_dir):
+    if whole(policy_dir) and whole(sim_dir):
         log(f"embedded default: loading the world's tokenizer, warm-up policy and simulator from {base}")
         return w, retriever, sim_dir, policy_dir
     tok, trajectories, queries, rng = warmup_data(w, retriever, cfg)
-    if not os.path.isdir(policy_dir):  # 1. the policy: the warm-up (format, queries of the entity, a first reading)
+    if not whole(policy_dir):  # 1. the policy: the warm-up (format, queries of the entity, a first reading)
         policy = world.tiny_model(len(tok), cfg["tiny_hidden"], cfg["tiny_layers"], cfg["tiny_heads"], cfg["seed"])
         sim.sft(policy, trajectories, cfg["warmup_steps"], cfg["warmup_batch_size"], cfg["warmup_lr"], cfg["seed"],
                 "warm-up", tok.pad_token_id)
@@ -104,4 +105,14 @@ def save_atomically(model, tok, path):
     shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)  # one that whole() found damaged
     os.replace(tmp, path)
+
+
+def whole(path):
+    """Is `path` a saved tiny model whose weights read whole? One cut short (a full disk, a copy that
+    stopped) is built again, not loaded."""
+    try:
+        return bool(safe_open(os.path.join(path, "model.safetensors"), "pt"))  # its header must cover the whole file
+    except (OSError, SafetensorError):
+        return False

@@ -1,7 +1,10 @@
 """The config: config.yaml < presets/<preset>.yaml < --config FILE < key=value arguments, and the
 checks that give a bad value one clear line. A leaf: zerosearch.py, sim.py and bench.py read it."""
 import difflib
+import fcntl
+import math
 import os
+import string
 
 import yaml
 
@@ -17,8 +20,12 @@ CHOICES = {"algo": ("ppo", "grpo", "reinforce", "reinforce++"), "reward": ("f1",
            "mode": ("train", "eval", "ask"), "ask_engine": (None, "sim", "real", "retriever", "http")}
 AT_LEAST_ONE = ["steps", "batch_size", "n_samples", "mini_batch_size", "micro_batch_size", "ppo_epochs",
                 "topk", "doc_tokens", "max_turn_tokens", "max_response_tokens", "sim_max_tokens",
-                "eval_size", "threads", "sim_retries", "retriever_retries", "max_prompt_tokens"]
-AT_LEAST_ZERO = ["max_turns", "warmup_steps", "sim_sft_steps", "critic_warmup", "lr_warmup_steps"]
+                "eval_size", "threads", "sim_retries", "retriever_retries", "max_prompt_tokens", "save_every", "keep_last"]
+AT_LEAST_ZERO = ["sim_temperature", "max_turns", "warmup_steps", "sim_sft_steps", "critic_warmup", "lr_warmup_steps"]
+TEXT_OR_NULL = ["question", "policy_model", "sim_model", "corpus", "sim_served_model"]  # null by default, text when set
+TEMPLATES = {"prompt_template": ("question", {"question"}), "direct_template": ("question", {"question"}), **dict.fromkeys(
+    ["sim_template_finetuned", "sim_template_prompted", "sim_template_prompted_noisy"],  # the fields sim.sim_prompt fills in
+    ("query", {"k", "kind", "Kind", "question", "answer", "evidence", "query"}))}  # template: (the field it needs, those it may use)
 POSITIVE = ["temperature", "sim_timeout", "retriever_timeout", "dist_timeout", "actor_lr", "critic_lr"]  # > 0
 
 
@@ -34,6 +41,9 @@ def load_config(argv):
             args.append(a.split("=", 1))
         else:
             raise SystemExit(f"error: argument {a!r} is not key=value (e.g. steps=10) or --config FILE")
+    if len({k for k, _ in args}) < len(args):
+        raise SystemExit(f"error: {', '.join(sorted({k for k, _ in args if [a for a, _ in args].count(k) > 1}))} "
+                         "given more than once on the command line; give each key once")
     overrides = {k.lstrip("-"): parse_value(v) for k, v in args}
     preset = overrides.get("preset", cfg["preset"])
     if preset:
@@ -49,6 +59,8 @@ def load_config(argv):
 
 def read_yaml(path):
     """A YAML file that must hold a mapping of keys (or nothing); one clear line if it does not."""
+    if os.path.getsize(path) > 1_000_000:
+        raise SystemExit(f"error: {path} is {os.path.getsize(path)} bytes; a config file holds key: value lines (1 MB at most)")
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
@@ -65,6 +77,15 @@ def check_values(cfg):
     """Each value of the right kind, one clear line if not: a number where config.yaml has a number
     (1e3 is taken as 1000 where a whole number is due), a choice from CHOICES, counts of at least 1."""
     defaults = read_yaml(DEFAULTS)
+    for key, value in cfg.items():  # never printed whole: a YAML alias bomb is small until it is
+        if not isinstance(value, (str, int, float, bool, type(None))):
+            raise SystemExit(f"error: {key} must be one value, but YAML read a {type(value).__name__}: quote text with ': ' or '{{'")
+        if isinstance(value, str) and len(value) > 100_000:  # a prompt template, a path, a question: never megabytes
+            raise SystemExit(f"error: {key} is {len(value)} characters long; a text value holds at most 100000")
+        text = key in TEXT_OR_NULL and value is not None or isinstance(defaults[key], str) and key not in CHOICES
+        if text and not isinstance(value, str):
+            raise SystemExit(f"error: {key} is empty; set {key}=..., or leave it out for config.yaml's value" if value is None else
+                             f"error: {key} must be text, got {value!r}: quote it, e.g. {key}='\"{value}\"' on the command line")
     for key, default in defaults.items():
         value = cfg[key]
         if key == "eval_size" and value is None:  # all questions
@@ -74,7 +95,7 @@ def check_values(cfg):
         if type(default) is int and isinstance(value, float) and value.is_integer():
             cfg[key] = value = int(value)
         if type(default) in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                                or type(default) is int and not isinstance(value, int)):
+                                                or type(default) is int and not isinstance(value, int) or not math.isfinite(value)):
             whole = "whole " if type(default) is int else ""
             raise SystemExit(f"error: {key} must be a {whole}number, got {value!r}")
     for key, allowed in CHOICES.items():
@@ -93,7 +114,7 @@ def check_values(cfg):
     if cfg["mode"] == "train" and cfg["data"] == "world" and cfg["eval_data"] != "world":
         raise SystemExit("error: eval_data names files but data=world: set data= to a train file too, "
                          "or leave eval_data=world")
-    if not isinstance(cfg["out_dir"], str) or not cfg["out_dir"].strip():
+    if not cfg["out_dir"].strip():
         raise SystemExit("error: out_dir is empty; set out_dir=a folder to write the run to")
     if cfg["noise_prob"] is not None and not (isinstance(cfg["noise_prob"], (int, float)) and 0 <= cfg["noise_prob"] <= 1):
         raise SystemExit(f"error: noise_prob is a probability: null or between 0 and 1, got {cfg['noise_prob']!r}")
@@ -103,6 +124,19 @@ def check_values(cfg):
         raise SystemExit(f"error: rl_seed must be null (the same as seed) or a whole number, got {cfg['rl_seed']!r}")
     if not 0 <= cfg["p_start"] <= 1 or not 0 <= cfg["p_end"] <= 1:
         raise SystemExit("error: p_start and p_end are probabilities: each must be between 0 and 1")
+    if not 0 < cfg["top_p"] <= 1:
+        raise SystemExit(f"error: top_p must be greater than 0 and at most 1 (1: no nucleus cut), got {cfg['top_p']}")
+    if not 7 <= cfg["world_companies"] <= min(cfg["world_persons"], 1500) or cfg["world_persons"] > 6400:
+        raise SystemExit("error: the world needs 7 to 1500 companies (a test set holds out 15% of them), no more than "
+                         f"world_persons, and at most 6400 persons; got world_persons={cfg['world_persons']} "
+                         f"world_companies={cfg['world_companies']}")
+    for key, (needed, allowed) in TEMPLATES.items():
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(cfg[key]) if name is not None}
+        except ValueError as e:  # a lone { or }
+            raise SystemExit(f"error: {key} is not a template ({e}); write a brace that is text as {{{{ or }}}}")
+        if fields - allowed or needed not in fields:
+            raise SystemExit(f"error: {key} must hold {{{needed}}} and no field but {sorted(allowed)}; it has {sorted(fields)}")
     if cfg["curriculum_base"] <= 0 or cfg["curriculum_base"] == 1:
         raise SystemExit("error: curriculum_base (b in (b^(i/m) - 1)/(b - 1)) must be positive and not 1, "
                          f"got {cfg['curriculum_base']}")
@@ -156,3 +190,14 @@ def own_arguments(argv, defaults):
         else:
             config_args += [arg, next(it, "")] if arg == "--config" else [arg]
     return args, config_args
+
+
+def lock_folder(path):
+    """Hold path/.lock for as long as the returned file is open: a second run into the same folder stops
+    with one line. The OS lets go of the lock when this process ends, however it ends."""
+    lock = open(os.path.join(path, ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held: by another process, or a file system without locks
+        raise SystemExit(f"error: out_dir={path} is in use by another run (it holds .lock there); wait for it, or set another out_dir")
+    return lock

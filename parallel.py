@@ -21,15 +21,18 @@ is a collective that every process must call equally often, so the sampler runs 
 of the policy (fp32, as the shards), refreshed from them once per step (an all-gather of each weight in turn, made by every
 process alike) -- as veRL copies the trained weights into vLLM.
 
-Checkpoints: out_dir/checkpoints/<run>/step_000020/ holds the models and optimizers (written with
-torch.distributed.checkpoint: each process writes its own shards, so out_dir must be on a file system
-every node sees) and state.pt (step, schedulers, kl_coef, engine counters, each process's RNG states).
+Checkpoints: out_dir/checkpoints/<run>/step_000020/ holds the models and optimizers' tensors as
+safetensors (written with torch.distributed.checkpoint's Hugging Face storage: each process writes its
+own shards, so out_dir must be on a file system every node sees), each process's torch RNG state in
+rng.safetensors, and state.json (step, schedulers, kl_coef, engine counters, the optimizers' settings,
+each process's Python RNG state). Nothing in a checkpoint is a pickle, so loading one runs no code.
 It is written as step_000020.tmp and renamed once every process has written its part, so a folder
 without the .tmp suffix is always complete.
 """
 import contextlib
 import datetime
 import errno
+import json
 import os
 import random
 import re
@@ -40,10 +43,11 @@ import threading
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
@@ -133,13 +137,9 @@ def close(ctx):
 
 def check_config(cfg, ctx, runs):
     """The scale keys, checked at the edge with one clear line each."""
-    if cfg["sharding"] not in ("ddp", "fsdp"):
-        raise SystemExit(f"error: sharding must be ddp or fsdp, got {cfg['sharding']!r}")
     for key in ("batch_size", "mini_batch_size"):
         if cfg[key] % ctx.world:
             raise SystemExit(f"error: {key}={cfg[key]} must be a multiple of the number of processes ({ctx.world})")
-    if cfg["save_every"] < 1 or cfg["keep_last"] < 1:
-        raise SystemExit("error: save_every and keep_last must be at least 1")
     resume = cfg["resume"]
     if isinstance(resume, str):
         if not os.path.isdir(resume):
@@ -235,14 +235,27 @@ def start_over(run_dir, ctx):
 
 
 def _states(models, with_optimizer):
-    """{name: model state, name/optimizer: optimizer state if with_optimizer(name, optimizer)}, in the
-    form torch.distributed.checkpoint saves and loads for plain, DDP and FSDP models alike."""
-    states = {}
+    """({name: model state, name/optimizer: optimizer state if with_optimizer(name, optimizer)}, in the
+    form torch.distributed.checkpoint saves and loads for plain, DDP and FSDP models alike, with the
+    optimizers' tensors only; {name/optimizer: its param_groups}: plain values, kept in state.json)."""
+    states, groups = {}, {}
     for name, learner in models.items():
         states[name] = get_model_state_dict(learner.model)
         if with_optimizer(name, learner.optimizer):
             states[f"{name}/optimizer"] = get_optimizer_state_dict(learner.model, learner.optimizer)
-    return states
+            groups[f"{name}/optimizer"] = states[f"{name}/optimizer"].pop("param_groups")
+    return states, groups
+
+
+def _as_files(states):
+    """`states` as safetensors files hold them: a tied weight (the output layer that is the input
+    embedding) under its first name only, since safetensors stores a tensor once; loading it fills both."""
+    def untied(state):
+        first = {}
+        for name, t in state.items():  # an empty shard has no address: keep it under its own name
+            first.setdefault((t.to_local() if isinstance(t, DTensor) else t).data_ptr() or name, name)
+        return {name: state[name] for name in first.values()}
+    return {key: state if key.endswith("/optimizer") else untied(state) for key, state in states.items()}
 
 
 @contextlib.contextmanager
@@ -255,10 +268,11 @@ def _one_process_is_fine():
 
 
 def save_checkpoint(path, models, state, ctx, keep_last):
-    """Write `models` ({name: ppo.Learner, with .model, .optimizer, .scheduler}) and `state` (a dict) to the folder `path`,
-    atomically: everything goes to path.tmp, renamed to path once every process has written its part.
-    Then all but the newest keep_last checkpoints of the run are removed. Non-finite weights are never
-    saved: the job stops with one line and the last checkpoint stays the last good one."""
+    """Write `models` ({name: ppo.Learner, with .model, .optimizer, .scheduler}) and `state` (a dict of
+    plain values) to the folder `path`, atomically: everything goes to path.tmp, renamed to path once
+    every process has written its part. Then all but the newest keep_last checkpoints of the run are
+    removed. Non-finite weights are never saved: the job stops with one line and the last checkpoint
+    stays the last good one."""
     finite = all(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()
                  for learner in models.values() for p in learner.model.parameters())
     if ctx.any(not finite):
@@ -273,19 +287,23 @@ def save_checkpoint(path, models, state, ctx, keep_last):
     ctx.barrier()
     # an optimizer that has not stepped yet (the actor during the critic warm-up) is left out: asking
     # for its state would make it take a zero step, which changes Adam's bias correction
-    tensors = _states(models, with_optimizer=lambda name, opt: bool(opt.state))
+    tensors, groups = _states(models, with_optimizer=lambda name, opt: bool(opt.state))
     with no_space_is_one_line(path, run_dir):
-        with _one_process_is_fine():
-            dcp.save(tensors, checkpoint_id=tmp, no_dist=ctx.world == 1)
-    rng = ctx.gather({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
+        with _one_process_is_fine():  # every process writes its own shards as safetensors
+            dcp.save(_as_files(tensors), checkpoint_id=tmp, storage_writer=HuggingFaceStorageWriter(tmp, save_distributed=True),
+                     no_dist=ctx.world == 1)
+    cuda = torch.stack(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None
+    rng = ctx.gather((random.getstate(), torch.get_rng_state(), cuda))
     if ctx.master:
-        state = dict(state, world=ctx.world, rng=rng, saved=sorted(tensors),
+        state = dict(state, world=ctx.world, python_rng=[r[0] for r in rng], saved=sorted(tensors), param_groups=groups,
                      schedulers={name: learner.scheduler.state_dict() for name, learner in models.items()})
-        with no_space_is_one_line(path, run_dir), open(os.path.join(tmp, "state.pt"), "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        rng_tensors = {f"{kind}.{rank}": t for rank, r in enumerate(rng) for kind, t in zip(("torch", "cuda"), r[1:]) if t is not None}
+        with no_space_is_one_line(path, run_dir):
+            save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                json.dump(state, f)
+                f.flush()
+                os.fsync(f.fileno())
         if os.path.exists(path):
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -313,32 +331,37 @@ def no_space_is_one_line(path, run_dir):
 
 
 def load_checkpoint(path, models, ctx):
-    """Load what save_checkpoint wrote into `models` (in place) -> the saved state dict. The RNG states
-    are restored when the checkpoint was written by as many processes. A checkpoint that cannot be read
-    stops the job with one line."""
+    """Load what save_checkpoint wrote into `models` (in place) -> the saved state dict. Only JSON and
+    safetensors are read, so a checkpoint, whoever wrote it, runs no code (a pickle could). The RNG
+    states are restored when the checkpoint was written by as many processes. A checkpoint that cannot
+    be read stops the job with one line."""
     try:
-        state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
-        dcp.FileSystemReader(path).read_metadata()  # fails plainly, where dcp.load would first log tracebacks
-        tensors = _states(models, with_optimizer=lambda name, opt: f"{name}/optimizer" in state["saved"])
+        with open(os.path.join(path, "state.json")) as f:
+            state = json.load(f)
+        reader = HuggingFaceStorageReader(path)
+        reader.read_metadata()  # fails plainly, where dcp.load would first log tracebacks
+        tensors, _ = _states(models, with_optimizer=lambda name, opt: f"{name}/optimizer" in state["saved"])
         with _one_process_is_fine():
-            dcp.load(tensors, checkpoint_id=path, no_dist=ctx.world == 1)
+            dcp.load(_as_files(tensors), checkpoint_id=path, storage_reader=reader, no_dist=ctx.world == 1)
         for name, learner in models.items():
             set_model_state_dict(learner.model, tensors[name])
             if f"{name}/optimizer" in tensors:
-                set_optimizer_state_dict(learner.model, learner.optimizer, tensors[f"{name}/optimizer"])
+                optimizer_state = dict(tensors[f"{name}/optimizer"], param_groups=state["param_groups"][f"{name}/optimizer"])
+                set_optimizer_state_dict(learner.model, learner.optimizer, optimizer_state)
             learner.scheduler.load_state_dict(state["schedulers"][name])
+        rng = load_file(os.path.join(path, "rng.safetensors"))
     except (Exception, CheckpointException) as e:  # any failure to read it is the same news to the user
         if isinstance(e, CheckpointException):  # it wraps each process's own exception
             e = next(iter(e.failures.values()))[0]
         first = (str(e).strip().splitlines() or [""])[0]
-        raise SystemExit(f"error: cannot load checkpoint {path}: {type(e).__name__}: {first}") from None
+        raise SystemExit(f"error: cannot load checkpoint {path}: {type(e).__name__}: {first} "
+                         "(a checkpoint is read from its state.json and safetensors files alone)") from None
     if state["world"] == ctx.world:
-        rng = state["rng"][ctx.rank]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        version, internal, gauss = state["python_rng"][ctx.rank]
+        random.setstate((version, tuple(internal), gauss))
+        torch.set_rng_state(rng[f"torch.{ctx.rank}"])
+        if f"cuda.{ctx.rank}" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(list(rng[f"cuda.{ctx.rank}"]))
     else:
         ctx.print0(f"note: {path} was written by {state['world']} processes, this run has {ctx.world}: "
                    "weights and optimizers are resharded, the RNG states are not restored")

@@ -551,7 +551,12 @@ class HttpEngine:
             prompts = [as_chat(self.tok, p) for p in prompts]
         # the API takes one seed a request: with a seed per request, each chunk sends its first one
         seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
-        return read_documents(self.tok, self.complete_all(prompts, seeds), kinds, self.cfg, self.stats)
+        texts = self.complete_all(prompts, seeds)
+        if 2 * sum(not text for text in texts) > len(texts):  # the server is not serving a simulator: never train on it
+            cause = "choices without `text`" if None in texts else "empty completions"
+            raise SystemExit(f"error: search_backend=http: {self.url} sent {cause} for {sum(not t for t in texts)} of "
+                             f"{len(texts)} prompts; check that sim_served_model is a simulator the server completes text with")
+        return read_documents(self.tok, [text or "" for text in texts], kinds, self.cfg, self.stats)
 
     def complete_all(self, prompts, seeds):
         """The texts of all prompts, in order: HTTP_CHUNK a request, or one a request."""
@@ -571,7 +576,7 @@ class HttpEngine:
     def complete(self, prompts, seed: int):
         """One request for a list of prompts (or, with batching single, the one prompt as a string) ->
         their texts (choices ordered by `index`, or in list order when no choice has one; a choice that
-        is missing gives "")."""
+        is missing gives "", one without a `text` string None)."""
         prompt = prompts[0] if self.batching == "single" else prompts
         body = {"model": self.served_model, "prompt": prompt, "max_tokens": self.cfg["sim_max_tokens"],
                 "temperature": self.cfg["sim_temperature"], "top_p": 1.0, "seed": seed}
@@ -586,7 +591,7 @@ class HttpEngine:
             texts = [""] * len(prompts)
             for choice in choices:
                 if choice.get("index") in range(len(prompts)):
-                    texts[choice["index"]] = choice.get("text") or ""
+                    texts[choice["index"]] = choice["text"] if isinstance(choice.get("text"), str) else None
             return texts
         return post_json(self.url, body, self.cfg["sim_timeout"], self.cfg["sim_retries"], texts, "search_backend=http",
                          f"check sim_served_model (sent {self.served_model!r})", "check sim_url and that the server is up")
@@ -616,19 +621,22 @@ def post_json(url, body, timeout, attempts, read, what, refused_hint, down_hint)
 
 
 def truncate(tok, text, n_tokens):
-    ids = tok.encode(text, add_special_tokens=False)  # a document is mid-sequence text: no BOS
-    return text if len(ids) <= n_tokens else tok.decode(ids[:n_tokens])
+    """`text` cut to n_tokens tokens; only its first 64 characters a token are tokenized (a token is
+    rarely longer), so a document of megabytes costs no more than a short one."""
+    ids = tok.encode(text[:64 * n_tokens], add_special_tokens=False)  # a document is mid-sequence text: no BOS
+    return text if len(ids) <= n_tokens and len(text) <= 64 * n_tokens else tok.decode(ids[:n_tokens])
 
 
 class RealEngine:
-    """The real search engine: BM25 over a local corpus, in the same `Doc i:` form."""
+    """The real search engine: BM25 over a local corpus, in the same `Doc i:` form, each document cut to
+    doc_tokens of `tok` (the policy's tokenizer; without one, as bench.py times the search alone, whole)."""
 
-    def __init__(self, retriever, cfg):
-        self.retriever, self.k = retriever, cfg["topk"]
-        self.stats = {}
+    def __init__(self, retriever, cfg, tok=None):
+        self.retriever, self.cfg, self.tok, self.stats = retriever, cfg, tok, {}
 
     def search(self, requests, noise_prob=0.0, seed=0):
-        return [self.retriever.search(r["query"], self.k) for r in requests]
+        return [[truncate(self.tok, d, self.cfg["doc_tokens"]) if self.tok else d
+                 for d in self.retriever.search(r["query"], self.cfg["topk"])] for r in requests]
 
 
 RETRIEVER_CHUNK = 512  # queries per request

@@ -326,8 +326,10 @@ def resume_or_start_over(run_dir, metrics_path, models, engine, cfg, ctx):
     else:
         parallel.start_over(run_dir, ctx)
     if ctx.master:
-        name = os.path.basename(run_dir)
-        rows = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
+        name, lines = os.path.basename(run_dir), open(metrics_path).readlines() if os.path.exists(metrics_path) else []
+        if lines and not lines[-1].endswith("\n"):  # a row is written with its newline at once: a kill cut this one short
+            print(f"note: {metrics_path}: its last line was cut off by an interrupted write; it is dropped")
+        rows = [json.loads(line) for line in lines if line.endswith("\n")]
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows if r.get("run") != name or r["step"] < start)
     return start, kl_coef
@@ -446,8 +448,9 @@ def setup(cfg, ctx):
     eval_sets = {}
     for item in str(cfg["eval_data"]).split(","):
         name, _, path = item.partition("=")
-        if not path:
-            raise SystemExit(f"error: eval_data item {item!r} must be name=path (e.g. nq=data/nq_test.jsonl)")
+        if not path or name in eval_sets:
+            raise SystemExit(f"error: eval_data item {item!r} must be name=path (e.g. nq=data/nq_test.jsonl), "
+                             "a name no other set has")
         eval_sets[name] = fitting(world.load_questions(path), tok, cfg, path, ctx)[:cfg["eval_size"]]
     train_qs = fitting(world.load_questions(cfg["data"]), tok, cfg, cfg["data"], ctx) if cfg["data"] != "world" else []
     in_process = "real" in (cfg["eval_backend"], cfg["search_backend"])  # else both engines are served: no corpus here
@@ -483,6 +486,10 @@ def check_model(key, name):
         if "config.json" not in files or not any(f.endswith((".safetensors", ".bin")) for f in files):
             raise SystemExit(f"error: {key}={name}: the folder needs config.json and the weights "
                              "(*.safetensors or *.bin), as save_pretrained writes them")
+        if not {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"} & set(files):
+            raise SystemExit(f"error: {key}={name}: no tokenizer in the folder; save it there with tokenizer.save_pretrained")
+        if "auto_map" in open(os.path.join(name, "config.json"), encoding="utf-8", errors="replace").read():
+            raise SystemExit(f"error: {key}={name} needs its own code (auto_map in config.json), which zerosearch never runs")
         return
     if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise SystemExit(f"error: {key}={name}: no such model folder here")
@@ -495,9 +502,9 @@ def check_model(key, name):
 
 def make_engine(backend, cfg, retriever, sim_path, ctx, knowledge=None, tok=None):
     """The search engine of `backend`; `knowledge(query)` (embedded world) feeds the simulator's prompt;
-    `tok`, the policy's tokenizer, cuts a served retriever's documents to doc_tokens."""
+    `tok`, the policy's tokenizer, cuts a real engine's documents to doc_tokens."""
     if backend == "real":
-        return sim.RealEngine(retriever, cfg)
+        return sim.RealEngine(retriever, cfg, tok)
     if backend == "retriever":
         engine = sim.RetrieverEngine(cfg, tok)
         engine.search([{"query": "test"}])  # the server answers now, not at the first search
@@ -512,12 +519,10 @@ def make_engine(backend, cfg, retriever, sim_path, ctx, knowledge=None, tok=None
         engine = sim.HttpEngine(cfg, world.load_tokenizer(sim_path), cfg["sim_served_model"] or sim_path, knowledge)
         engine.complete_all(["Query : test"], [0])  # the server answers now, not at the first RL search
         return engine
-    if backend == "sim":
-        if not sim_path:
-            raise SystemExit("error: search_backend=sim needs sim_model (a fine-tuned simulator's name or path)")
-        model = AutoModelForCausalLM.from_pretrained(sim_path).to(ctx.device)
-        return sim.SimEngine(model, world.load_tokenizer(sim_path), cfg, knowledge)
-    raise SystemExit(f"error: search_backend must be sim, real, http or retriever, got {backend!r}")
+    if not sim_path:  # backend sim, the last of config.CHOICES
+        raise SystemExit("error: search_backend=sim needs sim_model (a fine-tuned simulator's name or path)")
+    model = AutoModelForCausalLM.from_pretrained(sim_path).to(ctx.device)
+    return sim.SimEngine(model, world.load_tokenizer(sim_path), cfg, knowledge)
 
 
 def results_table(results, sets, strict=False):
@@ -548,12 +553,22 @@ def main(argv):
         if cfg[key]:
             check_model(key, cfg[key])
     config.check_folder(cfg["out_dir"], "out_dir")
+    lock = config.lock_folder(cfg["out_dir"]) if ctx.master else None  # noqa: F841 (held until main returns)
+    if cfg["topk"] * cfg["doc_tokens"] > cfg["max_response_tokens"]:  # one search's documents must fit the response
+        raise SystemExit(f"error: topk={cfg['topk']} documents of doc_tokens={cfg['doc_tokens']} tokens do not fit in "
+                         f"max_response_tokens={cfg['max_response_tokens']}; lower topk or doc_tokens, or raise max_response_tokens")
     if ctx.master:
         with open(os.path.join(cfg["out_dir"], "config.yaml"), "w") as f:
             yaml.safe_dump(cfg, f, sort_keys=False)
     random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
     tok, train_qs, eval_sets, retriever, sim_path, policy_path, knowledge = setup(cfg, ctx)
+    if retriever and cfg["topk"] > len(retriever.docs):
+        raise SystemExit(f"error: topk={cfg['topk']} is more than the corpus holds: set topk={len(retriever.docs)} or less")
+    is_policy = cfg["sim_model"] and os.path.realpath(cfg["sim_model"]) == os.path.realpath(policy_path)
+    if is_policy and uses_simulator(cfg) and cfg["sim_style"] == "finetuned":  # the paper's untrained simulator is prompted
+        raise SystemExit(f"error: sim_model={cfg['sim_model']} is the policy itself, not a simulator fine-tuned to write "
+                         "documents; set sim_model= to one, or sim_style=prompted to prompt it as an untrained simulator")
     torch.manual_seed(rl_seed(cfg))  # the critic's new head: the same whether the build was made now or loaded
     # evaluation (and the baseline) always searches a real engine, as the paper: BM25 here or a served retriever
     real = make_engine(cfg["eval_backend"], cfg, retriever, None, ctx, tok=tok)
@@ -622,6 +637,8 @@ def ask(policy, tok, engine, cfg, known):
     simulator wrote them), the answer. A question of the embedded world's sets keeps its gold answer,
     which the simulator's prompt shows it; any other gets none."""
     golds = {q["question"]: q for questions in known.values() for q in questions}
+    if not cfg["question"]:
+        print("question= is not set: reading questions from standard input, one a line (Ctrl-D ends)", file=sys.stderr)
     lines = [cfg["question"]] if cfg["question"] else (line.strip() for line in sys.stdin)
     simulated = isinstance(engine, (sim.SimEngine, sim.HttpEngine))
     noise = cfg["noise_prob"] or 0.0

@@ -4,6 +4,9 @@ build, the table's mean ± sd recomputed from the runs' own results files, resum
 import json
 import os
 import statistics
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ import config
 import sim
 import zerosearch as zs
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 SMOKE = ["preset=smoke", "baseline=false", "eval_size=4"]
 
 
@@ -30,6 +34,48 @@ def test_variants_parse_into_overrides_of_the_base_config():
         ablate.parse(["variants=default,nope"])
     with pytest.raises(SystemExit, match="unknown config key"):
         ablate.plan(*ablate.parse(["variants=default", "stepz=3"]))
+
+
+def test_a_key_that_ablate_also_sets_reaches_each_run_once_the_last_value_winning(tmp_path):
+    base, runs = ablate.plan(*ablate.parse(["quick=true", "steps=40", "variants=default", "seeds=1", f"out_dir={tmp_path}"]))
+    args = runs[0][2]
+    assert sorted(a.split("=")[0] for a in args) == sorted({a.split("=")[0] for a in args})  # zerosearch.py takes each key once
+    cfg = config.load_config(args)
+    assert cfg["steps"] == 40 and cfg["eval_size"] == ablate.QUICK["eval_size"] and cfg["out_dir"] == runs[0][3] != base["out_dir"]
+
+
+def test_a_second_ablate_in_the_same_out_dir_is_one_line(tmp_path):
+    lock = config.lock_folder(str(tmp_path))
+    with pytest.raises(SystemExit, match=r"^error: out_dir=.* is in use by another run"):
+        ablate.main(["variants=default", "seeds=1", f"out_dir={tmp_path}"])
+    lock.close()
+    assert not (tmp_path / "build").exists()
+
+
+def test_killing_ablate_with_sigkill_ends_its_runs(tmp_path):
+    """A run stands in for zerosearch.py: it writes its pid and sleeps; ablate.py is then killed with SIGKILL."""
+    (tmp_path / "zerosearch.py").write_text("import os, time\nopen('pid', 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
+    script = (f"import sys; sys.path.insert(0, {HERE!r}); import ablate; ablate.HERE = {str(tmp_path)!r}; "
+              f"ablate.run_all([('default', 0, [], {str(tmp_path)!r})], 1)")
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.DEVNULL)
+    start = time.time()
+    while not (tmp_path / "pid").exists() or not (tmp_path / "pid").read_text():
+        assert time.time() - start < 60 and parent.poll() is None, "the run never started"
+        time.sleep(0.05)
+    child = int((tmp_path / "pid").read_text())
+    parent.kill()
+    parent.wait()
+    while alive(child):
+        assert time.time() - start < 60, "the run outlived ablate.py"
+        time.sleep(0.05)
+
+
+def alive(pid):
+    """Is `pid` running (not gone, nor a zombie that nobody has reaped yet)?"""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_a_two_variant_two_seed_grid_shares_one_build_and_resume_skips_finished_runs(tmp_path, capsys):

@@ -6,6 +6,7 @@ The oracles are runs of zerosearch.py itself under other conditions (one process
 compared row by row; timing fields are left out. Every run shares one embedded world, built once."""
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -234,12 +235,40 @@ def test_resume_picks_the_newest_complete_checkpoint_or_the_named_one_for_its_ow
 def test_a_checkpoint_that_cannot_be_read_stops_with_one_line(tmp_path):
     ctx = parallel.Ctx()
     parallel.save_checkpoint(str(tmp_path / "step_000002"), tiny_models(), {"step": 2}, ctx, keep_last=2)
-    (tmp_path / "step_000002" / ".metadata").write_bytes(b"not a checkpoint")
+    shard = next((tmp_path / "step_000002").glob("shard-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:100])  # cut short, as a copy that ran out of space
     with pytest.raises(SystemExit) as e:
         parallel.load_checkpoint(str(tmp_path / "step_000002"), tiny_models(), ctx)
     assert str(e.value).startswith("error: cannot load checkpoint") and "\n" not in str(e.value)
     with pytest.raises(SystemExit, match="no such checkpoint folder"):
         parallel.check_config(config.load_config([f"resume={tmp_path / 'nope'}"]), ctx, ("zerosearch",))
+
+
+class MakesAFile:
+    """Pickled, a call that creates `path` when unpickled: what a shared checkpoint could hold."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def test_a_checkpoint_holding_a_pickled_call_is_loaded_without_running_it(tmp_path):
+    ctx, marker = parallel.Ctx(), tmp_path / "code_ran"
+    crafted, real = tmp_path / "crafted" / "step_000002", tmp_path / "real" / "step_000002"
+    crafted.mkdir(parents=True)
+    parallel.save_checkpoint(str(real), tiny_models(), {"step": 2}, ctx, keep_last=2)
+    for folder in (crafted, real):  # the old format's files, and torch.distributed.checkpoint's pickled metadata
+        torch.save({"step": 2, "payload": MakesAFile(marker)}, folder / "state.pt")
+        (folder / ".metadata").write_bytes(pickle.dumps(MakesAFile(marker)))
+    with pytest.raises(SystemExit) as e:
+        parallel.load_checkpoint(str(crafted), tiny_models(), ctx)
+    assert str(e.value).startswith(f"error: cannot load checkpoint {crafted}") and "\n" not in str(e.value)
+    assert parallel.load_checkpoint(str(real), tiny_models(), ctx)["step"] == 2  # its own files only
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(MakesAFile(marker)))  # the oracle: unpickled, the payload does make the file
+    assert marker.exists()
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(build, tmp_path, monkeypatch):
@@ -259,7 +288,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(build, 
     assert str(e.value).startswith("error: NaN in actor loss at step 2") and "\n" not in str(e.value)
     run_dir = tmp_path / "checkpoints" / "zerosearch"
     assert os.listdir(run_dir) == ["step_000002"]  # the good one, and nothing written after the NaN
-    assert torch.load(run_dir / "step_000002" / "state.pt", weights_only=False)["step"] == 2
+    assert json.load(open(run_dir / "step_000002" / "state.json"))["step"] == 2
 
 
 # ----------------------------------------------------------------------------- a failed process

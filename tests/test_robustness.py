@@ -2,6 +2,7 @@
 counted skip, or the stated recovery; never a hang, a traceback, a broken cache or a lost checkpoint.
 docs/robustness.md lists the cases and what each gets."""
 import errno
+import io
 import json
 import os
 import random
@@ -53,6 +54,50 @@ def test_a_bad_config_value_is_one_line(arg, match):
     one_line_error(config.load_config, [arg], match=match)
 
 
+@pytest.mark.parametrize("args, match", [
+    (["prompt_template=Question: {question}"], "YAML read a dict: quote text with ': '"),
+    (["prompt_template=Q {foo} {question}"], "it has ['foo', 'question']"),
+    (["direct_template=Answer now ."], "direct_template must hold {question}"),
+    (["sim_template_finetuned=Doc {k}"], "sim_template_finetuned must hold {query}"),
+    (["prompt_template=Q {question"], "prompt_template is not a template"),
+    (["question=1984"], "question must be text, got 1984: quote it"),
+    (["prompt_template=" + "x" * 100_001], "prompt_template is 100001 characters long"),
+    (["top_p=-1"], "top_p must be greater than 0 and at most 1"), (["top_p=1.5"], "top_p must be"),
+    (["temperature=inf"], "temperature must be a number, got inf"), (["sim_temperature=-1"], "sim_temperature must be 0 or more"),
+    (["steps=3", "seed=1", "steps=4"], "steps given more than once on the command line"),
+    (["keep_last=0"], "keep_last must be at least 1")])
+def test_text_templates_ranges_and_repeated_keys_are_one_line(args, match):
+    one_line_error(config.load_config, args, match=match)
+
+
+def test_a_quoted_template_is_read_as_text():
+    cfg = config.load_config(['prompt_template="Question: {question}"'])
+    assert cfg["prompt_template"] == "Question: {question}"
+
+
+def test_a_world_too_small_for_its_test_sets_is_refused_and_the_smallest_allowed_has_them():
+    assert world.build_world(0, 5, 2).test == []  # the case: no question to evaluate on
+    one_line_error(config.load_config, ["world_persons=5", "world_companies=2"], match="the world needs 7 to 1500 companies")
+    one_line_error(config.load_config, ["world_persons=7000"], match="at most 6400 persons")
+    config.load_config(["world_persons=7", "world_companies=7"])
+    for seed in range(5):
+        w = world.build_world(seed, 7, 7)
+        assert {q["hops"] for q in w.test} == {1, 2} and w.train
+
+
+def test_a_yaml_alias_bomb_and_a_50_mb_value_are_refused_at_once(tmp_path):
+    keys = ["question", "prompt_template", "direct_template", "invalid_action", "sim_template_finetuned",
+            "sim_template_prompted", "sim_template_prompted_noisy", "corpus", "data"]
+    lines = ['question: &k0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"{key}: &k{i} [" + ", ".join([f"*k{i - 1}"] * 9) + "]" for i, key in enumerate(keys[1:], 1)]  # 9^9 leaves
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\n")
+    (tmp_path / "big.yaml").write_text('prompt_template: "' + "x" * 50_000_000 + '"\n')
+    start = time.time()
+    one_line_error(config.load_config, ["--config", str(tmp_path / "bomb.yaml")], match="question must be one value")
+    one_line_error(config.load_config, ["--config", str(tmp_path / "big.yaml")], match="(1 MB at most)")
+    assert time.time() - start < 5
+
+
 def test_bad_config_files_are_one_line(tmp_path):
     (tmp_path / "broken.yaml").write_text("steps: [1, 2\n")
     (tmp_path / "list.yaml").write_text("- steps\n- 3\n")
@@ -81,6 +126,32 @@ def test_help_prints_how_to_run_and_every_config_key():
     assert "python zerosearch.py preset=smoke" in out
     for key in config.load_config([]):
         assert f"\n{key}:" in out
+
+
+def test_a_second_run_in_the_same_out_dir_is_one_line_and_the_lock_ends_with_its_process(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {HERE!r}); import config; "
+                               f"lock = config.lock_folder({str(tmp_path)!r}); print('locked', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    second = subprocess.run([sys.executable, os.path.join(HERE, "zerosearch.py"), "preset=smoke", "threads=1",
+                             f"out_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert second.returncode == 1 and second.stderr.strip().splitlines() == [
+        f"error: out_dir={tmp_path} is in use by another run (it holds .lock there); wait for it, or set another out_dir"]
+    assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "build").exists()  # it wrote nothing
+    holder.kill()  # as kill -9: the OS lets go of the lock with the process
+    holder.wait()
+    config.lock_folder(str(tmp_path)).close()
+
+
+def test_resume_drops_a_metrics_line_cut_off_by_a_kill(tmp_path, capsys):
+    rows = [{"run": "search_r1", "step": 0, "reward": 0.5}, {"run": "search_r1", "step": 1, "reward": 0.25}]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows) + json.dumps({"run": "zerosearch", "step": 0})[:17])
+    cfg = config.load_config(["resume=true"])
+    assert zs.resume_or_start_over(str(tmp_path / "checkpoints" / "zerosearch"), str(metrics), {}, None, cfg,
+                                   parallel.Ctx()) == (0, cfg["kl_coef"])
+    assert [json.loads(line) for line in open(metrics)] == rows
+    assert capsys.readouterr().out.count("its last line was cut off by an interrupted write; it is dropped") == 1
 
 
 def test_device_cuda_without_cuda_is_one_line():
@@ -121,7 +192,72 @@ def test_a_model_that_cannot_load_is_one_line_before_the_build(tmp_path):
     one_line_error(zs.check_model, "sim_model", str(tmp_path / "empty"), match="needs config.json and the weights")
     model = world.tiny_model(16, 8, 1, 2, seed=0)
     model.save_pretrained(tmp_path / "good")
+    one_line_error(zs.check_model, "policy_model", str(tmp_path / "good"), match="no tokenizer in the folder")
+    world.build_tokenizer(["alpha beta"]).save_pretrained(tmp_path / "good")
     zs.check_model("policy_model", str(tmp_path / "good"))
+    model.config.auto_map = {"AutoModelForCausalLM": "modeling_mine.MyModel"}  # what a model with its own code declares
+    model.save_pretrained(tmp_path / "custom")
+    world.build_tokenizer(["alpha beta"]).save_pretrained(tmp_path / "custom")
+    one_line_error(zs.check_model, "policy_model", str(tmp_path / "custom"), match="needs its own code (auto_map")
+
+
+def test_a_corpus_without_a_word_is_one_line(tmp_path):
+    (tmp_path / "corpus.jsonl").write_text('{"contents": ""}\n{"contents": " . , "}\n')
+    one_line_error(world.load_corpus, str(tmp_path / "corpus.jsonl"), match="no documents in the corpus hold a word")
+
+
+def test_the_real_engine_cuts_a_huge_document_to_doc_tokens_at_once(tok):
+    cfg = config.load_config(["doc_tokens=5"])
+    huge = "alpha beta " * 100_000 + "gamma"  # 1.1 MB on one corpus line
+    engine = zs.make_engine("real", cfg, sim.Retriever([huge, "one two"]), None, parallel.Ctx(), tok=tok)
+    start = time.time()
+    docs = engine.search([{"query": "gamma"}, {"query": "two"}])
+    assert time.time() - start < 2 and docs == [["alpha beta alpha beta alpha"], ["one two"]]
+    assert len(tok.encode(docs[0][0], add_special_tokens=False)) == 5 and huge.startswith(docs[0][0])
+
+
+@pytest.mark.parametrize("args, match", [(["topk=100000"], "topk=100000 documents of doc_tokens=40 tokens do not fit in max_response_tokens=400"),
+                                         (["topk=4"], "topk=4 is more than the corpus holds: set topk=3 or less")])
+def test_topk_beyond_the_response_or_the_corpus_is_one_line_before_any_work(tmp_path, args, match):
+    (tmp_path / "q.jsonl").write_text(json.dumps({"question": "alpha ?", "golden_answers": ["beta"]}) + "\n")
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"contents": t}) + "\n" for t in ["alpha", "beta", "one"]))
+    world.tiny_model(16, 8, 1, 2, seed=0).save_pretrained(tmp_path / "policy")
+    world.build_tokenizer(["alpha beta one"]).save_pretrained(tmp_path / "policy")
+    data = [f"data={tmp_path / 'q.jsonl'}", f"eval_data=q={tmp_path / 'q.jsonl'}", f"corpus={tmp_path / 'corpus.jsonl'}"]
+    one_line_error(zs.main, data + [f"policy_model={tmp_path / 'policy'}", "search_backend=real", "threads=1",
+                                    f"out_dir={tmp_path / 'out'}", *args], match=match)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_an_eval_set_named_twice_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "q.jsonl").write_text(json.dumps({"question": "q", "golden_answers": ["a"]}) + "\n")
+    monkeypatch.setattr(world, "load_tokenizer", lambda name: world.build_tokenizer(["q"]))
+    cfg = config.load_config([f"data={tmp_path / 'q.jsonl'}", f"eval_data=a={tmp_path / 'q.jsonl'},a={tmp_path / 'q.jsonl'}",
+                              "policy_model=org/policy", "eval_backend=retriever"])
+    one_line_error(zs.setup, cfg, parallel.Ctx(), match="a name no other set has")
+
+
+def test_a_simulator_that_is_the_policy_is_one_line_before_any_training(tmp_path, monkeypatch):
+    world.tiny_model(16, 8, 1, 2, seed=0).save_pretrained(tmp_path / "policy")
+    world.build_tokenizer(["alpha beta"]).save_pretrained(tmp_path / "policy")
+    monkeypatch.setattr(zs.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
+    one_line_error(zs.main, [f"policy_model={tmp_path / 'policy'}", f"sim_model={tmp_path / 'policy'}/", "world_persons=300",
+                             "world_companies=90", "threads=1", f"out_dir={tmp_path / 'out'}"], match="is the policy itself")
+
+
+@pytest.mark.parametrize("choice, cause", [({"text": ""}, "empty completions"), ({}, "choices without `text`")])
+def test_an_http_simulator_whose_completions_are_mostly_empty_stops_the_run(monkeypatch, choice, cause):
+    reply = {"choices": [dict(choice, index=i) for i in range(3)] + [{"index": 3, "text": "Doc 1: a"}]}
+    monkeypatch.setattr(sim, "post_json", lambda url, body, timeout, attempts, read, *hints: read(reply))
+    engine = sim.HttpEngine(config.load_config(["search_backend=http"]), world.build_tokenizer(["a"]), "sim")
+    requests = [{"query": "q", "question": "q", "golden_answers": ["a"]}] * 4
+    one_line_error(engine.search, requests, 0.0, [0, 1, 2, 3], match=f"sent {cause} for 3 of 4 prompts")
+
+
+def test_ask_without_a_question_says_that_it_reads_standard_input(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    zs.ask(None, None, None, config.load_config(["mode=ask", 'question=""']), {})
+    assert "reading questions from standard input, one a line (Ctrl-D ends)" in capsys.readouterr().err
 
 
 def test_real_models_on_the_world_build_no_tiny_model(monkeypatch):
@@ -175,7 +311,7 @@ def test_a_full_disk_during_a_save_names_the_intact_checkpoint(tmp_path, monkeyp
     assert str(run_dir / "step_000002") in message and sorted(os.listdir(run_dir)) == ["step_000002"]
 
 
-def test_a_build_killed_half_way_is_built_again(tmp_path, monkeypatch):
+def test_a_build_killed_half_way_or_cut_short_is_built_again(tmp_path, monkeypatch):
     cfg = config.load_config(["preset=smoke", "warmup_steps=2", "sim_sft_steps=2", "world_persons=300",
                               "world_companies=90"])
     saved = build.save_atomically
@@ -196,6 +332,12 @@ def test_a_build_killed_half_way_is_built_again(tmp_path, monkeypatch):
     assert "built" in logs[-1] and os.path.isdir(sim_dir) and os.path.isdir(policy_dir)
     assert not any(name.endswith(".tmp") for name in os.listdir(os.path.dirname(sim_dir)))
     sim.SimEngine(zs.AutoModelForCausalLM.from_pretrained(sim_dir), world.load_tokenizer(sim_dir), cfg)  # it loads
+    weights = os.path.join(sim_dir, "model.safetensors")
+    with open(weights, "r+b") as f:  # cut short, as a full disk or a copy that stopped leaves it
+        f.truncate(os.path.getsize(weights) // 2)
+    _, _, sim_dir, _ = build.prepare_embedded(cfg, str(tmp_path), log=logs.append)
+    assert "built" in logs[-1] and build.whole(sim_dir)
+    sim.SimEngine(zs.AutoModelForCausalLM.from_pretrained(sim_dir), world.load_tokenizer(sim_dir), cfg)
 
 
 # ----------------------------------------------------------------------------- tools/simulator.py train

@@ -8,10 +8,12 @@ Each run is `python zerosearch.py` with the variant's overrides, `rl_seed` = the
 k-th seed, `threads=1`, in out_dir/ablate/runs/<variant>/seed<k>; the embedded build (warm-up policy
 and simulators) is made once in out_dir/build and linked into every run. `parallel` runs go at once.
 A finished run (results.json written) is not run again, an interrupted one resumes from its
-checkpoint. Writes out_dir/ablate/results.md, results.json and curves.png.
+checkpoint. The runs end with ablate.py, however it ends: the kernel sends each SIGTERM (it saves and stops). Writes out_dir/ablate/results.md, results.json and curves.png.
 """
+import ctypes
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -56,7 +58,7 @@ def parse(argv):
     if own["quick"] not in (True, False):
         raise SystemExit(f"error: quick must be true or false, got {own['quick']!r}")
     if own["quick"]:
-        shared = [f"{k}={v}" for k, v in QUICK.items()] + shared
+        shared = [f"{k}={v}" for k, v in QUICK.items() if not any(a.startswith(f"{k}=") for a in shared)] + shared
     return own, shared
 
 
@@ -71,10 +73,22 @@ def plan(own, shared):
         overrides = [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in VARIANTS[variant](base).items()]
         for k in range(own["seeds"]):
             out = os.path.join(base["out_dir"], "ablate", "runs", variant, f"seed{k}")
-            args = shared + overrides + [f"rl_seed={first_seed + k}", "threads=1", "baseline=false", f"out_dir={out}"]
+            args = later_wins(shared + overrides + [f"rl_seed={first_seed + k}", "threads=1", "baseline=false", f"out_dir={out}"])
             config.load_config(args)  # a bad override stops here, before any work
             runs.append((variant, k, args, out))
     return base, runs
+
+
+def end_with_parent(prctl=getattr(ctypes.CDLL(None), "prctl", lambda *args: 0)):
+    """Run in each child before it starts: prctl(PR_SET_PDEATHSIG, SIGTERM), so that Linux sends the run
+    SIGTERM (it saves a checkpoint and stops) when ablate.py ends, however it ends, kill -9 included."""
+    prctl(1, signal.SIGTERM)
+
+
+def later_wins(args):
+    """key=value arguments with each key's last value only (zerosearch.py refuses a key given twice)."""
+    keys = [a.split("=", 1)[0] if "=" in a else None for a in args]
+    return [a for i, (a, key) in enumerate(zip(args, keys)) if key is None or key not in keys[i + 1:]]
 
 
 def build_once(runs, base):
@@ -98,7 +112,7 @@ def run_all(runs, parallel):
             resume = ["resume=true"] if os.path.isdir(os.path.join(out, "checkpoints")) else []
             log = open(os.path.join(out, "log.txt"), "a")
             cmd = [sys.executable, os.path.join(HERE, "zerosearch.py"), *args, *resume]
-            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), variant, k, out))
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=end_with_parent), variant, k, out))
         time.sleep(2)
         for proc, variant, k, out in [r for r in running if r[0].poll() is not None]:
             running = [r for r in running if r[0] is not proc]
@@ -149,6 +163,8 @@ def table(summary):
 def main(argv):
     own, shared = parse(argv)
     base, runs = plan(own, shared)
+    config.check_folder(base["out_dir"], "out_dir")
+    lock = config.lock_folder(base["out_dir"])  # noqa: F841 (held until main returns)
     build_once(runs, base)
     run_all(runs, own["parallel"])
     summary = summarise(runs)

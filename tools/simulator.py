@@ -153,7 +153,7 @@ def collect_main(argv):
         raise SystemExit("error: simulator.py collect searches a real engine: set corpus=corpus.jsonl, or "
                          "eval_backend=retriever retriever_url=... (a served one)")
     else:
-        engine = sim.RealEngine(sim.Retriever(docs), cfg)
+        engine = sim.RealEngine(sim.Retriever(docs), cfg, tok)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     rows, n_useful, n_noisy = collect(model, tok, questions, engine, cfg, n, cfg["seed"])
     with open(args["out"], "w") as f:
