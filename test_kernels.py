@@ -252,9 +252,9 @@ def test_training_step_gives_the_same_losses_and_weights_with_kernels_and_refere
     response_mask[:, 10:] = 1  # 7..9: injected <information> tokens
     response_mask *= attention_mask
     scores = torch.rand(B)
-    cfg = dict(algo="ppo", gamma=1.0, lam=0.95, kl_coef=0.01, kl_type="k3", clip_ratio=0.2, dual_clip=3.0,
-               value_clip=0.5, entropy_coef=0.01, ppo_epochs=2, mini_batch_size=3, micro_batch_size=2, grad_clip=1.0,
-               loss_agg="token-mean", critic_warmup=0, temperature=0.9, seed=0)
+    cfg = dict(algo="ppo", gamma=1.0, lam=0.95, kl_coef=0.01, kl_type="k3", clip_ratio_low=0.2, clip_ratio_high=0.2,
+               dual_clip=3.0, value_clip=0.5, entropy_coef=0.01, ppo_epochs=2, mini_batch_size=3, micro_batch_size=2,
+               grad_clip=1.0, loss_agg_mode="token-mean", critic_warmup=0, temperature=0.9, seed=0)
 
     def training_step(flag):
         monkeypatch.setenv("ZS_TRITON", flag)

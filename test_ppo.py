@@ -12,9 +12,9 @@ import kernels
 import ppo
 
 CFG = dict(algo="ppo", gamma=1.0, lam=1.0, kl_coef=0.001, kl_type="k3", kl_target=None, kl_horizon=10000,
-           clip_ratio=0.2, dual_clip=3.0, value_clip=0.5, entropy_coef=0.001, ppo_epochs=1, mini_batch_size=4,
-           micro_batch_size=2, grad_clip=1.0, loss_agg="token-mean", grpo_std_norm=True, n_samples=2,
-           temperature=1.0, seed=0)
+           clip_ratio_low=0.2, clip_ratio_high=0.2, dual_clip=3.0, value_clip=0.5, entropy_coef=0.001, ppo_epochs=1,
+           mini_batch_size=4, micro_batch_size=2, grad_clip=1.0, loss_agg_mode="token-mean", grpo_std_norm=True,
+           n_samples=2, temperature=1.0, seed=0)
 
 
 def rand(*shape, gen, low=0.0, high=1.0):
@@ -290,7 +290,7 @@ def test_policy_loss_matches_loop_for_each_aggregation_without_nan_on_empty_rows
     gen = torch.Generator().manual_seed(10)
     m = random_mask(6, 8, gen)
     logp, old, adv = rand(6, 8, gen=gen, low=-2), rand(6, 8, gen=gen, low=-2), torch.randn(6, 8, generator=gen)
-    loss, stats = ppo.policy_loss(logp, old, adv, m, 0.2, 3.0, agg)
+    loss, stats = ppo.policy_loss(logp, old, adv, m, 0.2, 0.2, 3.0, agg)
     assert torch.isfinite(loss)
     assert abs(loss.item() - policy_loss_loop(logp, old, adv, m, 0.2, 3.0, agg)) < 1e-5
     empty, _ = ppo.policy_loss(logp, old, adv, torch.zeros_like(m), agg=agg)
@@ -478,7 +478,7 @@ def test_micro_batch_accumulation_equals_one_pass_over_the_mini_batch():
     for agg in ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]:
         actor, critic = tiny_models()
         batch, cfg = rollout_batch(actor, critic, "ppo")
-        one_pass, accumulated = (update_gradients(actor, critic, batch, dict(cfg, micro_batch_size=micro, loss_agg=agg))
+        one_pass, accumulated = (update_gradients(actor, critic, batch, dict(cfg, micro_batch_size=micro, loss_agg_mode=agg))
                                  for micro in [4, 1])
         for g, h in zip(one_pass, accumulated):  # gradients are O(0.1-0.5): 1e-6 is summation order, not scaling
             torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-4)
@@ -612,7 +612,7 @@ def test_make_optimizer_first_lr_is_positive_then_warms_up_to_lr_and_stays():
 
 
 def test_learning_rate_schedule_steps_once_per_update_not_per_optimizer_step():
-    """lr_warmup_steps counts RL steps (veRL steps the scheduler once per update_actor), however many
+    """The warm-up counts RL steps (veRL steps the scheduler once per update_actor), however many
     mini-batches an update has: after 2 updates of 2 optimizer steps each, warm-up 3 is at (2+1)/4."""
     actor, critic = tiny_models()
     batch, cfg = rollout_batch(actor, critic, "ppo")
