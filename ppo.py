@@ -295,6 +295,21 @@ class Actor(torch.nn.Module):
     def __init__(self, lm, compute_dtype=torch.float32):
         super().__init__()
         self.lm, self.compute_dtype = lm, compute_dtype
+        with torch.no_grad():  # a head that does more than `head_logprobs` applies is refused, never approximated
+            ids = torch.arange(4, device=lm.device)  # not token 0 alone: it may be padding, its embedding 0
+            out = lm(input_ids=ids[None], output_hidden_states=True)
+            ref = out.logits[0].float().log_softmax(-1)  # [4, V]
+            got, want = self.head_logprobs(out.hidden_states[-1][0], ids), (ref[ids, ids], -(ref.exp() * ref).sum(-1))
+            if not all(torch.allclose(x, y, atol=1e-4) for x, y in zip(got, want)):
+                raise SystemExit(f"error: {lm.config.model_type}'s output head does more than a weight, a bias and "
+                                 "soft-capping: the trainer's log-probs would not be the sampler's; use another model")
+
+    def head_logprobs(self, hidden, labels, temperature=1.0):
+        """hidden [N, D] (the decoder's output), labels [N] -> (logp, entropy) [N] under the model's whole
+        head: h W^T, + b where it has a bias (Phi), soft-capped where its config says (Gemma-2), fused."""
+        head = self.lm.get_output_embeddings()
+        return logprob_entropy_from_hidden(hidden, head.weight, labels, temperature, head.bias,
+                                           getattr(self.lm.config, "final_logit_softcapping", None))
 
     def forward(self, input_ids, attention_mask, temperature=1.0, positions=None):
         """-> logp [B, T], entropy [B, T]; logp[:, t] = log π(x_t | x_<t) at `temperature` where
@@ -309,10 +324,7 @@ class Actor(torch.nn.Module):
         scored = scored_positions(attention_mask)
         if positions is not None:
             scored = scored & positions.bool()
-        head = self.lm.get_output_embeddings()  # the model's whole head: W, a bias (Phi), soft-capping (Gemma-2)
-        logp, entropy = logprob_entropy_from_hidden(hidden[:, :-1][scored[:, 1:]], head.weight,
-                                                    input_ids[:, 1:][scored[:, 1:]], temperature, head.bias,
-                                                    getattr(self.lm.config, "final_logit_softcapping", None))
+        logp, entropy = self.head_logprobs(hidden[:, :-1][scored[:, 1:]], input_ids[:, 1:][scored[:, 1:]], temperature)
         full = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
         return full.masked_scatter(scored, logp), full.masked_scatter(scored, entropy)
 
