@@ -1,6 +1,8 @@
 """Tests of ppo.py. Each oracle is a plain loop written from the formula, independent of ppo.py."""
 import copy
 import math
+import os
+import re
 import statistics
 import threading
 
@@ -12,6 +14,7 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHea
 
 import config
 import kernels
+import parallel
 import ppo
 import zerosearch
 
@@ -772,6 +775,33 @@ def test_learning_rate_schedule_steps_once_per_update_not_per_optimizer_step():
                    dict(cfg, mini_batch_size=2), cfg["kl_coef"], step=step)
     assert a_opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 3 / 4)
     assert c_opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 3 / 4)
+
+
+def test_each_paper_preset_is_its_official_script_as_the_table_of_docs_paper_states():
+    """docs/paper.md's table, written from train_ppo.sh, train_grpo.sh and train_reinforce.sh, against the
+    config each preset gives (`-`: the algorithm does not use the key)."""
+    lines = open(os.path.join(os.path.dirname(ppo.__file__), "docs", "paper.md"), encoding="utf-8").read().splitlines()
+    header = next(line for line in lines if line.startswith("| key | `preset="))
+    presets = re.findall(r"`preset=([\w-]+)`", header)
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines if line.startswith("| `")]
+    assert presets == ["paper", "paper-grpo", "paper-reinforce"] and len(rows) > 30
+    for i, preset in enumerate(presets):
+        cfg = config.load_config([f"preset={preset}"])
+        for key, *values in rows:
+            if values[i] != "-":
+                assert cfg[key.strip("`")] == config.parse_value(values[i]), (preset, key)
+
+
+def test_warm_up_ratios_give_int_ratio_times_steps_rl_steps_as_the_official_code(tmp_path):
+    """The official run's 0.285 and 0.015 of 203 steps: int() gives 57 and 3, so the first step runs at
+    lr / 58 and critic_lr / 4; the default's 0.05 of 60 is 3 steps, lr / 4, as before the ratios."""
+    path = str(tmp_path / "policy")
+    tiny_models()[0].lm.save_pretrained(path)
+    for steps, ratio, critic_ratio, divisors in [(203, 0.285, 0.015, (58, 4)), (60, 0.05, 0.0, (4, 1))]:
+        cfg = dict(config.load_config([]), steps=steps, lr_warmup_ratio=ratio, critic_lr_warmup_ratio=critic_ratio)
+        actor, critic, _, _ = zerosearch.load_models(path, cfg, parallel.Ctx())
+        assert actor.optimizer.param_groups[0]["lr"] == pytest.approx(cfg["actor_lr"] / divisors[0])
+        assert critic.optimizer.param_groups[0]["lr"] == pytest.approx(cfg["critic_lr"] / divisors[1])
 
 
 def test_bf16_compute_keeps_fp32_weights_so_a_small_adam_step_is_not_rounded_away():
