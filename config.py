@@ -15,13 +15,15 @@ CHOICES = {"algo": ("ppo", "grpo", "reinforce", "reinforce++"), "reward": ("f1",
            "dtype": ("float32", "bfloat16"), "search_backend": ("sim", "real", "http", "retriever"),
            "eval_backend": ("real", "retriever"),
            "sim_style": ("finetuned", "prompted"), "sharding": ("ddp", "fsdp"),
-           "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"), "sim_batching": ("auto", "list", "single"),
-           "kl_type": ("k1", "abs", "k2", "k3"),
+           "loss_agg_mode": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
+           "sim_batching": ("auto", "list", "single"), "kl_type": ("k1", "abs", "k2", "k3"),
+           "kl_in": ("auto", "reward", "loss"),
            "mode": ("train", "eval", "ask"), "ask_engine": (None, "sim", "real", "retriever", "http")}
 AT_LEAST_ONE = ["steps", "batch_size", "n_samples", "mini_batch_size", "micro_batch_size", "ppo_epochs",
                 "topk", "doc_tokens", "max_turn_tokens", "max_response_tokens", "sim_max_tokens",
                 "eval_size", "threads", "sim_retries", "retriever_retries", "max_prompt_tokens", "save_every", "keep_last"]
-AT_LEAST_ZERO = ["sim_temperature", "max_turns", "warmup_steps", "sim_sft_steps", "critic_warmup", "lr_warmup_steps"]
+AT_LEAST_ZERO = ["sim_temperature", "max_turns", "warmup_steps", "sim_sft_steps", "critic_warmup", "lr_warmup_ratio",
+                 "critic_lr_warmup_ratio"]
 TEXT_OR_NULL = ["question", "policy_model", "sim_model", "corpus", "sim_served_model"]  # null by default, text when set
 TEMPLATES = {"prompt_template": ("question", {"question"}), "direct_template": ("question", {"question"}), **dict.fromkeys(
     ["sim_template_finetuned", "sim_template_prompted", "sim_template_prompted_noisy"],  # the fields sim.sim_prompt fills in
@@ -46,8 +48,9 @@ def load_config(argv):
                          "given more than once on the command line; give each key once")
     overrides = {k.lstrip("-"): parse_value(v) for k, v in args}
     preset = overrides.get("preset", cfg["preset"])
-    if preset:
+    while preset and os.path.join(HERE, "presets", f"{preset}.yaml") not in files:  # and the preset it starts from
         files.insert(0, os.path.join(HERE, "presets", f"{preset}.yaml"))
+        preset = os.path.isfile(files[0]) and read_yaml(files[0]).get("preset")
     for path in files:
         if not path or not os.path.isfile(path):
             raise SystemExit(f"error: config file not found: {path} "
@@ -88,7 +91,7 @@ def check_values(cfg):
                              f"error: {key} must be text, got {value!r}: quote it, e.g. {key}='\"{value}\"' on the command line")
     for key, default in defaults.items():
         value = cfg[key]
-        if key == "eval_size" and value is None:  # all questions
+        if key in ("eval_size", "dual_clip") and value is None:  # all questions; no dual clip
             continue
         if isinstance(default, bool) and not isinstance(value, bool) and key != "resume":  # resume may name a folder
             raise SystemExit(f"error: {key} must be true or false, got {value!r}")
@@ -122,6 +125,9 @@ def check_values(cfg):
         raise SystemExit(f"error: mode={cfg['mode']} needs policy_model=... (a trained policy's folder or a hub name)")
     if cfg["rl_seed"] is not None and (isinstance(cfg["rl_seed"], bool) or not isinstance(cfg["rl_seed"], int)):
         raise SystemExit(f"error: rl_seed must be null (the same as seed) or a whole number, got {cfg['rl_seed']!r}")
+    if cfg["dual_clip"] is not None and not cfg["dual_clip"] > 1:
+        raise SystemExit(f"error: dual_clip (c of the cap -A c for A < 0) must be above 1, or null for none; "
+                         f"got {cfg['dual_clip']}")
     if not 0 <= cfg["p_start"] <= 1 or not 0 <= cfg["p_end"] <= 1:
         raise SystemExit("error: p_start and p_end are probabilities: each must be between 0 and 1")
     if not 0 < cfg["top_p"] <= 1:

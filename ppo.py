@@ -5,11 +5,11 @@ Every loss is taken over `response_mask` only: tokens the policy generated. Prom
 documents injected between <information> and </information>, and padding carry mask 0 and never
 contribute to the actor loss, the critic loss, the entropy bonus or the KL term.
 
-Where the KL goes (as in the official ZeroSearch scripts):
-  ppo          r_t = -β (log π_old - log π_ref) on every generated token (+ score on the last)
-  grpo, reinforce, reinforce++
-               loss += β mean(KL_t), KL_t of `kl_type` (k3 in the paper), with the sign that
-               penalises divergence (the public code subtracted it, rewarding divergence).
+Where the KL goes (`kl_in`; auto is as the official ZeroSearch scripts: the reward for ppo, the loss else):
+  reward       r_t = -β (log π_old - log π_ref) on every generated token (+ score on the last); GRPO and
+               REINFORCE, which see one outcome a row, see score - β Σ_t KL_t
+  loss         loss += β agg(KL_t), KL_t of `kl_type` (k3 in the paper), with the sign that penalises
+               divergence (the public code subtracted it, rewarding divergence).
 No torch.distributed here: whitening takes a `reduce` callable, DDP/FSDP wrap the models outside.
 """
 from dataclasses import dataclass
@@ -85,8 +85,9 @@ def kl_penalty(logp, ref_logp, kind):
     raise ValueError(f"kl_type must be k1, abs, k2 or k3, got {kind!r}")
 
 
-def agg_loss(loss, mask, agg):
-    """Reduce a per-token loss [B, T] to a scalar; rows with no unmasked token count as nothing."""
+def agg_loss(loss, mask, agg, max_len=1):
+    """Reduce a per-token loss [B, T] to a scalar (`loss_agg_mode`); rows with no unmasked token count as
+    nothing. max_len: the constant L of seq-mean-token-sum-norm, the response budget."""
     if agg == "token-mean":  # mean over all unmasked tokens of the batch
         return masked_mean(loss, mask)
     mask = mask.bool()
@@ -95,7 +96,10 @@ def agg_loss(loss, mask, agg):
         return masked_mean(row_sum / row_len.clamp(min=1), row_len > 0)
     if agg == "seq-mean-token-sum":  # mean over rows of each row's token sum
         return masked_mean(row_sum, row_len > 0)
-    raise ValueError(f"loss_agg must be token-mean, seq-mean-token-mean or seq-mean-token-sum, got {agg!r}")
+    if agg == "seq-mean-token-sum-norm":  # Dr. GRPO: each row's token sum over one constant L, not its length
+        return masked_mean(row_sum, row_len > 0) / max_len
+    raise ValueError(f"loss_agg_mode must be token-mean, seq-mean-token-mean, seq-mean-token-sum or "
+                     f"seq-mean-token-sum-norm, got {agg!r}")
 
 
 def agg_units(mask, agg):
@@ -103,20 +107,22 @@ def agg_units(mask, agg):
     return mask.sum() if agg == "token-mean" else (mask.sum(-1) > 0).sum()
 
 
-def policy_loss(logp, old_logp, advantages, mask, clip_ratio=0.2, dual_clip=3.0, agg="token-mean"):
-    """Clipped surrogate with dual clip. Returns (loss, stats); approx_kl is k3 of KL(π_old || π)."""
+def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, dual_clip=3.0, agg="token-mean",
+                max_len=1):
+    """Clipped surrogate, clip-higher (DAPO: ε_high > ε_low) and dual clip c (None: none). Returns (loss,
+    stats); approx_kl is k3 of KL(π_old || π)."""
     log_ratio = (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)  # r = π / π_old
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_ratio, 1 + clip_ratio)
-    loss = torch.maximum(unclipped, clipped)  # L = max(-A r, -A clip(r, 1-ε, 1+ε))
-    capped = -advantages * dual_clip
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(unclipped, clipped)  # L = max(-A r, -A clip(r, 1-ε_low, 1+ε_high))
+    capped = -advantages * (torch.inf if dual_clip is None else dual_clip)
     dual_active = (advantages < 0) & (capped < loss)  # for A < 0: L = min(L, -A c)
     loss = torch.where(dual_active, capped, loss)
     stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
              "dual_clipfrac": masked_mean(dual_active.float(), mask).item(),
              "approx_kl": masked_mean(kl_penalty(old_logp, logp.detach(), "k3"), mask).item()}
-    return agg_loss(loss, mask, agg), stats
+    return agg_loss(loss, mask, agg, max_len), stats
 
 
 def value_loss(values, old_values, returns, mask, clip=0.5):
@@ -153,8 +159,8 @@ def reinforce_pp_advantages(token_rewards, mask, gamma, reduce=None):
     """Discounted return-to-go over generated tokens, whitened over the batch -> [B, T].
 
     G_t = r_t + γ G_next with the next *generated* token: that is GAE with V ≡ 0 and λ = 1, so the
-    skip over masked tokens is written once, in `gae`. A KL penalty, if wanted in the reward
-    (REINFORCE++ paper), is already in token_rewards; zerosearch puts it in the loss instead.
+    skip over masked tokens is written once, in `gae`. With kl_in=reward (as the REINFORCE++ paper) the
+    KL penalty is already in token_rewards.
     """
     returns, _ = gae(token_rewards, torch.zeros_like(token_rewards), mask, gamma, 1.0)
     return masked_whiten(returns, mask, reduce=reduce)
@@ -182,26 +188,32 @@ def adaptive_kl_coef(kl_coef, kl, n_steps, kl_target, kl_horizon):
     return kl_coef * (1 + error * n_steps / kl_horizon)
 
 
+def kl_in_reward(algo, cfg):
+    """Whether β KL goes into the reward (else into the loss): `kl_in`, whose auto is the official scripts'."""
+    return {"auto": algo == "ppo", "reward": True, "loss": False}[cfg.get("kl_in", "auto")]
+
+
 def compute_advantages(algo, scores, response_mask, old_logp, ref_logp, values, cfg, kl_coef, reduce=None):
     """-> (advantages [B, T], returns [B, T] for PPO else None, stats). Masked tokens get A = 0.
-    kl_coef: β of the reward's KL (PPO), the run's current value (it adapts with kl_target)."""
+    kl_coef: β of the reward's KL (kl_in_reward), the run's current value (it adapts with kl_target)."""
     mask = response_mask.bool()
     kl = torch.where(mask, kl_penalty(old_logp, ref_logp, "k1"), torch.zeros_like(old_logp))  # the reward's KL
     kl_sum, n_tokens = (reduce or (lambda t: t))(torch.stack([kl.sum(), mask.sum().to(kl.dtype)])).tolist()
     stats = {"rollout/score_mean": scores.float().mean().item(),  # the KL over all processes: kl_coef adapts alike on each
              "rollout/kl": kl_sum / max(n_tokens, 1.0)}
+    in_reward = kl_in_reward(algo, cfg)
+    rewards = token_level_rewards(scores, mask, kl if in_reward else None, kl_coef)
+    outcome = rewards.sum(-1) if in_reward else scores  # one outcome a row: score - β Σ_t KL_t
     if algo == "ppo":
-        rewards = token_level_rewards(scores, mask, kl, kl_coef)
         advantages, returns = gae(rewards, values, mask, cfg["gamma"], cfg["lam"])
         return masked_whiten(advantages, mask, reduce=reduce), returns, stats
     if algo == "grpo":
-        adv = grpo_advantages(scores, cfg["n_samples"], std_norm=cfg["grpo_std_norm"])
+        adv = grpo_advantages(outcome, cfg["n_samples"], std_norm=cfg["grpo_std_norm"])
         return adv.unsqueeze(1) * mask, None, stats  # one advantage for all of a row's tokens
     if algo == "reinforce++":
-        rewards = token_level_rewards(scores, mask)
         return reinforce_pp_advantages(rewards, mask, cfg["gamma"], reduce=reduce), None, stats
     if algo == "reinforce":  # the paper's REINFORCE: the raw outcome is every token's advantage, no baseline
-        return scores.float().unsqueeze(1) * mask, None, stats
+        return outcome.float().unsqueeze(1) * mask, None, stats
     raise ValueError(f"algo must be ppo, grpo, reinforce or reinforce++, got {algo!r}")
 
 
@@ -283,6 +295,21 @@ class Actor(torch.nn.Module):
     def __init__(self, lm, compute_dtype=torch.float32):
         super().__init__()
         self.lm, self.compute_dtype = lm, compute_dtype
+        with torch.no_grad():  # a head that does more than `head_logprobs` applies is refused, never approximated
+            ids = torch.arange(4, device=lm.device)  # not token 0 alone: it may be padding, its embedding 0
+            out = lm(input_ids=ids[None], output_hidden_states=True)
+            ref = out.logits[0].float().log_softmax(-1)  # [4, V]
+            got, want = self.head_logprobs(out.hidden_states[-1][0], ids), (ref[ids, ids], -(ref.exp() * ref).sum(-1))
+            if not all(torch.allclose(x, y, atol=1e-4) for x, y in zip(got, want)):
+                raise SystemExit(f"error: {lm.config.model_type}'s output head does more than a weight, a bias and "
+                                 "soft-capping: the trainer's log-probs would not be the sampler's; use another model")
+
+    def head_logprobs(self, hidden, labels, temperature=1.0):
+        """hidden [N, D] (the decoder's output), labels [N] -> (logp, entropy) [N] under the model's whole
+        head: h W^T, + b where it has a bias (Phi), soft-capped where its config says (Gemma-2), fused."""
+        head = self.lm.get_output_embeddings()
+        return logprob_entropy_from_hidden(hidden, head.weight, labels, temperature, head.bias,
+                                           getattr(self.lm.config, "final_logit_softcapping", None))
 
     def forward(self, input_ids, attention_mask, temperature=1.0, positions=None):
         """-> logp [B, T], entropy [B, T]; logp[:, t] = log π(x_t | x_<t) at `temperature` where
@@ -297,9 +324,7 @@ class Actor(torch.nn.Module):
         scored = scored_positions(attention_mask)
         if positions is not None:
             scored = scored & positions.bool()
-        logp, entropy = logprob_entropy_from_hidden(hidden[:, :-1][scored[:, 1:]],
-                                                    self.lm.get_output_embeddings().weight,
-                                                    input_ids[:, 1:][scored[:, 1:]], temperature)
+        logp, entropy = self.head_logprobs(hidden[:, :-1][scored[:, 1:]], input_ids[:, 1:][scored[:, 1:]], temperature)
         full = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
         return full.masked_scatter(scored, logp), full.masked_scatter(scored, entropy)
 
@@ -338,12 +363,13 @@ def _check_finite(value, model, what, step):
 def update(actor, critic, batch, cfg, kl_coef, step=0, mean_over_processes=None):
     """PPO epochs over the batch: mini-batches of rows (one optimizer step each) made of micro-batches
     (gradient accumulation). `actor` and `critic` (None but for PPO) are Learners; kl_coef is β of
-    the KL loss (GRPO, REINFORCE, REINFORCE++). Returns means over micro-batches (over optimizer steps for grad_norm, lr and
+    the KL loss (kl_in: loss). Returns means over micro-batches (over optimizer steps for grad_norm, lr and
     the objective actor/loss, critic/loss); critic/explained_variance compares the rollout's values (before
     this update) with the returns. Train/eval mode of the models is the caller's: this function never
     switches it. With N processes whose gradients DDP/FSDP average, `mean_over_processes(t)` returns t
     averaged over them, and each process's `batch` is its share of the global mini-batches."""
     algo, mask_all = cfg["algo"], batch.response_mask.bool()
+    agg = cfg["loss_agg_mode"], cfg.get("max_response_tokens", 1)  # the mode, and L of seq-mean-token-sum-norm
     mean_over_processes = mean_over_processes or (lambda t: t)
     use_critic = algo == "ppo"
     train_actor = not use_critic or step >= cfg.get("critic_warmup", 0)  # veRL's critic warm-up: the critic learns first
@@ -361,7 +387,7 @@ def update(actor, critic, batch, cfg, kl_coef, step=0, mean_over_processes=None)
             # the accumulated gradient equal to the gradient of the mini-batch mean. With N processes the
             # share is of the mean over processes: the gradient average DDP/FSDP take is then the gradient
             # of the mean over the global mini-batch, the same as one process with the whole batch
-            units = mean_over_processes(agg_units(mask_all[rows], cfg["loss_agg"]).float()).clamp(min=1e-8)
+            units = mean_over_processes(agg_units(mask_all[rows], agg[0]).float()).clamp(min=1e-8)
             tokens = mean_over_processes(mask_all[rows].sum().float()).clamp(min=1e-8)
             objective = {"actor": 0.0, "critic": 0.0}  # what this optimizer step minimises (this process's share)
             # micro-batches of similar lengths: a forward pass is as wide as its longest sequence, and the
@@ -372,18 +398,20 @@ def update(actor, critic, batch, cfg, kl_coef, step=0, mean_over_processes=None)
                 if train_actor:
                     logp, entropy = actor.model(ids, attn, cfg["temperature"], mask)
                     pg_loss, pg_stats = policy_loss(logp, batch.old_logp[micro], batch.advantages[micro], mask,
-                                                    cfg["clip_ratio"], cfg["dual_clip"], cfg["loss_agg"])
-                    entropy_mean = masked_mean(entropy, mask)
-                    token_loss = -cfg["entropy_coef"] * entropy_mean  # L = L_clip - c_H H (+ β KL)
-                    if not use_critic:  # + β mean(KL_t(π || π_ref)): a penalty, so descent lowers the KL
-                        kl_loss = masked_mean(kl_penalty(logp, batch.ref_logp[micro], cfg["kl_type"]), mask)
+                                                    cfg["clip_ratio_low"], cfg["clip_ratio_high"], cfg["dual_clip"],
+                                                    *agg)
+                    entropy_agg = agg_loss(entropy, mask, *agg)
+                    token_loss = -cfg["entropy_coef"] * entropy_agg  # L = L_clip - c_H H (+ β KL), each term by agg
+                    if not kl_in_reward(algo, cfg):  # + β KL_t(π || π_ref): a penalty, so descent lowers the KL
+                        kl_loss = agg_loss(kl_penalty(logp, batch.ref_logp[micro], cfg["kl_type"]), mask, *agg)
                         token_loss = token_loss + kl_coef * kl_loss
                         log({"actor/kl_loss": kl_loss.item()})
-                    loss = pg_loss * agg_units(mask, cfg["loss_agg"]) / units + token_loss * mask.sum() / tokens
+                    n = agg_units(mask, agg[0])
+                    loss = pg_loss * n / units + token_loss * n / units
                     _check_finite(loss, "actor", "loss", step)
                     loss.backward()
                     objective["actor"] += loss.item()
-                    log({"actor/pg_loss": pg_loss.item(), "actor/entropy": entropy_mean.item(),
+                    log({"actor/pg_loss": pg_loss.item(), "actor/entropy": entropy_agg.item(),
                          "actor/clipfrac": pg_stats["clipfrac"], "actor/approx_kl": pg_stats["approx_kl"]})
                 if use_critic:
                     vpred = token_values(critic.model, ids, attn, getattr(torch, cfg.get("dtype", "float32")))
@@ -403,7 +431,7 @@ def update(actor, critic, batch, cfg, kl_coef, step=0, mean_over_processes=None)
                 learner.optimizer.step()
                 learner.optimizer.zero_grad(set_to_none=True)
     for learner in stepping.values():
-        learner.scheduler.step()  # once per RL step, as veRL: lr_warmup_steps counts RL steps, not optimizer steps
+        learner.scheduler.step()  # once per RL step, as veRL: the warm-up counts RL steps, not optimizer steps
     if use_critic:
         log({"critic/explained_variance": explained_variance(batch.values, batch.returns, mask_all)})
     return {k: sum(v) / len(v) for k, v in stats.items()}

@@ -295,17 +295,19 @@ def load_models(policy_path, cfg, ctx):
         lm = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
         return ppo.Actor(lm, compute).to(ctx.device)
 
-    def learner(model, lr, warmup):
+    def learner(model, lr, warmup_ratio):  # warm-up over int(ratio * steps) RL steps, as veRL counts them
+        warmup = int(warmup_ratio * cfg["steps"])
         return ppo.Learner(model, *ppo.make_optimizer(model, lr, cfg["weight_decay"], warmup, cfg["steps"]))
 
-    actor = learner(parallel.parallelize(policy(), cfg, ctx), cfg["actor_lr"], cfg["lr_warmup_steps"])
+    actor = learner(parallel.parallelize(policy(), cfg, ctx), cfg["actor_lr"], cfg["lr_warmup_ratio"])
     ref = parallel.parallelize(policy().eval().requires_grad_(False), cfg, ctx, frozen=True)  # KL = 0 at step 0
     critic = None
     if cfg["algo"] == "ppo":
         value_config = AutoConfig.from_pretrained(policy_path, num_labels=1)
         value_config.classifier_dropout = 0.0  # no dropout in the value head (from_pretrained drops this keyword)
         head = AutoModelForTokenClassification.from_pretrained(policy_path, config=value_config, dtype=torch.float32)
-        critic = learner(parallel.parallelize(head.to(ctx.device), cfg, ctx), cfg["critic_lr"], 0)
+        critic = learner(parallel.parallelize(head.to(ctx.device), cfg, ctx), cfg["critic_lr"],
+                         cfg["critic_lr_warmup_ratio"])
     copy = policy().eval().requires_grad_(False) if cfg["sharding"] == "fsdp" and ctx.world > 1 else None
     return actor, critic, ref, copy
 

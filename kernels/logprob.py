@@ -1,6 +1,8 @@
 """Per-token log-probability and entropy from logits, or from hidden states and the lm_head
-weight, without materialising an [N, V] fp32 log_softmax (nor, from hidden, the [N, V] logits).
+(weight, bias, final-logit soft-capping), without materialising an [N, V] fp32 log_softmax (nor, from
+hidden, the [N, V] logits).
 
+From hidden, the logits are the head's: h W^T + b, then c tanh(· / c) where the model soft-caps (Gemma-2).
 With z = logits / T, p = softmax(z), y the label:
   forward   lse = log Σ_v exp(z_v),  logp = z_y - lse,  H = -Σ p log p = lse - Σ p z
   backward  dz = g_lp (onehot_y - p) - g_H p (z - (lse - H)),  dlogits = dz / T
@@ -121,40 +123,52 @@ def _chunks(n, chunk_rows):
     return [slice(i, i + chunk_rows) for i in range(0, n, chunk_rows)]
 
 
-def _logits(hidden, weight):
-    return hidden if weight is None else hidden @ weight.t()
+def _logits(hidden, weight, bias, softcap):
+    """A chunk's logits: hidden itself when weight is None, else the head's h W^T (+ b), soft-capped."""
+    if weight is None:
+        return hidden
+    logits = hidden @ weight.t() if bias is None else hidden @ weight.t() + bias
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)  # z = c tanh(z / c)
 
 
 class _LogprobEntropy(torch.autograd.Function):
-    """Over chunks of rows. Given the lm_head weight, a chunk's logits are hidden @ W^T, computed in
-    forward and again in backward (as in Liger's fused linear cross-entropy), so no [N, V] tensor
-    ever exists and grad_weight accumulates over chunks; with weight None, hidden is the logits."""
+    """Over chunks of rows. Given the lm_head weight, a chunk's logits are hidden @ W^T (+ b, soft-capped),
+    computed in forward and again in backward (as in Liger's fused linear cross-entropy), so no [N, V]
+    tensor ever exists and grad_weight accumulates over chunks; with weight None, hidden is the logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, chunk_rows, kernel):
+    def forward(ctx, hidden, weight, labels, temperature, chunk_rows, kernel, bias=None, softcap=None):
         forward = _forward_triton if kernel else _forward_torch
-        outs = [forward(_logits(hidden[s], weight), labels[s], temperature) for s in _chunks(len(labels), chunk_rows)]
+        outs = [forward(_logits(hidden[s], weight, bias, softcap), labels[s], temperature)
+                for s in _chunks(len(labels), chunk_rows)]
         logp, entropy, lse = (torch.cat(o) for o in zip(*outs))
-        ctx.save_for_backward(hidden, weight, labels, lse, entropy)
-        ctx.args = temperature, chunk_rows, kernel
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+        ctx.args = temperature, chunk_rows, kernel, softcap
         return logp, entropy
 
     @staticmethod
     def backward(ctx, g_lp, g_h):
-        hidden, weight, labels, lse, entropy = ctx.saved_tensors
-        temperature, chunk_rows, kernel = ctx.args
+        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+        temperature, chunk_rows, kernel, softcap = ctx.args
         backward = _backward_triton if kernel else _backward_torch
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[6] else None
         for s in _chunks(len(labels), chunk_rows):
-            dlogits = backward(_logits(hidden[s], weight), labels[s], temperature, lse[s], entropy[s], g_lp[s], g_h[s])
+            logits = _logits(hidden[s], weight, bias, softcap)
+            dlogits = backward(logits, labels[s], temperature, lse[s], entropy[s], g_lp[s], g_h[s])
+            if softcap is not None:  # d(c tanh(z / c))/dz = 1 - tanh² = 1 - (capped / c)²
+                dlogits = dlogits * (1 - (logits / softcap) ** 2)
             if grad_hidden is not None:
                 grad_hidden[s] = dlogits if weight is None else dlogits @ weight  # ∂L/∂h = dlogits W
             if grad_weight is not None and weight.dtype == torch.float32:
                 grad_weight.addmm_(dlogits.t(), hidden[s])  # ∂L/∂W = Σ_chunks dlogits^T h
             elif grad_weight is not None:  # low-precision weight: accumulate the chunks in fp32
                 grad_weight += dlogits.t() @ hidden[s]
-        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None
+            if grad_bias is not None:
+                grad_bias += dlogits.sum(0)  # ∂L/∂b = Σ_rows dlogits
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None,
+                None if grad_bias is None else grad_bias.to(bias.dtype), None)
 
 
 def logprob_entropy_reference(logits, labels, temperature: float = 1.0, chunk_rows: int = CHUNK_ROWS):
@@ -162,10 +176,11 @@ def logprob_entropy_reference(logits, labels, temperature: float = 1.0, chunk_ro
     return _LogprobEntropy.apply(logits, None, labels, temperature, chunk_rows, False)
 
 
-def logprob_entropy_from_hidden_reference(hidden, weight, labels, temperature: float = 1.0,
+def logprob_entropy_from_hidden_reference(hidden, weight, labels, temperature: float = 1.0, bias=None, softcap=None,
                                           chunk_rows: int = CHUNK_ROWS):
-    """hidden [N, D], weight [V, D] (the lm_head), labels [N] -> (logp [N], entropy [N]) fp32; plain torch."""
-    return _LogprobEntropy.apply(hidden, weight, labels, temperature, chunk_rows, False)
+    """hidden [N, D], weight [V, D], bias [V] or None (the lm_head), labels [N] -> (logp [N], entropy [N]) fp32
+    of the logits soft-capped at `softcap` (None: not capped); plain torch."""
+    return _LogprobEntropy.apply(hidden, weight, labels, temperature, chunk_rows, False, bias, softcap)
 
 
 def logprob_entropy(logits, labels, temperature: float = 1.0):
@@ -173,7 +188,8 @@ def logprob_entropy(logits, labels, temperature: float = 1.0):
     return _LogprobEntropy.apply(logits, None, labels, temperature, CHUNK_ROWS, use_triton(logits))
 
 
-def logprob_entropy_from_hidden(hidden, weight, labels, temperature: float = 1.0):
-    """hidden [N, D], weight [V, D] (the lm_head), labels [N] -> (logp [N], entropy [N]) fp32,
-    differentiable in hidden and weight; the [N, V] logits are never materialised."""
-    return _LogprobEntropy.apply(hidden, weight, labels, temperature, CHUNK_ROWS, use_triton(hidden))
+def logprob_entropy_from_hidden(hidden, weight, labels, temperature: float = 1.0, bias=None, softcap=None):
+    """hidden [N, D], weight [V, D], bias [V] or None (the lm_head), labels [N] -> (logp [N], entropy [N]) fp32
+    of the logits soft-capped at `softcap` (None: not capped), differentiable in hidden, weight and bias;
+    the [N, V] logits are never materialised."""
+    return _LogprobEntropy.apply(hidden, weight, labels, temperature, CHUNK_ROWS, use_triton(hidden), bias, softcap)

@@ -16,7 +16,7 @@ import config
 import sim
 import zerosearch as zs
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")  # ablate.py
 SMOKE = ["preset=smoke", "baseline=false", "eval_size=4"]
 
 

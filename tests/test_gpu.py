@@ -330,9 +330,9 @@ def test_one_rl_step_of_a_qwen25_05b_policy_on_the_kernel_path(compiled, monkeyp
     response_mask[:, T // 2 + 20:T // 2 + 40] = 0  # an injected <information> block
     response_mask *= attention_mask
     scores = torch.rand(B, generator=g).cuda()
-    cfg = dict(algo="ppo", gamma=1.0, lam=0.95, kl_type="k3", clip_ratio=0.2, dual_clip=3.0, value_clip=0.5,
-               entropy_coef=0.01, ppo_epochs=1, mini_batch_size=8, micro_batch_size=4, grad_clip=1.0,
-               loss_agg="token-mean", critic_warmup=0, temperature=1.0, seed=0, dtype="bfloat16")
+    cfg = dict(algo="ppo", gamma=1.0, lam=0.95, kl_type="k3", clip_ratio_low=0.2, clip_ratio_high=0.2, dual_clip=3.0,
+               value_clip=0.5, entropy_coef=0.01, ppo_epochs=1, mini_batch_size=8, micro_batch_size=4, grad_clip=1.0,
+               loss_agg_mode="token-mean", critic_warmup=0, temperature=1.0, seed=0, dtype="bfloat16")
     calls = []
     monkeypatch.setattr(kernels.logprob, "_forward_triton",
                         lambda *args, f=kernels.logprob._forward_triton: calls.append(1) or f(*args))

@@ -154,6 +154,29 @@ def test_from_hidden_matches_naive_log_softmax_across_chunk_boundaries(path, dty
             assert ours <= 3 * torch_own
 
 
+def test_from_hidden_with_a_bias_and_soft_capping_matches_fp64_autograd_of_the_capped_logits(path):
+    """The head of Phi (h W^T + b) and Gemma-2 (c tanh(z / c)): values and the gradients of hidden, W and b
+    against fp64 autograd through the same formula. fp32 inputs, so OUT_TOL and fp32's GRAD_TOL; the
+    cap c = 2 bends logits of standard deviation 2.6 hard: without it, or without b, logp moves by over 1."""
+    torch.manual_seed(5)
+    N, D, V, temperature, cap = 37, 24, 1001, 0.7, 2.0
+    hidden, weight, bias = torch.randn(N, D), torch.randn(V, D).mul_(0.5), torch.randn(V)
+    labels, (g_lp, g_h) = torch.randint(V, (N,)), torch.randn(2, N, dtype=torch.float64)
+    inputs = [x.requires_grad_() for x in (hidden, weight, bias)]
+    logp, entropy = logprob_entropy_from_hidden(hidden, weight, labels, temperature, bias, cap)
+    grads = torch.autograd.grad((logp * g_lp + entropy * g_h).sum(), inputs)
+
+    h, w, b = (x.detach().double().requires_grad_() for x in inputs)
+    z = cap * torch.tanh((h @ w.t() + b) / cap) / temperature  # the capped logits, then the temperature
+    want_logp = torch.log_softmax(z, -1).gather(-1, labels[:, None]).squeeze(-1)
+    want_entropy = Categorical(logits=z).entropy()
+    want_grads = torch.autograd.grad((want_logp * g_lp + want_entropy * g_h).sum(), (h, w, b))
+    torch.testing.assert_close(logp.double(), want_logp.detach(), **OUT_TOL)
+    torch.testing.assert_close(entropy.double(), want_entropy.detach(), **OUT_TOL)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got.double(), want, **GRAD_TOL[torch.float32])
+
+
 def test_dispatch_runs_the_kernel_only_on_cuda_or_when_forced(monkeypatch):
     monkeypatch.delenv("ZS_TRITON", raising=False)
     assert not kernels.logprob.use_triton(torch.zeros(1))
@@ -252,9 +275,9 @@ def test_training_step_gives_the_same_losses_and_weights_with_kernels_and_refere
     response_mask[:, 10:] = 1  # 7..9: injected <information> tokens
     response_mask *= attention_mask
     scores = torch.rand(B)
-    cfg = dict(algo="ppo", gamma=1.0, lam=0.95, kl_coef=0.01, kl_type="k3", clip_ratio=0.2, dual_clip=3.0,
-               value_clip=0.5, entropy_coef=0.01, ppo_epochs=2, mini_batch_size=3, micro_batch_size=2, grad_clip=1.0,
-               loss_agg="token-mean", critic_warmup=0, temperature=0.9, seed=0)
+    cfg = dict(algo="ppo", gamma=1.0, lam=0.95, kl_coef=0.01, kl_type="k3", clip_ratio_low=0.2, clip_ratio_high=0.2,
+               dual_clip=3.0, value_clip=0.5, entropy_coef=0.01, ppo_epochs=2, mini_batch_size=3, micro_batch_size=2,
+               grad_clip=1.0, loss_agg_mode="token-mean", critic_warmup=0, temperature=0.9, seed=0)
 
     def training_step(flag):
         monkeypatch.setenv("ZS_TRITON", flag)

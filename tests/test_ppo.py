@@ -1,20 +1,27 @@
 """Tests of ppo.py. Each oracle is a plain loop written from the formula, independent of ppo.py."""
 import copy
 import math
+import os
+import re
 import statistics
 import threading
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM, Qwen2ForTokenClassification
+from transformers import (Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, GraniteConfig,
+                          GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen2ForTokenClassification)
 
+import config
 import kernels
+import parallel
 import ppo
+import zerosearch
 
 CFG = dict(algo="ppo", gamma=1.0, lam=1.0, kl_coef=0.001, kl_type="k3", kl_target=None, kl_horizon=10000,
-           clip_ratio=0.2, dual_clip=3.0, value_clip=0.5, entropy_coef=0.001, ppo_epochs=1, mini_batch_size=4,
-           micro_batch_size=2, grad_clip=1.0, loss_agg="token-mean", grpo_std_norm=True, n_samples=2,
-           temperature=1.0, seed=0)
+           clip_ratio_low=0.2, clip_ratio_high=0.2, dual_clip=3.0, value_clip=0.5, entropy_coef=0.001, ppo_epochs=1,
+           mini_batch_size=4, micro_batch_size=2, grad_clip=1.0, loss_agg_mode="token-mean", grpo_std_norm=True,
+           n_samples=2, temperature=1.0, seed=0, kl_in="auto", max_response_tokens=16)
 
 
 def rand(*shape, gen, low=0.0, high=1.0):
@@ -257,6 +264,52 @@ def test_compute_advantages_ppo_is_whitened_gae_of_kl_penalised_rewards_and_zero
     assert torch.all(adv_grpo[m == 1] == group_adv.unsqueeze(1).expand(6, 8)[m == 1])
 
 
+def test_kl_in_reward_puts_beta_k1_in_each_algorithms_reward_and_kl_in_loss_keeps_it_out_of_ppos():
+    """kl_in=reward: r_t = -β (log π_old - log π_ref) on each generated token, the score on the last; the
+    outcome methods see score - β Σ_t k1. kl_in=loss: PPO's reward is the score alone."""
+    gen = torch.Generator().manual_seed(16)
+    m = random_mask(6, 8, gen)
+    old, ref, v = rand(6, 8, gen=gen, low=-1), rand(6, 8, gen=gen, low=-1), torch.randn(6, 8, generator=gen)
+    scores, beta = torch.rand(6, generator=gen), 0.1
+    rewards, plain = torch.zeros(6, 8), torch.zeros(6, 8)  # with the KL, and the score alone
+    for b in range(6):
+        tokens = [t for t in range(8) if m[b, t]]
+        for t in tokens:
+            last = scores[b] if t == tokens[-1] else 0.0
+            rewards[b, t], plain[b, t] = -beta * (old[b, t] - ref[b, t]) + last, last
+    outcome = rewards.sum(-1)  # score - β Σ_t k1 (0 for a row with no generated token)
+    cfg = dict(CFG, kl_in="reward", n_samples=3)
+
+    def advantages(algo, cfg):
+        return ppo.compute_advantages(algo, scores, m, old, ref, v, cfg, beta)[0]
+
+    for start in range(0, 6, 3):
+        group = outcome[start:start + 3].tolist()
+        mu, sd = statistics.mean(group), statistics.stdev(group)
+        for b in range(start, start + 3):
+            want = torch.where(m[b].bool(), (outcome[b] - mu) / (sd + 1e-6), torch.tensor(0.0))
+            torch.testing.assert_close(advantages("grpo", cfg)[b], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(advantages("reinforce", cfg), outcome[:, None] * m)
+    torch.testing.assert_close(advantages("reinforce++", cfg), ppo.reinforce_pp_advantages(rewards, m, 1.0))
+    adv_raw, _ = gae_loop(plain, v, m, 1.0, 1.0)
+    vals = [adv_raw[b, t].item() for b in range(6) for t in range(8) if m[b, t]]
+    whitened = torch.where(m.bool(), (adv_raw - statistics.mean(vals)) / statistics.stdev(vals), torch.zeros(6, 8))
+    torch.testing.assert_close(advantages("ppo", dict(CFG, kl_in="loss")), whitened, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("algo, kl_in, in_loss", [("ppo", "auto", False), ("ppo", "loss", True),
+                                                  ("grpo", "auto", True), ("grpo", "reward", False)])
+def test_kl_in_decides_whether_update_adds_the_kl_loss(algo, kl_in, in_loss):
+    """Zero advantages and no entropy bonus: the actor moves only if the KL to the (perturbed) reference
+    is in the loss."""
+    actor, critic = tiny_models()
+    batch, cfg = rollout_batch(actor, critic, algo)
+    batch.advantages = torch.zeros_like(batch.advantages)
+    cfg = dict(cfg, kl_in=kl_in, entropy_coef=0.0, kl_coef=1.0)
+    grads = update_gradients(actor, critic if algo == "ppo" else None, batch, cfg)[:len(list(actor.parameters()))]
+    assert any(g.abs().sum() > 0 for g in grads) == in_loss
+
+
 def test_adaptive_kl_controller_follows_ziegler_and_is_fixed_without_target():
     assert ppo.adaptive_kl_coef(0.1, 5.0, 64, None, 1000) == 0.1
     assert abs(ppo.adaptive_kl_coef(0.1, 0.012, 64, 0.01, 1000) - 0.1 * (1 + 0.2 * 64 / 1000)) < 1e-12
@@ -266,7 +319,21 @@ def test_adaptive_kl_controller_follows_ziegler_and_is_fixed_without_target():
 
 # ---------------------------------------------------------------- losses
 
-def policy_loss_loop(logp, old, adv, mask, eps, c, agg):
+AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+
+
+def agg_loop(per_row, agg, max_len=1):
+    """per_row: each row's per-token losses -> the scalar of `agg`, rows without a token counting as nothing."""
+    if agg == "token-mean":
+        flat = [x for row in per_row for x in row]
+        return sum(flat) / max(len(flat), 1)
+    rows = [sum(row) / (len(row) if agg == "seq-mean-token-mean" else max_len if agg.endswith("-norm") else 1)
+            for row in per_row if row]
+    return sum(rows) / max(len(rows), 1)
+
+
+def policy_loss_loop(logp, old, adv, mask, eps, c, agg, eps_high=None, max_len=1):
+    eps_high = eps if eps_high is None else eps_high
     B, T = logp.shape
     per_row = []
     for b in range(B):
@@ -275,26 +342,49 @@ def policy_loss_loop(logp, old, adv, mask, eps, c, agg):
             if not mask[b, t]:
                 continue
             r, a = math.exp(logp[b, t] - old[b, t]), adv[b, t].item()
-            loss = max(-a * r, -a * min(max(r, 1 - eps), 1 + eps))
-            losses.append(min(loss, -a * c) if a < 0 else loss)
+            loss = max(-a * r, -a * min(max(r, 1 - eps), 1 + eps_high))
+            losses.append(min(loss, -a * c) if a < 0 and c is not None else loss)
         per_row.append(losses)
-    if agg == "token-mean":
-        flat = [x for row in per_row for x in row]
-        return sum(flat) / max(len(flat), 1)
-    rows = [sum(row) / len(row) if agg == "seq-mean-token-mean" else sum(row) for row in per_row if row]
-    return sum(rows) / max(len(rows), 1)
+    return agg_loop(per_row, agg, max_len)
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+@pytest.mark.parametrize("agg", AGGS)
 def test_policy_loss_matches_loop_for_each_aggregation_without_nan_on_empty_rows(agg):
     gen = torch.Generator().manual_seed(10)
     m = random_mask(6, 8, gen)
     logp, old, adv = rand(6, 8, gen=gen, low=-2), rand(6, 8, gen=gen, low=-2), torch.randn(6, 8, generator=gen)
-    loss, stats = ppo.policy_loss(logp, old, adv, m, 0.2, 3.0, agg)
+    loss, stats = ppo.policy_loss(logp, old, adv, m, 0.2, 0.2, 3.0, agg)
     assert torch.isfinite(loss)
     assert abs(loss.item() - policy_loss_loop(logp, old, adv, m, 0.2, 3.0, agg)) < 1e-5
     empty, _ = ppo.policy_loss(logp, old, adv, torch.zeros_like(m), agg=agg)
     assert empty.item() == 0.0
+    for eps_high, c, max_len in [(0.28, None, 8), (0.5, 2.0, 3)]:  # clip-higher, no dual clip, Dr. GRPO's L
+        loss, _ = ppo.policy_loss(logp, old, adv, m, 0.2, eps_high, c, agg, max_len)
+        assert abs(loss.item() - policy_loss_loop(logp, old, adv, m, 0.2, c, agg, eps_high, max_len)) < 1e-5
+
+
+def test_clip_higher_clips_the_ratio_to_one_minus_eps_low_and_one_plus_eps_high():
+    """DAPO's clip-higher: with ε_low = 0.2, ε_high = 0.28 a token of A > 0 may rise to r = 1.28, one of
+    A < 0 may fall to r = 0.8; past those the loss is flat (zero gradient)."""
+    log_r = torch.tensor([[math.log(1.25), math.log(1.5), math.log(0.85), math.log(0.5)]], requires_grad=True)
+    adv, m = torch.tensor([[1.0, 1.0, -1.0, -1.0]]), torch.ones(1, 4)
+    per_token = [ppo.policy_loss(log_r[:, i:i + 1], torch.zeros(1, 1), adv[:, i:i + 1], m[:, i:i + 1], 0.2, 0.28)[0]
+                 for i in range(4)]
+    assert [x.item() for x in per_token] == pytest.approx([-1.25, -1.28, 0.85, 0.8])
+    sum(per_token).backward()
+    assert log_r.grad.tolist()[0] == pytest.approx([-1.25, 0.0, 0.85, 0.0])  # ∂(-A r)/∂log r = -A r where unclipped
+
+
+def test_dual_clip_null_leaves_the_loss_of_a_negative_advantage_unbounded():
+    logp, old, adv, m = torch.tensor([[5.0]]), torch.zeros(1, 1), torch.tensor([[-1.0]]), torch.ones(1, 1)
+    assert ppo.policy_loss(logp, old, adv, m, dual_clip=None)[0].item() == pytest.approx(math.exp(5.0))
+    assert ppo.policy_loss(logp, old, adv, m, dual_clip=3.0)[0].item() == pytest.approx(3.0)
+
+
+def test_dual_clip_is_null_or_above_one_else_a_one_line_error():
+    assert config.load_config(["dual_clip=null"])["dual_clip"] is None
+    with pytest.raises(SystemExit, match=r"^error: dual_clip .* must be above 1, or null for none; got 0.5$"):
+        config.load_config(["dual_clip=0.5"])
 
 
 def test_policy_loss_zero_advantages_give_zero_gradient():
@@ -389,18 +479,36 @@ def test_masked_positions_never_change_any_loss_or_gradient():
 
 # ---------------------------------------------------------------- models
 
-@pytest.mark.parametrize("lm", ["qwen2", "gpt2"])  # GPT-2's absolute positions test the position_ids
+def tiny_lm(kind):
+    """A tiny causal LM of each kind of output head: h W^T (Qwen2, Llama, GPT-2), h W^T + b (Phi, its bias
+    drawn nonzero), c tanh(h W^T / c) (Gemma-2; c = 2 where its default 30 would barely touch a tiny model's
+    logits). GPT-2's absolute positions test the position_ids."""
+    torch.manual_seed(0)
+    size = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, initializer_range=0.2)
+    if kind == "qwen2":
+        return tiny_models()[0].lm
+    if kind == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=16,
+                                          bos_token_id=0, eos_token_id=0)).eval()
+    if kind == "phi":
+        lm = PhiForCausalLM(PhiConfig(**size)).eval()
+        torch.nn.init.normal_(lm.lm_head.bias)
+        return lm
+    return {"llama": lambda: LlamaForCausalLM(LlamaConfig(**size)),
+            "gemma2": lambda: Gemma2ForCausalLM(Gemma2Config(**size, head_dim=8, final_logit_softcapping=2.0))}[kind]().eval()
+
+
+@pytest.mark.parametrize("lm", ["qwen2", "gpt2", "llama", "phi", "gemma2"])
 def test_actor_logp_and_entropy_equal_log_softmax_of_lm_logits_for_right_and_left_padding(lm):
-    actor, _ = tiny_models()
-    if lm == "gpt2":
-        config = GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=16, bos_token_id=0,
-                            eos_token_id=0)
-        actor = ppo.Actor(GPT2LMHeadModel(config).eval())
+    """Against the model's own logits (its whole head) on each row alone. fp32 throughout: the two differ
+    by summation order alone (packed rows, the fused log-softmax), about 1e-6, so 1e-5."""
+    actor = ppo.Actor(tiny_lm(lm))
     gen = torch.Generator().manual_seed(15)
-    lengths, T, temperature = [9, 6, 4], 9, 0.7
+    lengths, T, temperature = [9, 6, 4, 3], 9, 0.7  # 6 and 3 share a packed row
     rows = [torch.randint(0, 97, (n,), generator=gen) for n in lengths]
     for side in ["right", "left"]:
-        ids, attn = torch.zeros(3, T, dtype=torch.long), torch.zeros(3, T, dtype=torch.long)
+        ids, attn = torch.zeros(len(rows), T, dtype=torch.long), torch.zeros(len(rows), T, dtype=torch.long)
         for b, row in enumerate(rows):
             span = slice(0, len(row)) if side == "right" else slice(T - len(row), T)
             ids[b, span], attn[b, span] = row, 1
@@ -414,6 +522,21 @@ def test_actor_logp_and_entropy_equal_log_softmax_of_lm_logits_for_right_and_lef
             torch.testing.assert_close(logp[b, start + 1:start + len(row)], ref_logp, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(entropy[b, start + 1:start + len(row)], ref_entropy, atol=1e-5, rtol=1e-5)
             assert logp[b, start] == 0 and torch.all(logp[b, attn[b] == 0] == 0)
+            if lm in ("phi", "gemma2"):  # the test bites: h W^T alone, without the bias or the cap, is far off
+                with torch.no_grad():
+                    hidden = actor.lm.get_decoder()(row[None]).last_hidden_state[0, :-1]
+                    weight_only = kernels.logprob_entropy_from_hidden(hidden, actor.lm.get_output_embeddings().weight,
+                                                                      row[1:], temperature)[0]
+                assert (weight_only - ref_logp).abs().max() > 0.1
+
+
+def test_a_head_that_does_more_than_a_weight_bias_and_soft_cap_is_refused_naming_the_model_type():
+    """Granite divides its logits by `logits_scaling`: the fused head would give another distribution."""
+    lm = GraniteForCausalLM(GraniteConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, logits_scaling=4.0))
+    with pytest.raises(SystemExit, match=r"^error: granite's output head does more than") as e:
+        ppo.Actor(lm)
+    assert "\n" not in str(e.value)
 
 
 def test_token_values_at_t_are_critic_outputs_at_t_minus_one_also_when_left_padded():
@@ -475,13 +598,42 @@ def test_information_tokens_change_no_update():
 
 
 def test_micro_batch_accumulation_equals_one_pass_over_the_mini_batch():
-    for agg in ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]:
+    for agg in AGGS:
         actor, critic = tiny_models()
         batch, cfg = rollout_batch(actor, critic, "ppo")
-        one_pass, accumulated = (update_gradients(actor, critic, batch, dict(cfg, micro_batch_size=micro, loss_agg=agg))
+        one_pass, accumulated = (update_gradients(actor, critic, batch, dict(cfg, micro_batch_size=micro, loss_agg_mode=agg))
                                  for micro in [4, 1])
         for g, h in zip(one_pass, accumulated):  # gradients are O(0.1-0.5): 1e-6 is summation order, not scaling
             torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_loss_agg_mode_aggregates_the_entropy_and_kl_terms_as_it_does_the_policy_term(agg):
+    """One GRPO update (KL in the loss) of two micro-batches takes the gradient of agg(-A r - c_H H + β k3),
+    agg written as a loop over rows (`agg_loop`), L = max_response_tokens for seq-mean-token-sum-norm."""
+    actor, _ = tiny_models()
+    batch, cfg = rollout_batch(actor, None, "grpo")
+    cfg = dict(cfg, loss_agg_mode=agg, entropy_coef=0.1, kl_coef=0.5, max_response_tokens=16)
+    got = update_gradients(actor, None, batch, cfg)
+    logp, entropy = actor(batch.input_ids, batch.attention_mask, cfg["temperature"], batch.response_mask)
+    per_row = []
+    for b in range(len(logp)):
+        terms = []
+        for t in [t for t in range(logp.shape[1]) if batch.response_mask[b, t]]:
+            r = torch.exp(logp[b, t] - batch.old_logp[b, t])  # 1 up to rounding: no clip bites
+            d = batch.ref_logp[b, t] - logp[b, t]
+            terms.append(-batch.advantages[b, t] * r - 0.1 * entropy[b, t] + 0.5 * (torch.exp(d) - d - 1))
+        per_row.append(terms)
+    want = torch.autograd.grad(agg_loop(per_row, agg, 16), list(actor.parameters()))
+    for g, h in zip(got, want):  # as the accumulation test: summation order, not scaling
+        torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-4)
+
+
+def test_seq_mean_token_sum_norm_divides_each_rows_token_sum_by_one_constant_not_by_its_length():
+    """Dr. GRPO: rows of 1 and 3 tokens of loss 1 give (1/8 + 3/8) / 2 at L = 8; seq-mean-token-mean 1."""
+    loss, mask = torch.ones(2, 4), torch.tensor([[1.0, 0, 0, 0], [1, 1, 1, 0]])
+    assert ppo.agg_loss(loss, mask, "seq-mean-token-sum-norm", max_len=8).item() == pytest.approx(0.25)
+    assert ppo.agg_loss(loss, mask, "seq-mean-token-mean").item() == pytest.approx(1.0)
 
 
 def test_micro_batches_group_each_mini_batch_by_length():
@@ -612,7 +764,7 @@ def test_make_optimizer_first_lr_is_positive_then_warms_up_to_lr_and_stays():
 
 
 def test_learning_rate_schedule_steps_once_per_update_not_per_optimizer_step():
-    """lr_warmup_steps counts RL steps (veRL steps the scheduler once per update_actor), however many
+    """The warm-up counts RL steps (veRL steps the scheduler once per update_actor), however many
     mini-batches an update has: after 2 updates of 2 optimizer steps each, warm-up 3 is at (2+1)/4."""
     actor, critic = tiny_models()
     batch, cfg = rollout_batch(actor, critic, "ppo")
@@ -623,6 +775,33 @@ def test_learning_rate_schedule_steps_once_per_update_not_per_optimizer_step():
                    dict(cfg, mini_batch_size=2), cfg["kl_coef"], step=step)
     assert a_opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 3 / 4)
     assert c_opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 3 / 4)
+
+
+def test_each_paper_preset_is_its_official_script_as_the_table_of_docs_paper_states():
+    """docs/paper.md's table, written from train_ppo.sh, train_grpo.sh and train_reinforce.sh, against the
+    config each preset gives (`-`: the algorithm does not use the key)."""
+    lines = open(os.path.join(os.path.dirname(ppo.__file__), "docs", "paper.md"), encoding="utf-8").read().splitlines()
+    header = next(line for line in lines if line.startswith("| key | `preset="))
+    presets = re.findall(r"`preset=([\w-]+)`", header)
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines if line.startswith("| `")]
+    assert presets == ["paper", "paper-grpo", "paper-reinforce"] and len(rows) > 30
+    for i, preset in enumerate(presets):
+        cfg = config.load_config([f"preset={preset}"])
+        for key, *values in rows:
+            if values[i] != "-":
+                assert cfg[key.strip("`")] == config.parse_value(values[i]), (preset, key)
+
+
+def test_warm_up_ratios_give_int_ratio_times_steps_rl_steps_as_the_official_code(tmp_path):
+    """The official run's 0.285 and 0.015 of 203 steps: int() gives 57 and 3, so the first step runs at
+    lr / 58 and critic_lr / 4; the default's 0.05 of 60 is 3 steps, lr / 4, as before the ratios."""
+    path = str(tmp_path / "policy")
+    tiny_models()[0].lm.save_pretrained(path)
+    for steps, ratio, critic_ratio, divisors in [(203, 0.285, 0.015, (58, 4)), (60, 0.05, 0.0, (4, 1))]:
+        cfg = dict(config.load_config([]), steps=steps, lr_warmup_ratio=ratio, critic_lr_warmup_ratio=critic_ratio)
+        actor, critic, _, _ = zerosearch.load_models(path, cfg, parallel.Ctx())
+        assert actor.optimizer.param_groups[0]["lr"] == pytest.approx(cfg["actor_lr"] / divisors[0])
+        assert critic.optimizer.param_groups[0]["lr"] == pytest.approx(cfg["critic_lr"] / divisors[1])
 
 
 def test_bf16_compute_keeps_fp32_weights_so_a_small_adam_step_is_not_rounded_away():

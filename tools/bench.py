@@ -438,9 +438,9 @@ def bench_gpu_step():
         critic = Qwen2ForTokenClassification(Qwen2Config(**QWEN25_05B, num_labels=1, classifier_dropout=0.0))
     ref = copy.deepcopy(actor).requires_grad_(False)
     learners = [ppo.Learner(m, *ppo.make_optimizer(m, 1e-6, 0.0, 0, 10)) for m in (actor, critic)]
-    cfg = dict(algo="ppo", gamma=1.0, lam=1.0, kl_type="k3", clip_ratio=0.2, dual_clip=3.0, value_clip=0.5,
-               entropy_coef=0.0, ppo_epochs=1, mini_batch_size=B, micro_batch_size=micro, grad_clip=1.0,
-               loss_agg="token-mean", critic_warmup=0, temperature=1.0, seed=0, dtype="bfloat16")
+    cfg = dict(algo="ppo", gamma=1.0, lam=1.0, kl_type="k3", clip_ratio_low=0.2, clip_ratio_high=0.2, dual_clip=3.0,
+               value_clip=0.5, entropy_coef=0.0, ppo_epochs=1, mini_batch_size=B, micro_batch_size=micro, grad_clip=1.0,
+               loss_agg_mode="token-mean", critic_warmup=0, temperature=1.0, seed=0, dtype="bfloat16")
     prompts = sampler_prompts(B, QWEN25_05B["vocab_size"])
 
     def rl_step():
