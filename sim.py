@@ -40,6 +40,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+import ppo
 
 
 # ---------------------------------------------------------------- sampler
@@ -413,9 +414,9 @@ def top_k(scores, k):
 
 def sft(model, examples, steps, batch_size, lr, seed=0, desc="sft", pad_id=0):
     """Supervised fine-tuning of a causal LM on (token ids, loss mask) examples: AdamW, linear
-    warm-up then cosine decay to 10%, next-token cross-entropy on the masked-in tokens only.
-    Used for the simulator's fine-tuning and for the tiny policy's format warm-up."""
-    rng, device = random.Random(seed), next(model.parameters()).device
+    warm-up then cosine decay to 10%, next-token cross-entropy on the masked-in tokens only
+    (`sft_backward`). Used for the simulator's fine-tuning and for the tiny policy's format warm-up."""
+    rng, device, actor = random.Random(seed), next(model.parameters()).device, ppo.Actor(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
@@ -425,18 +426,30 @@ def sft(model, examples, steps, batch_size, lr, seed=0, desc="sft", pad_id=0):
         batch = rng.sample(examples, min(batch_size, len(examples)))
         T = max(len(ids) for ids, _ in batch)
         ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), T), -100, dtype=torch.long)
+        trained = torch.zeros(len(batch), T, dtype=torch.bool)
         for b, (x, m) in enumerate(batch):
-            ids[b, :len(x)] = torch.tensor(x)
-            labels[b, :len(x)] = torch.where(torch.tensor(m, dtype=torch.bool), torch.tensor(x), -100)
+            ids[b, :len(x)], trained[b, :len(x)] = torch.tensor(x), torch.tensor(m, dtype=torch.bool)
         attn = (torch.arange(T)[None] < torch.tensor([len(x) for x, _ in batch])[:, None]).long()
-        loss = model(input_ids=ids.to(device), attention_mask=attn.to(device), labels=labels.to(device)).loss
-        loss.backward()
+        loss = sft_backward(actor, ids.to(device), attn.to(device), trained.to(device))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss:.3f}")
     model.eval()
-    return loss.item()
+    return loss
+
+
+def sft_backward(actor, input_ids, attention_mask, trained, micro_batch_size=8):
+    """Adds to the gradients that of L = mean over the batch's trained tokens of -log p(x_t | x_<t)
+    (HF's `labels` loss, -100 off `trained` [B, T]) -> L. The batch runs as the RL update does
+    (`ppo.update`): micro-batches of similar lengths, packed rows, the LM head on trained tokens only."""
+    n_trained = (ppo.scored_positions(attention_mask) & trained).sum()
+    loss = 0.0
+    for rows in ppo.by_length(attention_mask, torch.arange(len(trained), device=trained.device), micro_batch_size):
+        logp, _ = actor(input_ids[rows], attention_mask[rows], positions=trained[rows])  # 0 off the trained tokens
+        micro_loss = -logp.sum() / n_trained  # its share of the batch's token mean
+        micro_loss.backward()
+        loss += micro_loss.item()
+    return loss
 
 
 TAG_RE = re.compile(r"</?(think|search|information|answer)>")

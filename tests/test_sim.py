@@ -4,7 +4,9 @@ documents is a simulator whose greedy output is known by construction (a word-su
 import contextlib
 import http.server
 import json
+import math
 import os
+import random
 import socket
 import threading
 import time
@@ -15,6 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 import config
+import ppo
 import sim
 import simulator
 import world
@@ -512,3 +515,72 @@ def test_collect_needs_a_policy_and_a_real_engine():
         simulator.main(["collect", "n=10"])
     with pytest.raises(SystemExit, match="set n to"):
         simulator.main(["collect", "n=1"])
+
+
+def ragged_examples(seed=0):
+    """(token ids, loss mask) of 10 lengths: a prompt (mask 0) then a target (mask 1), one target with
+    a gap (as the warm-up's quotes), one whose mask also covers its first token (never predicted)."""
+    gen = torch.Generator().manual_seed(seed)
+    examples = []
+    for n, prompt in zip([12, 3, 12, 5, 10, 7, 6, 12, 2, 9], [4, 1, 8, 2, 3, 0, 5, 1, 1, 6]):
+        mask = [0] * prompt + [1] * (n - prompt)
+        examples.append((torch.randint(1, 50, (n,), generator=gen).tolist(), mask))
+    examples[2][1][9] = 0
+    examples[5][1][0] = 1
+    return examples
+
+
+def tiny_lm(seed=0):
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2))
+
+
+def hf_padded_loss(model, examples, pad_id=0):
+    """The oracle: Hugging Face's own loss on the right-padded batch, labels -100 off the loss mask."""
+    T = max(len(x) for x, _ in examples)
+    ids = torch.tensor([x + [pad_id] * (T - len(x)) for x, _ in examples])
+    attn = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x, _ in examples])
+    labels = torch.tensor([[t if m else -100 for t, m in zip(x, mask)] + [-100] * (T - len(x)) for x, mask in examples])
+    return model(input_ids=ids, attention_mask=attn, labels=labels).loss
+
+
+@pytest.mark.parametrize("micro_batch_size", [3, 8, 10])
+def test_sft_backward_on_packed_micro_batches_gives_hf_padded_loss_and_gradient(micro_batch_size):
+    examples = ragged_examples()
+    assert len(ppo.pack_rows([2, 3, 5, 6, 7, 9, 10, 12])[0]) == 5  # the 8 shortest pack into 5 rows
+    model = tiny_lm()
+    oracle = hf_padded_loss(model, examples)
+    oracle.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    T = max(len(x) for x, _ in examples)
+    ids = torch.tensor([x + [0] * (T - len(x)) for x, _ in examples])
+    attn = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x, _ in examples])
+    trained = torch.tensor([m + [0] * (T - len(m)) for _, m in examples]).bool()
+    loss = sim.sft_backward(ppo.Actor(model), ids, attn, trained, micro_batch_size)
+    assert loss == pytest.approx(oracle.item(), abs=1e-6)
+    for p, g in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-4)
+
+
+def test_sft_takes_the_padded_recipes_steps_batches_drawn_as_before_and_the_same_losses(monkeypatch):
+    """The oracle is the fine-tuning as it was written on padded batches: the same draws
+    (`rng.sample`), AdamW, warm-up and cosine schedule, clipping; HF's loss."""
+    examples, losses = ragged_examples(), []
+    model, reference = tiny_lm(), tiny_lm()
+    rng, steps = random.Random(3), 6  # a warm-up of max(1, steps // 20) = 1 step
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.01, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(s + 1, 0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
+    for _ in range(steps):
+        loss = hf_padded_loss(reference, rng.sample(examples, 4))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        opt.step(); sched.step(); opt.zero_grad()
+        losses.append(loss.item())
+    sft_backward = sim.sft_backward
+    packed = []
+    monkeypatch.setattr(sim, "sft_backward", lambda *args: packed.append(sft_backward(*args)) or packed[-1])
+    assert sim.sft(model, examples, steps, 4, 1e-2, seed=3) == packed[-1]
+    assert packed == pytest.approx(losses, abs=1e-5)
+    assert losses[-1] < losses[0]  # it learns, so the later steps compare trained weights too

@@ -44,11 +44,12 @@ import numpy as np
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForTokenClassification
 
+import build
 from kernels import logprob_entropy_from_hidden, logprob_entropy_from_hidden_reference
 import ppo
 import sim
 from sim import sample
-from world import build_world, make_words, tiny_model, world_tokenizer
+from world import build_world, knowledge_index, make_words, simulator_rows, tiny_model, world_tokenizer
 from config import load_config
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
@@ -601,6 +602,73 @@ def bench_step():
     bench_rl_steps()
 
 
+# --- sft: the warm-up and the simulator's fine-tuning (sim.sft), padded against now --------------------
+SFT_STEPS, SFT_ROUNDS = (3, 1) if QUICK else (6, 4)  # steps a run; runs of each path, alternating
+
+
+def padded_sft_backward(actor, input_ids, attention_mask, trained):
+    """sim.sft_backward as before: one forward of the padded batch, the LM head and HF's loss on every position."""
+    loss = actor.lm(input_ids=input_ids, attention_mask=attention_mask, labels=torch.where(trained, input_ids, -100)).loss
+    loss.backward()
+    return loss.item()
+
+
+def recorded(backward, c):
+    """`backward` (as sim.sft_backward) that adds to `c` when it began, its batch's trained tokens and its loss;
+    for the padded path also the positions it computes and the real tokens (`counted` does it for the packed)."""
+    def call(actor, input_ids, attention_mask, trained):
+        c["stamps"].append(time.perf_counter())
+        c["trained"] += (ppo.scored_positions(attention_mask) & trained).sum().item()
+        if backward is padded_sft_backward:
+            c["positions"], c["tokens"] = c["positions"] + input_ids.numel(), c["tokens"] + attention_mask.sum().item()
+        c["losses"].append(backward(actor, input_ids, attention_mask, trained))
+        return c["losses"][-1]
+    return call
+
+
+def bench_sft():
+    """The default build's two fine-tunings from one start, padded (before) and as sim.sft runs them now, the
+    runs alternating; a step is timed from one sft_backward call to the next (the whole step, optimizer included)."""
+    cfg, threads = load_config([]), torch.get_num_threads()
+    torch.set_num_threads(cfg["threads"])
+    w = build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"])
+    retriever = sim.Retriever(w.docs)
+    tok, trajectories, queries, rng = build.warmup_data(w, retriever, cfg)
+    rows = simulator_rows(w, queries, lambda q: retriever.search(q, cfg["topk"]), knowledge_index(w.docs), rng,
+                          cfg["sim_sft_noisy"])
+    model = tiny_model(len(tok), cfg["tiny_hidden"], cfg["tiny_layers"], cfg["tiny_heads"], cfg["seed"])
+    start, packed, plan = copy.deepcopy(model.state_dict()), sim.sft_backward, ppo.pack_rows
+    runs = {"warm-up": lambda: sim.sft(model, trajectories, SFT_STEPS, cfg["warmup_batch_size"], cfg["warmup_lr"],
+                                       cfg["seed"], "warm-up", tok.pad_token_id),
+            "simulator": lambda: sim.train_simulator(model, tok, rows, cfg, SFT_STEPS, cfg["sim_sft_batch_size"],
+                                                     cfg["sim_sft_lr"], cfg["seed"])}
+    paths = {"padded (before)": padded_sft_backward, "packed, micro-batches by length (now)": packed}
+    print(f"### sft: sim.sft on the default build's data and batch sizes, {cfg['threads']} threads, {SFT_ROUNDS} runs "
+          f"of {SFT_STEPS} steps a path from one start, alternating; the LM head on every position (padded) or on "
+          "the trained tokens alone (now)\n")
+    print("| fine-tuning | path | positions / trained token | positions / real token | s/step (median) | speed-up |")
+    print("|---|---|---:|---:|---:|---:|")
+    for run_name, run in runs.items():
+        counts = {path: dict(positions=0, tokens=0, trained=0, stamps=[], seconds=[], losses=[]) for path in paths}
+        for _ in range(SFT_ROUNDS):
+            for path, c in counts.items():
+                model.load_state_dict(start)
+                sim.sft_backward, ppo.pack_rows, c["stamps"] = recorded(paths[path], c), counted(plan, c), []
+                try:
+                    run()
+                finally:
+                    sim.sft_backward, ppo.pack_rows = packed, plan
+                c["seconds"] += [b - a for a, b in zip(c["stamps"], c["stamps"][1:])]
+        median = [statistics.median(c["seconds"]) for c in counts.values()]
+        for (path, c), seconds in zip(counts.items(), median):
+            print(f"| {run_name} | {path} | {c['positions'] / c['trained']:.2f} | {c['positions'] / c['tokens']:.2f} | "
+                  f"{seconds:.3f} | {median[0] / seconds:.2f}x |", flush=True)
+        gap = max(abs(a - b) for a, b in zip(*(c["losses"] for c in counts.values())))
+        print(f"| {run_name} | the two paths' losses, step by step, agree within {gap:.1e} | | | | |")
+    torch.set_num_threads(threads)
+    print()
+
+
 RL_STEPS = 2 if QUICK else 10
 STAGES = ("sample", "engine", "logprob", "values", "update")
 WHOLE = ["micro_batch_size=128"]  # one forward pass over the step's 128 sequences, one per mini-batch of 64, as before
@@ -657,7 +725,8 @@ def rl_steps(layout, out_dir):
         json.dump(counts, f)
 
 
-SECTIONS = {"logprob": bench_logprob, "sampler": bench_sampler, "step": bench_step, "retriever": bench_retriever,
+SECTIONS = {"logprob": bench_logprob, "sampler": bench_sampler, "step": bench_step, "sft": bench_sft,
+            "retriever": bench_retriever,
             "gpu-logprob": bench_gpu_logprob, "gpu-sampler": bench_gpu_sampler, "gpu-step": bench_gpu_step}
 
 if __name__ == "__main__":
