@@ -10,10 +10,12 @@ import json
 import os
 import random
 import shutil
+import urllib.parse
 
 from safetensors import SafetensorError, safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
+import engines
 import sim
 import world
 
@@ -37,7 +39,7 @@ def prepare_embedded(cfg, cache_dir, log=print):
     model is written to a temporary folder and renamed when complete, so a build killed half-way is
     built again. Returns (world, retriever, simulator path, policy path)."""
     w = world.build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"])
-    retriever = sim.Retriever(w.docs)
+    retriever = engines.Retriever(w.docs)
     base = os.path.join(cache_dir, digest(cfg, WARMUP_KEYS))
     policy_dir, sim_dir = os.path.join(base, "warmup"), os.path.join(base, "simulator-" + digest(cfg, SIMULATOR_KEYS))
     if whole(policy_dir) and whole(sim_dir):
@@ -116,3 +118,113 @@ def whole(path):
         return bool(safe_open(os.path.join(path, "model.safetensors"), "pt"))  # its header must cover the whole file
     except (OSError, SafetensorError):
         return False
+
+
+# ----------------------------------------------------------------------------- a run's inputs: data, models, engines
+def setup(cfg, ctx):
+    """Tokenizer, train questions, evaluation sets, the in-process BM25 retriever (None when no engine
+    searches it), the simulator's and the starting policy's paths: built here for the embedded world,
+    else from the config."""
+    if cfg["data"] == "world" and cfg["eval_data"] == "world":
+        if cfg["policy_model"] and (cfg["sim_model"] or not uses_simulator(cfg)):  # no tiny model to build
+            w = world.build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"])
+            retriever, sim_path, policy_path = engines.Retriever(w.docs), None, None
+        else:
+            cache = os.path.join(cfg["out_dir"], "build")
+            if ctx.master:  # one process builds, the others wait and load
+                prepare_embedded(cfg, cache, log=ctx.print0)
+            ctx.barrier()
+            w, retriever, sim_path, policy_path = prepare_embedded(cfg, cache, log=lambda *a: None)
+        tok = world.load_tokenizer(cfg["policy_model"] or policy_path)  # a real policy on the world keeps its own
+        test = {"single-hop": [q for q in w.test if q["hops"] == 1], "two-hop": [q for q in w.test if q["hops"] == 2]}
+        eval_sets = {k: fitting(v, tok, cfg, k, ctx)[:cfg["eval_size"]] for k, v in test.items()}
+        knowledge = None if cfg["sim_model"] else world.knowledge_index(w.docs)  # a real simulator has its own
+        train_qs = fitting(world.split_train(w.train, cfg["rl_share"])[1], tok, cfg, "the train questions", ctx)
+        return tok, train_qs, eval_sets, retriever, cfg["sim_model"] or sim_path, cfg["policy_model"] or policy_path, knowledge
+    if not cfg["policy_model"]:
+        raise SystemExit("error: data is a file, so policy_model must name a model (e.g. policy_model=Qwen/Qwen2.5-3B)")
+    if cfg["eval_backend"] == "real" and not cfg["corpus"]:  # the simulator sees the gold answer: never the evaluation's engine
+        raise SystemExit("error: data is a file, so evaluation needs a real engine: set corpus=path/to/corpus.jsonl "
+                         "(BM25 here) or eval_backend=retriever (a served one at retriever_url)")
+    if cfg["search_backend"] == "real" and not cfg["corpus"]:
+        raise SystemExit("error: search_backend=real searches BM25 over corpus=path/to/corpus.jsonl; set it, "
+                         "or search_backend=retriever (a served engine at retriever_url)")
+    tok = world.load_tokenizer(cfg["policy_model"])
+    eval_sets = {}
+    for item in str(cfg["eval_data"]).split(","):
+        name, _, path = item.partition("=")
+        if not path or name in eval_sets:
+            raise SystemExit(f"error: eval_data item {item!r} must be name=path (e.g. nq=data/nq_test.jsonl), "
+                             "a name no other set has")
+        eval_sets[name] = fitting(world.load_questions(path), tok, cfg, path, ctx)[:cfg["eval_size"]]
+    train_qs = fitting(world.load_questions(cfg["data"]), tok, cfg, cfg["data"], ctx) if cfg["data"] != "world" else []
+    in_process = "real" in (cfg["eval_backend"], cfg["search_backend"])  # else both engines are served: no corpus here
+    retriever = engines.Retriever(world.load_corpus(cfg["corpus"])) if in_process else None
+    return tok, train_qs, eval_sets, retriever, cfg["sim_model"], cfg["policy_model"], None
+
+
+def uses_simulator(cfg):
+    """Does this run search a simulator (in process, or served with the embedded one's tokenizer)?"""
+    backend = {"train": cfg["search_backend"], "eval": None, "ask": cfg["ask_engine"]}[cfg["mode"]]
+    return backend in ("sim", "http")
+
+
+def fitting(questions, tok, cfg, source, ctx):
+    """The questions whose prompt fits max_prompt_tokens; the others are skipped and counted in one
+    note. A question of more than 64 characters a token is skipped without being tokenized."""
+    limit, template = cfg["max_prompt_tokens"], cfg["prompt_template"]
+    kept = [q for q in questions if len(q["question"]) <= 64 * limit and
+            len(sim.prompt_ids(tok, template.format(question=q["question"]), cfg["chat_template"])) <= limit]
+    if len(kept) < len(questions):
+        ctx.print0(f"note: {len(questions) - len(kept)} of {len(questions)} questions of {source} have a prompt "
+                   f"longer than max_prompt_tokens={limit} tokens; they are skipped")
+    if questions and not kept:
+        raise SystemExit(f"error: no question of {source} fits max_prompt_tokens={limit}; raise it or shorten them")
+    return kept
+
+
+def check_model(key, name):
+    """A model named in the config loads: a folder with config.json and weights, or a hub name whose
+    config can be had. Checked before any long stage, with one line."""
+    if os.path.isdir(name):
+        files = os.listdir(name)
+        if "config.json" not in files or not any(f.endswith((".safetensors", ".bin")) for f in files):
+            raise SystemExit(f"error: {key}={name}: the folder needs config.json and the weights "
+                             "(*.safetensors or *.bin), as save_pretrained writes them")
+        if not {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"} & set(files):
+            raise SystemExit(f"error: {key}={name}: no tokenizer in the folder; save it there with tokenizer.save_pretrained")
+        if "auto_map" in open(os.path.join(name, "config.json"), encoding="utf-8", errors="replace").read():
+            raise SystemExit(f"error: {key}={name} needs its own code (auto_map in config.json), which zerosearch never runs")
+        return
+    if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise SystemExit(f"error: {key}={name}: no such model folder here")
+    try:
+        AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {key}={name}: not a folder here, and the hub name could not be loaded "
+                         f"(hub names cannot be fetched on a machine without network): {str(e).splitlines()[0]}")
+
+
+def make_engine(backend, cfg, retriever, sim_path, ctx, knowledge=None, tok=None):
+    """The search engine of `backend`; `knowledge(query)` (embedded world) feeds the simulator's prompt;
+    `tok`, the policy's tokenizer, cuts a real engine's documents to doc_tokens."""
+    if backend == "real":
+        return engines.RealEngine(retriever, cfg, tok)
+    if backend == "retriever":
+        engine = engines.RetrieverEngine(cfg, tok)
+        engine.search([{"query": "test"}])  # the server answers now, not at the first search
+        return engine
+    if backend == "http":
+        url = urllib.parse.urlparse(cfg["sim_url"])
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise SystemExit(f"error: sim_url={cfg['sim_url']} is not an http(s) URL; e.g. sim_url=http://127.0.0.1:8000/v1")
+        if not sim_path:
+            raise SystemExit("error: search_backend=http needs sim_model (the served simulator's name or path; "
+                             "its tokenizer cuts documents to doc_tokens)")
+        engine = engines.HttpEngine(cfg, world.load_tokenizer(sim_path), cfg["sim_served_model"] or sim_path, knowledge)
+        engine.complete_all(["Query : test"], [0])  # the server answers now, not at the first RL search
+        return engine
+    if not sim_path:  # backend sim, the last of config.CHOICES
+        raise SystemExit("error: search_backend=sim needs sim_model (a fine-tuned simulator's name or path)")
+    model = AutoModelForCausalLM.from_pretrained(sim_path).to(ctx.device)
+    return sim.SimEngine(model, world.load_tokenizer(sim_path), cfg, knowledge)

@@ -421,3 +421,57 @@ def watch_for_second_ctrl_c():
         signal.set_wakeup_fd(previous_fd)
         os.close(write_end)  # the thread reads the end of the pipe and returns
     return stop
+
+
+# ----------------------------------------------------------------------------- resume
+def resume_or_start_over(run_dir, metrics_path, models, engine, cfg, ctx):
+    """-> (first step to run, kl_coef). With a checkpoint to resume from (cfg["resume"]), its step and
+    kl_coef, after restoring the models, optimizers, schedulers, RNG states and the engine's counters,
+    and its later checkpoints removed; else 0 and cfg["kl_coef"], after removing the run's old
+    checkpoints. The metrics file keeps the other runs' rows and this run's before that step."""
+    start, kl_coef, checkpoint = 0, cfg["kl_coef"], checkpoint_to_resume(cfg["resume"], run_dir)
+    if checkpoint:
+        state = load_checkpoint(checkpoint, models, ctx)
+        check_resume(checkpoint, state, cfg)
+        start, kl_coef = state["step"], state["kl_coef"]
+        engine.stats.update({k: v if ctx.master else 0 for k, v in state["engine_stats"].items()})  # totals
+        ctx.print0(f"{os.path.basename(run_dir)}: resuming from {checkpoint} (step {start} of {cfg['steps']})")
+        drop_checkpoints_after(run_dir, start, ctx)
+    else:
+        start_over(run_dir, ctx)
+    if ctx.master:
+        name, lines = os.path.basename(run_dir), open(metrics_path).readlines() if os.path.exists(metrics_path) else []
+        if lines and not lines[-1].endswith("\n"):  # a row is written with its newline at once: a kill cut this one short
+            print(f"note: {metrics_path}: its last line was cut off by an interrupted write; it is dropped")
+        rows = [json.loads(line) for line in lines if line.endswith("\n")]
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows if r.get("run") != name or r["step"] < start)
+    return start, kl_coef
+
+
+RESUME_KEYS = ("algo", "policy_model", "sim_model", "search_backend", "data")  # what a checkpoint continues
+
+
+def check_resume(checkpoint, state, cfg):
+    """A checkpoint continues the run that wrote it: the same RL algorithm, models, engine and data,
+    and no more steps than this run has; anything else stops with one line."""
+    for key, value in state.get("config", {}).items():
+        if cfg[key] != value:
+            raise SystemExit(f"error: {checkpoint} was written with {key}={value}, this run has {key}={cfg[key]}: "
+                             f"set {key}={value} to continue it, or another out_dir to start a new run")
+    if state["step"] > cfg["steps"]:
+        raise SystemExit(f"error: {checkpoint} is at step {state['step']}, past steps={cfg['steps']}: "
+                         f"set steps={state['step']} or more to continue it")
+
+
+def save_step(run_dir, step, models, row, kl_coef, cfg, ctx):
+    """A checkpoint after `step` (numbered step + 1, the next step to run)."""
+    engine_totals = {k[len("sim/"):]: v for k, v in row.items() if k.startswith("sim/")}
+    state = {"step": step + 1, "kl_coef": kl_coef, "noise_prob": row["noise_prob"], "engine_stats": engine_totals,
+             "config": {k: cfg[k] for k in RESUME_KEYS}}
+    save_checkpoint(os.path.join(run_dir, f"step_{step + 1:06d}"), models, state, ctx, cfg["keep_last"])
+
+
+def last_good(run_dir):
+    kept = checkpoints(run_dir)
+    return f"the last good weights are in {kept[-1]}" if kept else "no checkpoint was written before it"

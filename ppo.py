@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import gae, logprob_entropy_from_hidden
+from packing import by_length, in_micro_batches, padding_free
 
 LOG_RATIO_CLAMP = 20.0  # exp(±20) stays finite in fp32
 KL_CLAMP = 10.0
@@ -69,77 +70,6 @@ def masked_whiten(x, mask, shift_mean=True, reduce=None):
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask, whitened, zero)
-
-
-def kl_penalty(logp, ref_logp, kind):
-    """Per-token estimate of KL(π || π_ref) from samples of π."""
-    if kind == "k1":
-        return logp - ref_logp
-    if kind == "abs":
-        return (logp - ref_logp).abs()
-    if kind == "k2":
-        return 0.5 * (logp - ref_logp) ** 2
-    if kind == "k3":  # k3 = exp(ref - logp) - (ref - logp) - 1 ≥ 0 (Schulman's low-variance estimator)
-        d = (ref_logp - logp).clamp(-KL_CLAMP, KL_CLAMP)
-        return (torch.exp(d) - d - 1).clamp(-KL_CLAMP, KL_CLAMP)
-    raise ValueError(f"kl_type must be k1, abs, k2 or k3, got {kind!r}")
-
-
-def agg_loss(loss, mask, agg, max_len=1):
-    """Reduce a per-token loss [B, T] to a scalar (`loss_agg_mode`); rows with no unmasked token count as
-    nothing. max_len: the constant L of seq-mean-token-sum-norm, the response budget."""
-    if agg == "token-mean":  # mean over all unmasked tokens of the batch
-        return masked_mean(loss, mask)
-    mask = mask.bool()
-    row_sum, row_len = torch.where(mask, loss, torch.zeros_like(loss)).sum(-1), mask.sum(-1)
-    if agg == "seq-mean-token-mean":  # mean over rows of each row's token mean
-        return masked_mean(row_sum / row_len.clamp(min=1), row_len > 0)
-    if agg == "seq-mean-token-sum":  # mean over rows of each row's token sum
-        return masked_mean(row_sum, row_len > 0)
-    if agg == "seq-mean-token-sum-norm":  # Dr. GRPO: each row's token sum over one constant L, not its length
-        return masked_mean(row_sum, row_len > 0) / max_len
-    raise ValueError(f"loss_agg_mode must be token-mean, seq-mean-token-mean, seq-mean-token-sum or "
-                     f"seq-mean-token-sum-norm, got {agg!r}")
-
-
-def agg_units(mask, agg):
-    """What `agg_loss` averages over: unmasked tokens, or rows that have one."""
-    return mask.sum() if agg == "token-mean" else (mask.sum(-1) > 0).sum()
-
-
-def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, dual_clip=3.0, agg="token-mean",
-                max_len=1):
-    """Clipped surrogate, clip-higher (DAPO: ε_high > ε_low) and dual clip c (None: none). Returns (loss,
-    stats); approx_kl is k3 of KL(π_old || π)."""
-    log_ratio = (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    ratio = torch.exp(log_ratio)  # r = π / π_old
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
-    loss = torch.maximum(unclipped, clipped)  # L = max(-A r, -A clip(r, 1-ε_low, 1+ε_high))
-    capped = -advantages * (torch.inf if dual_clip is None else dual_clip)
-    dual_active = (advantages < 0) & (capped < loss)  # for A < 0: L = min(L, -A c)
-    loss = torch.where(dual_active, capped, loss)
-    stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
-             "dual_clipfrac": masked_mean(dual_active.float(), mask).item(),
-             "approx_kl": masked_mean(kl_penalty(old_logp, logp.detach(), "k3"), mask).item()}
-    return agg_loss(loss, mask, agg, max_len), stats
-
-
-def value_loss(values, old_values, returns, mask, clip=0.5):
-    """Clipped value loss, token-mean. Returns (loss, clipfrac)."""
-    clipped = old_values + (values - old_values).clamp(-clip, clip)  # clip(V, V_old - c, V_old + c)
-    loss_unclipped, loss_clipped = (values - returns) ** 2, (clipped - returns) ** 2
-    loss = 0.5 * torch.maximum(loss_unclipped, loss_clipped)  # 0.5 max((V-R)², (V_clip-R)²)
-    used_clip = ((values - old_values).abs() > clip) & (loss_clipped > loss_unclipped)  # no float ties inside the range
-    return masked_mean(loss, mask), masked_mean(used_clip.float(), mask).item()
-
-
-def explained_variance(values, returns, mask):
-    """1 - Var(R - V) / Var(R) over masked tokens: 1 is a perfect critic, ≤ 0 a useless one."""
-    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
-    residual = returns - values
-    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
-    return (1 - var_residual / var_returns.clamp(min=1e-8)).item()
 
 
 def grpo_advantages(scores, group_size, eps=1e-6, std_norm=True):
@@ -217,138 +147,76 @@ def compute_advantages(algo, scores, response_mask, old_logp, ref_logp, values, 
     raise ValueError(f"algo must be ppo, grpo, reinforce or reinforce++, got {algo!r}")
 
 
-def scored_positions(attention_mask):
-    """[B, T] True where x_t and x_{t-1} are both real tokens: where logp and V mean something."""
-    valid = attention_mask.bool()
-    return torch.cat([torch.zeros_like(valid[:, :1]), valid[:, 1:] & valid[:, :-1]], 1)
+# ----------------------------------------------------------------------------- losses
+def kl_penalty(logp, ref_logp, kind):
+    """Per-token estimate of KL(π || π_ref) from samples of π."""
+    if kind == "k1":
+        return logp - ref_logp
+    if kind == "abs":
+        return (logp - ref_logp).abs()
+    if kind == "k2":
+        return 0.5 * (logp - ref_logp) ** 2
+    if kind == "k3":  # k3 = exp(ref - logp) - (ref - logp) - 1 ≥ 0 (Schulman's low-variance estimator)
+        d = (ref_logp - logp).clamp(-KL_CLAMP, KL_CLAMP)
+        return (torch.exp(d) - d - 1).clamp(-KL_CLAMP, KL_CLAMP)
+    raise ValueError(f"kl_type must be k1, abs, k2 or k3, got {kind!r}")
 
 
-# Two things keep padding out of a forward pass. Packing puts several sequences in a row as long as the
-# longest (a row then attends over no more than a padded row did; rows 1.5x as long pack tighter but
-# cost more attention than they save, 12% on `bench.py step`'s batch). And micro-batches of similar
-# lengths (`update`, `in_micro_batches`): the default run's sequences are too alike to pack (mean 91
-# tokens, longest 133: no two fit in a row), but sorted by length and run 16 at a time they take 1.05x the
-# real tokens' positions against 1.44x (`bench.py step`). Every process makes as many calls, as FSDP needs.
-def pack_rows(lengths):
-    """First-fit decreasing -> (rows, each a list of sequence indices whose lengths sum to at most
-    `width`, and width, the longest length); each sequence is in exactly one row."""
-    width = max(1, max(lengths))
-    rows, free = [], []
-    for b in sorted(range(len(lengths)), key=lambda b: -lengths[b]):
-        r = next((r for r, room in enumerate(free) if room >= lengths[b]), len(rows))
-        if r == len(rows):
-            rows.append([])
-            free.append(width)
-        rows[r].append(b)
-        free[r] -= lengths[b]
-    return rows, width
+def agg_loss(loss, mask, agg, max_len=1):
+    """Reduce a per-token loss [B, T] to a scalar (`loss_agg_mode`); rows with no unmasked token count as
+    nothing. max_len: the constant L of seq-mean-token-sum-norm, the response budget."""
+    if agg == "token-mean":  # mean over all unmasked tokens of the batch
+        return masked_mean(loss, mask)
+    mask = mask.bool()
+    row_sum, row_len = torch.where(mask, loss, torch.zeros_like(loss)).sum(-1), mask.sum(-1)
+    if agg == "seq-mean-token-mean":  # mean over rows of each row's token mean
+        return masked_mean(row_sum / row_len.clamp(min=1), row_len > 0)
+    if agg == "seq-mean-token-sum":  # mean over rows of each row's token sum
+        return masked_mean(row_sum, row_len > 0)
+    if agg == "seq-mean-token-sum-norm":  # Dr. GRPO: each row's token sum over one constant L, not its length
+        return masked_mean(row_sum, row_len > 0) / max_len
+    raise ValueError(f"loss_agg_mode must be token-mean, seq-mean-token-mean, seq-mean-token-sum or "
+                     f"seq-mean-token-sum-norm, got {agg!r}")
 
 
-def padding_free(forward, input_ids, attention_mask):
-    """Runs `forward(input_ids [R, W], position_ids [R, W]) -> [R, W, ...]` on the real tokens alone,
-    several sequences a row (`pack_rows`) -> its output laid out as the padded batch, [B, T, ...], 0 on
-    padding. Given no attention_mask, Hugging Face's causal mask confines attention to each run of
-    position_ids that starts at 0: each sequence attends to itself alone, at the positions it has
-    alone (sdpa and eager, tested). A row's empty slots hold position 0 each, sequences of their own
-    whose outputs are dropped."""
-    real = attention_mask.bool().cpu()  # the layout is planned on the CPU
-    lengths = real.sum(-1).tolist()
-    rows, width = pack_rows(lengths)
-    places = real.flatten().nonzero().squeeze(-1).split(lengths)  # each sequence's places in the flat [B*T]
-    slot = torch.full((len(rows), width), -1, dtype=torch.long)  # [R, W] the place each slot holds, -1 empty
-    position_ids = torch.zeros_like(slot)  # [R, W]
-    for r, seqs in enumerate(rows):
-        n = sum(lengths[b] for b in seqs)
-        slot[r, :n] = torch.cat([places[b] for b in seqs])
-        position_ids[r, :n] = torch.cat([torch.arange(lengths[b]) for b in seqs])
-    slot, position_ids = slot.to(input_ids.device), position_ids.to(input_ids.device)
-    filled = slot >= 0
-    out = forward(input_ids.flatten()[slot.clamp(min=0)], position_ids)  # [R, W, ...]
-    padded = out.new_zeros(input_ids.numel(), *out.shape[2:]).index_copy(0, slot[filled], out[filled])
-    return padded.view(*input_ids.shape, *out.shape[2:])
+def agg_units(mask, agg):
+    """What `agg_loss` averages over: unmasked tokens, or rows that have one."""
+    return mask.sum() if agg == "token-mean" else (mask.sum(-1) > 0).sum()
 
 
-def by_length(attention_mask, rows, size):
-    """The batch's `rows` sorted by length (stable), `size` at a time: micro-batches of similar lengths."""
-    return rows[torch.argsort(attention_mask[rows].sum(-1), stable=True)].split(size)
+def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, dual_clip=3.0, agg="token-mean",
+                max_len=1):
+    """Clipped surrogate, clip-higher (DAPO: ε_high > ε_low) and dual clip c (None: none). Returns (loss,
+    stats); approx_kl is k3 of KL(π_old || π)."""
+    log_ratio = (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)  # r = π / π_old
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(unclipped, clipped)  # L = max(-A r, -A clip(r, 1-ε_low, 1+ε_high))
+    capped = -advantages * (torch.inf if dual_clip is None else dual_clip)
+    dual_active = (advantages < 0) & (capped < loss)  # for A < 0: L = min(L, -A c)
+    loss = torch.where(dual_active, capped, loss)
+    stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
+             "dual_clipfrac": masked_mean(dual_active.float(), mask).item(),
+             "approx_kl": masked_mean(kl_penalty(old_logp, logp.detach(), "k3"), mask).item()}
+    return agg_loss(loss, mask, agg, max_len), stats
 
 
-def in_micro_batches(forward, attention_mask, size):
-    """`forward(rows) -> (tensors [len(rows), ...])` run on micro-batches `by_length`, as `update` runs
-    them -> the tensors for every row, in the batch's order."""
-    chunks = by_length(attention_mask, torch.arange(len(attention_mask), device=attention_mask.device), size)
-    parts = [forward(rows) for rows in chunks]
-    back = torch.argsort(torch.cat(chunks))
-    return [torch.cat(outs)[back] for outs in zip(*parts)]
+def value_loss(values, old_values, returns, mask, clip=0.5):
+    """Clipped value loss, token-mean. Returns (loss, clipfrac)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)  # clip(V, V_old - c, V_old + c)
+    loss_unclipped, loss_clipped = (values - returns) ** 2, (clipped - returns) ** 2
+    loss = 0.5 * torch.maximum(loss_unclipped, loss_clipped)  # 0.5 max((V-R)², (V_clip-R)²)
+    used_clip = ((values - old_values).abs() > clip) & (loss_clipped > loss_unclipped)  # no float ties inside the range
+    return masked_mean(loss, mask), masked_mean(used_clip.float(), mask).item()
 
 
-def autocast(compute_dtype, device):
-    """Mixed precision as veRL: the weights (and Adam's states) stay fp32, the decoder's matmuls run in
-    compute_dtype; nothing changes for fp32. An Adam step of lr 1e-6 on bf16 weights rounds away."""
-    return torch.autocast(torch.device(device).type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
-
-
-class Actor(torch.nn.Module):
-    """A Hugging Face causal LM that returns per-token log-probs and entropies of the given tokens;
-    its decoder runs in `compute_dtype` (see `autocast`), on the real tokens alone (`padding_free`)."""
-
-    def __init__(self, lm, compute_dtype=torch.float32):
-        super().__init__()
-        self.lm, self.compute_dtype = lm, compute_dtype
-        with torch.no_grad():  # a head that does more than `head_logprobs` applies is refused, never approximated
-            ids = torch.arange(4, device=lm.device)  # not token 0 alone: it may be padding, its embedding 0
-            out = lm(input_ids=ids[None], output_hidden_states=True)
-            ref = out.logits[0].float().log_softmax(-1)  # [4, V]
-            got, want = self.head_logprobs(out.hidden_states[-1][0], ids), (ref[ids, ids], -(ref.exp() * ref).sum(-1))
-            if not all(torch.allclose(x, y, atol=1e-4) for x, y in zip(got, want)):
-                raise SystemExit(f"error: {lm.config.model_type}'s output head does more than a weight, a bias and "
-                                 "soft-capping: the trainer's log-probs would not be the sampler's; use another model")
-
-    def head_logprobs(self, hidden, labels, temperature=1.0):
-        """hidden [N, D] (the decoder's output), labels [N] -> (logp, entropy) [N] under the model's whole
-        head: h W^T, + b where it has a bias (Phi), soft-capped where its config says (Gemma-2), fused."""
-        head = self.lm.get_output_embeddings()
-        return logprob_entropy_from_hidden(hidden, head.weight, labels, temperature, head.bias,
-                                           getattr(self.lm.config, "final_logit_softcapping", None))
-
-    def forward(self, input_ids, attention_mask, temperature=1.0, positions=None):
-        """-> logp [B, T], entropy [B, T]; logp[:, t] = log π(x_t | x_<t) at `temperature` where
-        `positions` [B, T] (default: every real token after a row's first) is true, 0 elsewhere.
-        Training passes the response mask: the LM head, a tenth of the model's matmuls here, then
-        runs on the quarter of the tokens that are scored. It and the log-softmax run in the hidden
-        state's dtype: fp32 under autocast, whose residual stream stays fp32."""
-        decoder = self.lm.get_decoder()
-        with autocast(self.compute_dtype, input_ids.device):
-            hidden = padding_free(lambda ids, pos: decoder(input_ids=ids, position_ids=pos, use_cache=False)
-                                  .last_hidden_state, input_ids, attention_mask)  # [B, T, D]
-        scored = scored_positions(attention_mask)
-        if positions is not None:
-            scored = scored & positions.bool()
-        logp, entropy = self.head_logprobs(hidden[:, :-1][scored[:, 1:]], input_ids[:, 1:][scored[:, 1:]], temperature)
-        full = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
-        return full.masked_scatter(scored, logp), full.masked_scatter(scored, entropy)
-
-
-def token_values(critic, input_ids, attention_mask, compute_dtype=torch.float32):
-    """-> values [B, T] with values[:, t] = V(x_<t): the critic's output at t-1, aligned with logp
-    (0 where logp is 0). The critic is an AutoModelForTokenClassification with num_labels=1; build it
-    with classifier_dropout=0.0, as the head's default dropout of 0.1 would make V noisy."""
-    with autocast(compute_dtype, input_ids.device):
-        out = padding_free(lambda ids, pos: critic(input_ids=ids, position_ids=pos, use_cache=False).logits,
-                           input_ids, attention_mask)  # [B, T, 1]
-    out = out.squeeze(-1).float()
-    shifted = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], 1)
-    return torch.where(scored_positions(attention_mask), shifted, torch.zeros_like(shifted))
-
-
-def make_optimizer(model, lr, weight_decay, warmup_steps, total_steps):
-    """AdamW with linear warm-up to lr, then constant (as veRL). The first step already runs at
-    lr / (warmup + 1), not 0 (the public code's first update ran at lr 0); warm-up is capped at the run."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    warmup = min(warmup_steps, total_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)))
-    return opt, sched
+def explained_variance(values, returns, mask):
+    """1 - Var(R - V) / Var(R) over masked tokens: 1 is a perfect critic, ≤ 0 a useless one."""
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    residual = returns - values
+    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    return (1 - var_residual / var_returns.clamp(min=1e-8)).item()
 
 
 class NonFiniteError(RuntimeError):
@@ -435,6 +303,82 @@ def update(actor, critic, batch, cfg, kl_coef, step=0, mean_over_processes=None)
     if use_critic:
         log({"critic/explained_variance": explained_variance(batch.values, batch.returns, mask_all)})
     return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+# ----------------------------------------------------------------------------- the actor and the critic
+def scored_positions(attention_mask):
+    """[B, T] True where x_t and x_{t-1} are both real tokens: where logp and V mean something."""
+    valid = attention_mask.bool()
+    return torch.cat([torch.zeros_like(valid[:, :1]), valid[:, 1:] & valid[:, :-1]], 1)
+
+
+def autocast(compute_dtype, device):
+    """Mixed precision as veRL: the weights (and Adam's states) stay fp32, the decoder's matmuls run in
+    compute_dtype; nothing changes for fp32. An Adam step of lr 1e-6 on bf16 weights rounds away."""
+    return torch.autocast(torch.device(device).type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+
+
+class Actor(torch.nn.Module):
+    """A Hugging Face causal LM that returns per-token log-probs and entropies of the given tokens;
+    its decoder runs in `compute_dtype` (see `autocast`), on the real tokens alone (`padding_free`)."""
+
+    def __init__(self, lm, compute_dtype=torch.float32):
+        super().__init__()
+        self.lm, self.compute_dtype = lm, compute_dtype
+        with torch.no_grad():  # a head that does more than `head_logprobs` applies is refused, never approximated
+            ids = torch.arange(4, device=lm.device)  # not token 0 alone: it may be padding, its embedding 0
+            out = lm(input_ids=ids[None], output_hidden_states=True)
+            ref = out.logits[0].float().log_softmax(-1)  # [4, V]
+            got, want = self.head_logprobs(out.hidden_states[-1][0], ids), (ref[ids, ids], -(ref.exp() * ref).sum(-1))
+            if not all(torch.allclose(x, y, atol=1e-4) for x, y in zip(got, want)):
+                raise SystemExit(f"error: {lm.config.model_type}'s output head does more than a weight, a bias and "
+                                 "soft-capping: the trainer's log-probs would not be the sampler's; use another model")
+
+    def head_logprobs(self, hidden, labels, temperature=1.0):
+        """hidden [N, D] (the decoder's output), labels [N] -> (logp, entropy) [N] under the model's whole
+        head: h W^T, + b where it has a bias (Phi), soft-capped where its config says (Gemma-2), fused."""
+        head = self.lm.get_output_embeddings()
+        return logprob_entropy_from_hidden(hidden, head.weight, labels, temperature, head.bias,
+                                           getattr(self.lm.config, "final_logit_softcapping", None))
+
+    def forward(self, input_ids, attention_mask, temperature=1.0, positions=None):
+        """-> logp [B, T], entropy [B, T]; logp[:, t] = log π(x_t | x_<t) at `temperature` where
+        `positions` [B, T] (default: every real token after a row's first) is true, 0 elsewhere.
+        Training passes the response mask: the LM head, a tenth of the model's matmuls here, then
+        runs on the quarter of the tokens that are scored. It and the log-softmax run in the hidden
+        state's dtype: fp32 under autocast, whose residual stream stays fp32."""
+        decoder = self.lm.get_decoder()
+        with autocast(self.compute_dtype, input_ids.device):
+            hidden = padding_free(lambda ids, pos: decoder(input_ids=ids, position_ids=pos, use_cache=False)
+                                  .last_hidden_state, input_ids, attention_mask)  # [B, T, D]
+        scored = scored_positions(attention_mask)
+        if positions is not None:
+            scored = scored & positions.bool()
+        logp, entropy = self.head_logprobs(hidden[:, :-1][scored[:, 1:]], input_ids[:, 1:][scored[:, 1:]], temperature)
+        full = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
+        return full.masked_scatter(scored, logp), full.masked_scatter(scored, entropy)
+
+
+def token_values(critic, input_ids, attention_mask, compute_dtype=torch.float32):
+    """-> values [B, T] with values[:, t] = V(x_<t): the critic's output at t-1, aligned with logp
+    (0 where logp is 0). The critic is an AutoModelForTokenClassification with num_labels=1; build it
+    with classifier_dropout=0.0, as the head's default dropout of 0.1 would make V noisy."""
+    with autocast(compute_dtype, input_ids.device):
+        out = padding_free(lambda ids, pos: critic(input_ids=ids, position_ids=pos, use_cache=False).logits,
+                           input_ids, attention_mask)  # [B, T, 1]
+    out = out.squeeze(-1).float()
+    shifted = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], 1)
+    return torch.where(scored_positions(attention_mask), shifted, torch.zeros_like(shifted))
+
+
+def make_optimizer(model, lr, weight_decay, warmup_steps, total_steps):
+    """AdamW with linear warm-up to lr, then constant (as veRL). The first step already runs at
+    lr / (warmup + 1), not 0 (the public code's first update ran at lr 0); warm-up is capped at the run."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warmup = min(warmup_steps, total_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+    return opt, sched
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ import pytest
 
 import build
 import config
+import engines
 import reward
 import sim
 import world
@@ -121,7 +122,7 @@ def test_with_a_data_file_evaluation_needs_a_real_corpus(tmp_path):
     data.write_text('{"question": "q0", "golden_answers": ["one"]}\n')
     cfg = config.load_config([f"data={data}", f"eval_data=nq={data}", "policy_model=some/model", "search_backend=http"])
     with pytest.raises(SystemExit, match="evaluation needs a real engine: set corpus="):
-        zs.setup(cfg, parallel.Ctx())
+        build.setup(cfg, parallel.Ctx())
 
 
 def test_a_real_policy_on_the_embedded_world_keeps_its_own_tokenizer(monkeypatch):
@@ -132,8 +133,8 @@ def test_a_real_policy_on_the_embedded_world_keeps_its_own_tokenizer(monkeypatch
         type("W", (), {"train": [], "test": [], "docs": []})(), None, "sim_dir", "warmup_dir"))
     monkeypatch.setattr(world, "load_tokenizer", lambda path: loaded.append(path))
     monkeypatch.setattr(world, "knowledge_index", lambda docs: None)
-    zs.setup(config.load_config(["policy_model=org/real-model"]), parallel.Ctx())
-    zs.setup(config.load_config([]), parallel.Ctx())
+    build.setup(config.load_config(["policy_model=org/real-model"]), parallel.Ctx())
+    build.setup(config.load_config([]), parallel.Ctx())
     assert loaded == ["org/real-model", "warmup_dir"]
 
 
@@ -294,7 +295,7 @@ def test_simulator_rows_useful_are_the_real_engines_results_in_a_random_order_no
     import collections
     import random
     w = world.build_world(0, 300, 90)
-    retriever, knowledge = sim.Retriever(w.docs), world.knowledge_index(w.docs)
+    retriever, knowledge = engines.Retriever(w.docs), world.knowledge_index(w.docs)
     qs = [q for q in w.train if q["hops"] == 1][:400]
     queries = [(q, world.right_query(q["subject"], q["relation"])) for q in qs]
     rows = world.simulator_rows(w, queries, lambda x: retriever.search(x, 3), knowledge, random.Random(0), noisy_share=0.25)
@@ -317,7 +318,7 @@ def test_warm_up_shows_results_in_a_random_order_and_answers_from_the_stating_re
     import collections
     import random
     w = world.build_world(0, 300, 90)
-    retriever = sim.Retriever(w.docs)
+    retriever = engines.Retriever(w.docs)
     single_hop = [q for q in w.train if q["hops"] == 1]
     names = {t: sorted({q["subject"] for q in single_hop if world.SUBJECT_TYPE[q["relation"]] == t}) for t in ("person", "company")}
     rng, unquoted, where, shown = random.Random(0), random.Random(0), collections.Counter(), []

@@ -16,7 +16,6 @@ import random
 import re
 import sys
 import time
-import urllib.parse
 from dataclasses import dataclass
 
 import torch
@@ -27,12 +26,12 @@ from transformers.utils import logging as hf_logging
 
 import build
 import config
+import engines
 import parallel
-import plots
 import ppo
+import report
 import reward
 import sim
-import world
 
 
 # ----------------------------------------------------------------------------- curriculum
@@ -139,7 +138,7 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
     models = {"actor": actor, **({"critic": critic} if critic else {})}
     run_dir = os.path.join(cfg["out_dir"], "checkpoints", name)
     metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
-    start, kl_coef = resume_or_start_over(run_dir, metrics_path, models, engine, cfg, ctx)
+    start, kl_coef = parallel.resume_or_start_over(run_dir, metrics_path, models, engine, cfg, ctx)
     order = random.Random(cfg["seed"]).sample(range(len(questions)), len(questions))
     ctrl_c, restore_sigint = parallel.catch_ctrl_c()
     backend = cfg["search_backend"] if name == "zerosearch" else "real"
@@ -173,7 +172,7 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
         try:
             stats = ppo.update(actor, critic, batch, cfg, kl_coef, step, ctx.all_mean)
         except ppo.NonFiniteError as e:
-            raise SystemExit(f"error: {e}; {last_good(run_dir)}")
+            raise SystemExit(f"error: {e}; {parallel.last_good(run_dir)}")
         clock.lap("update")
         # 7. log, 8. checkpoint every save_every steps, at the end, and after Ctrl-C (then stop)
         row = step_metrics(name, step, ro, qs, scores, engine, noise_prob, clock.seconds,
@@ -181,9 +180,9 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
         log_step(row, metrics_path, bar, ctx)
         interrupted = ctx.any(ctrl_c[0])
         if (step + 1) % cfg["save_every"] == 0 or step + 1 == cfg["steps"] or interrupted:
-            save_step(run_dir, step, models, row, kl_coef, cfg, ctx)
+            parallel.save_step(run_dir, step, models, row, kl_coef, cfg, ctx)
             if ctx.master:
-                plots.curves(metrics_path, os.path.join(cfg["out_dir"], "curves.png"))
+                report.curves(metrics_path, os.path.join(cfg["out_dir"], "curves.png"))
         if interrupted:
             ctx.print0(f"stopped after step {step + 1} of {name}; checkpoint in {run_dir}; "
                        "continue with resume=true")
@@ -191,7 +190,7 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
             raise SystemExit(0)
     restore_sigint()
     if ctx.master:
-        plots.curves(metrics_path, os.path.join(cfg["out_dir"], "curves.png"))
+        report.curves(metrics_path, os.path.join(cfg["out_dir"], "curves.png"))
     return parallel.sampler_model(actor.model, sampler_copy)
 
 
@@ -273,15 +272,6 @@ def reading_check(policy, tok, questions, engine, cfg, ctx):
             for at in range(1, cfg["topk"] + 1)}
 
 
-def reading_table(reading):
-    """results.md's reading check: one row per policy, EM with the answer in Doc 1 .. Doc k."""
-    k = len(next(iter(reading.values())))
-    head = "| policy | " + " | ".join(f"answer in Doc {i}" for i in range(1, k + 1)) + " |\n|---|" + "---|" * k + "\n"
-    rows = [f"| {label} | " + " | ".join(f"{em:.1f}" for em in res.values()) + " |" for label, res in reading.items()]
-    return ("Reading check: single-hop EM (x100) with the real engine's answer-bearing document moved to each "
-            "position.\n\n" + head + "\n".join(rows) + "\n")
-
-
 # ----------------------------------------------------------------------------- training
 def load_models(policy_path, cfg, ctx):
     """-> (actor, critic, ref, sampler_copy): the trained actor and (PPO) critic as ppo.Learners, the
@@ -310,46 +300,6 @@ def load_models(policy_path, cfg, ctx):
                          cfg["critic_lr_warmup_ratio"])
     copy = policy().eval().requires_grad_(False) if cfg["sharding"] == "fsdp" and ctx.world > 1 else None
     return actor, critic, ref, copy
-
-
-def resume_or_start_over(run_dir, metrics_path, models, engine, cfg, ctx):
-    """-> (first step to run, kl_coef). With a checkpoint to resume from (cfg["resume"]), its step and
-    kl_coef, after restoring the models, optimizers, schedulers, RNG states and the engine's counters,
-    and its later checkpoints removed; else 0 and cfg["kl_coef"], after removing the run's old
-    checkpoints. The metrics file keeps the other runs' rows and this run's before that step."""
-    start, kl_coef, checkpoint = 0, cfg["kl_coef"], parallel.checkpoint_to_resume(cfg["resume"], run_dir)
-    if checkpoint:
-        state = parallel.load_checkpoint(checkpoint, models, ctx)
-        check_resume(checkpoint, state, cfg)
-        start, kl_coef = state["step"], state["kl_coef"]
-        engine.stats.update({k: v if ctx.master else 0 for k, v in state["engine_stats"].items()})  # totals
-        ctx.print0(f"{os.path.basename(run_dir)}: resuming from {checkpoint} (step {start} of {cfg['steps']})")
-        parallel.drop_checkpoints_after(run_dir, start, ctx)
-    else:
-        parallel.start_over(run_dir, ctx)
-    if ctx.master:
-        name, lines = os.path.basename(run_dir), open(metrics_path).readlines() if os.path.exists(metrics_path) else []
-        if lines and not lines[-1].endswith("\n"):  # a row is written with its newline at once: a kill cut this one short
-            print(f"note: {metrics_path}: its last line was cut off by an interrupted write; it is dropped")
-        rows = [json.loads(line) for line in lines if line.endswith("\n")]
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows if r.get("run") != name or r["step"] < start)
-    return start, kl_coef
-
-
-RESUME_KEYS = ("algo", "policy_model", "sim_model", "search_backend", "data")  # what a checkpoint continues
-
-
-def check_resume(checkpoint, state, cfg):
-    """A checkpoint continues the run that wrote it: the same RL algorithm, models, engine and data,
-    and no more steps than this run has; anything else stops with one line."""
-    for key, value in state.get("config", {}).items():
-        if cfg[key] != value:
-            raise SystemExit(f"error: {checkpoint} was written with {key}={value}, this run has {key}={cfg[key]}: "
-                             f"set {key}={value} to continue it, or another out_dir to start a new run")
-    if state["step"] > cfg["steps"]:
-        raise SystemExit(f"error: {checkpoint} is at step {state['step']}, past steps={cfg['steps']}: "
-                         f"set steps={state['step']} or more to continue it")
 
 
 def step_questions(questions, order, step, cfg, ctx):
@@ -399,147 +349,12 @@ def log_step(row, metrics_path, bar, ctx):
                         **{k[len("time/"):]: f"{row[k]:.1f}s" for k in slowest})
 
 
-def save_step(run_dir, step, models, row, kl_coef, cfg, ctx):
-    """A checkpoint after `step` (numbered step + 1, the next step to run)."""
-    engine_totals = {k[len("sim/"):]: v for k, v in row.items() if k.startswith("sim/")}
-    state = {"step": step + 1, "kl_coef": kl_coef, "noise_prob": row["noise_prob"], "engine_stats": engine_totals,
-             "config": {k: cfg[k] for k in RESUME_KEYS}}
-    parallel.save_checkpoint(os.path.join(run_dir, f"step_{step + 1:06d}"), models, state, ctx, cfg["keep_last"])
-
-
-def last_good(run_dir):
-    kept = parallel.checkpoints(run_dir)
-    return f"the last good weights are in {kept[-1]}" if kept else "no checkpoint was written before it"
-
-
 def rl_seed(cfg):
     """RL's seed: rl_seed, or seed when it is null (the build always uses seed)."""
     return cfg["seed"] if cfg["rl_seed"] is None else cfg["rl_seed"]
 
 
 # ----------------------------------------------------------------------------- main
-def setup(cfg, ctx):
-    """Tokenizer, train questions, evaluation sets, the in-process BM25 retriever (None when no engine
-    searches it), the simulator's and the starting policy's paths: built here for the embedded world,
-    else from the config."""
-    if cfg["data"] == "world" and cfg["eval_data"] == "world":
-        if cfg["policy_model"] and (cfg["sim_model"] or not uses_simulator(cfg)):  # no tiny model to build
-            w = world.build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"])
-            retriever, sim_path, policy_path = sim.Retriever(w.docs), None, None
-        else:
-            cache = os.path.join(cfg["out_dir"], "build")
-            if ctx.master:  # one process builds, the others wait and load
-                build.prepare_embedded(cfg, cache, log=ctx.print0)
-            ctx.barrier()
-            w, retriever, sim_path, policy_path = build.prepare_embedded(cfg, cache, log=lambda *a: None)
-        tok = world.load_tokenizer(cfg["policy_model"] or policy_path)  # a real policy on the world keeps its own
-        test = {"single-hop": [q for q in w.test if q["hops"] == 1], "two-hop": [q for q in w.test if q["hops"] == 2]}
-        eval_sets = {k: fitting(v, tok, cfg, k, ctx)[:cfg["eval_size"]] for k, v in test.items()}
-        knowledge = None if cfg["sim_model"] else world.knowledge_index(w.docs)  # a real simulator has its own
-        train_qs = fitting(world.split_train(w.train, cfg["rl_share"])[1], tok, cfg, "the train questions", ctx)
-        return tok, train_qs, eval_sets, retriever, cfg["sim_model"] or sim_path, cfg["policy_model"] or policy_path, knowledge
-    if not cfg["policy_model"]:
-        raise SystemExit("error: data is a file, so policy_model must name a model (e.g. policy_model=Qwen/Qwen2.5-3B)")
-    if cfg["eval_backend"] == "real" and not cfg["corpus"]:  # the simulator sees the gold answer: never the evaluation's engine
-        raise SystemExit("error: data is a file, so evaluation needs a real engine: set corpus=path/to/corpus.jsonl "
-                         "(BM25 here) or eval_backend=retriever (a served one at retriever_url)")
-    if cfg["search_backend"] == "real" and not cfg["corpus"]:
-        raise SystemExit("error: search_backend=real searches BM25 over corpus=path/to/corpus.jsonl; set it, "
-                         "or search_backend=retriever (a served engine at retriever_url)")
-    tok = world.load_tokenizer(cfg["policy_model"])
-    eval_sets = {}
-    for item in str(cfg["eval_data"]).split(","):
-        name, _, path = item.partition("=")
-        if not path or name in eval_sets:
-            raise SystemExit(f"error: eval_data item {item!r} must be name=path (e.g. nq=data/nq_test.jsonl), "
-                             "a name no other set has")
-        eval_sets[name] = fitting(world.load_questions(path), tok, cfg, path, ctx)[:cfg["eval_size"]]
-    train_qs = fitting(world.load_questions(cfg["data"]), tok, cfg, cfg["data"], ctx) if cfg["data"] != "world" else []
-    in_process = "real" in (cfg["eval_backend"], cfg["search_backend"])  # else both engines are served: no corpus here
-    retriever = sim.Retriever(world.load_corpus(cfg["corpus"])) if in_process else None
-    return tok, train_qs, eval_sets, retriever, cfg["sim_model"], cfg["policy_model"], None
-
-
-def uses_simulator(cfg):
-    """Does this run search a simulator (in process, or served with the embedded one's tokenizer)?"""
-    backend = {"train": cfg["search_backend"], "eval": None, "ask": cfg["ask_engine"]}[cfg["mode"]]
-    return backend in ("sim", "http")
-
-
-def fitting(questions, tok, cfg, source, ctx):
-    """The questions whose prompt fits max_prompt_tokens; the others are skipped and counted in one
-    note. A question of more than 64 characters a token is skipped without being tokenized."""
-    limit, template = cfg["max_prompt_tokens"], cfg["prompt_template"]
-    kept = [q for q in questions if len(q["question"]) <= 64 * limit and
-            len(sim.prompt_ids(tok, template.format(question=q["question"]), cfg["chat_template"])) <= limit]
-    if len(kept) < len(questions):
-        ctx.print0(f"note: {len(questions) - len(kept)} of {len(questions)} questions of {source} have a prompt "
-                   f"longer than max_prompt_tokens={limit} tokens; they are skipped")
-    if questions and not kept:
-        raise SystemExit(f"error: no question of {source} fits max_prompt_tokens={limit}; raise it or shorten them")
-    return kept
-
-
-def check_model(key, name):
-    """A model named in the config loads: a folder with config.json and weights, or a hub name whose
-    config can be had. Checked before any long stage, with one line."""
-    if os.path.isdir(name):
-        files = os.listdir(name)
-        if "config.json" not in files or not any(f.endswith((".safetensors", ".bin")) for f in files):
-            raise SystemExit(f"error: {key}={name}: the folder needs config.json and the weights "
-                             "(*.safetensors or *.bin), as save_pretrained writes them")
-        if not {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"} & set(files):
-            raise SystemExit(f"error: {key}={name}: no tokenizer in the folder; save it there with tokenizer.save_pretrained")
-        if "auto_map" in open(os.path.join(name, "config.json"), encoding="utf-8", errors="replace").read():
-            raise SystemExit(f"error: {key}={name} needs its own code (auto_map in config.json), which zerosearch never runs")
-        return
-    if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise SystemExit(f"error: {key}={name}: no such model folder here")
-    try:
-        AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {key}={name}: not a folder here, and the hub name could not be loaded "
-                         f"(hub names cannot be fetched on a machine without network): {str(e).splitlines()[0]}")
-
-
-def make_engine(backend, cfg, retriever, sim_path, ctx, knowledge=None, tok=None):
-    """The search engine of `backend`; `knowledge(query)` (embedded world) feeds the simulator's prompt;
-    `tok`, the policy's tokenizer, cuts a real engine's documents to doc_tokens."""
-    if backend == "real":
-        return sim.RealEngine(retriever, cfg, tok)
-    if backend == "retriever":
-        engine = sim.RetrieverEngine(cfg, tok)
-        engine.search([{"query": "test"}])  # the server answers now, not at the first search
-        return engine
-    if backend == "http":
-        url = urllib.parse.urlparse(cfg["sim_url"])
-        if url.scheme not in ("http", "https") or not url.netloc:
-            raise SystemExit(f"error: sim_url={cfg['sim_url']} is not an http(s) URL; e.g. sim_url=http://127.0.0.1:8000/v1")
-        if not sim_path:
-            raise SystemExit("error: search_backend=http needs sim_model (the served simulator's name or path; "
-                             "its tokenizer cuts documents to doc_tokens)")
-        engine = sim.HttpEngine(cfg, world.load_tokenizer(sim_path), cfg["sim_served_model"] or sim_path, knowledge)
-        engine.complete_all(["Query : test"], [0])  # the server answers now, not at the first RL search
-        return engine
-    if not sim_path:  # backend sim, the last of config.CHOICES
-        raise SystemExit("error: search_backend=sim needs sim_model (a fine-tuned simulator's name or path)")
-    model = AutoModelForCausalLM.from_pretrained(sim_path).to(ctx.device)
-    return sim.SimEngine(model, world.load_tokenizer(sim_path), cfg, knowledge)
-
-
-def results_table(results, sets, strict=False):
-    """The paper's table: EM (substring, as the paper's tables) per evaluation set, then (strict) strict
-    EM, then F1, and their averages."""
-    keys = ["substring_em"] + ["em"] * strict + ["f1"]
-    head = "| policy | " + " | ".join(sets) + " | avg |\n|---|" + "---|" * (len(sets) + 1) + "\n"
-    lines = []
-    for label, res in results.items():
-        cells = [[100 * res[s][k] for k in keys] for s in sets]
-        avg = [sum(c[j] for c in cells) / len(cells) for j in range(len(keys))]
-        lines.append(f"| {label} | " + " | ".join(" / ".join(f"{v:.1f}" for v in c) for c in cells + [avg]) + " |")
-    what = "EM / strict EM / F1" if strict else "EM / F1"
-    return (f"{what} (x100); EM = a normalised gold answer occurs in the normalised prediction, as in the paper"
-            + ("; strict EM = they are equal" if strict else "") + ".\n\n" + head + "\n".join(lines) + "\n")
 
 
 def main(argv):
@@ -553,7 +368,7 @@ def main(argv):
     parallel.check_config(cfg, ctx, runs=("zerosearch", "search_r1"))
     for key in ("policy_model", "sim_model"):
         if cfg[key]:
-            check_model(key, cfg[key])
+            build.check_model(key, cfg[key])
     config.check_folder(cfg["out_dir"], "out_dir")
     lock = config.lock_folder(cfg["out_dir"]) if ctx.master else None  # noqa: F841 (held until main returns)
     if cfg["topk"] * cfg["doc_tokens"] > cfg["max_response_tokens"]:  # one search's documents must fit the response
@@ -565,24 +380,24 @@ def main(argv):
     random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
     began = time.time()
-    tok, train_qs, eval_sets, retriever, sim_path, policy_path, knowledge = setup(cfg, ctx)
+    tok, train_qs, eval_sets, retriever, sim_path, policy_path, knowledge = build.setup(cfg, ctx)
     seconds = {"build": time.time() - began}  # or its loading; then each RL run, and evaluation is the rest
     if retriever and cfg["topk"] > len(retriever.docs):
         raise SystemExit(f"error: topk={cfg['topk']} is more than the corpus holds: set topk={len(retriever.docs)} or less")
     is_policy = cfg["sim_model"] and os.path.realpath(cfg["sim_model"]) == os.path.realpath(policy_path)
-    if is_policy and uses_simulator(cfg) and cfg["sim_style"] == "finetuned":  # the paper's untrained simulator is prompted
+    if is_policy and build.uses_simulator(cfg) and cfg["sim_style"] == "finetuned":  # the paper's untrained simulator is prompted
         raise SystemExit(f"error: sim_model={cfg['sim_model']} is the policy itself, not a simulator fine-tuned to write "
                          "documents; set sim_model= to one, or sim_style=prompted to prompt it as an untrained simulator")
     torch.manual_seed(rl_seed(cfg))  # the critic's new head: the same whether the build was made now or loaded
     # evaluation (and the baseline) always searches a real engine, as the paper: BM25 here or a served retriever
-    real = make_engine(cfg["eval_backend"], cfg, retriever, None, ctx, tok=tok)
+    real = build.make_engine(cfg["eval_backend"], cfg, retriever, None, ctx, tok=tok)
     start = AutoModelForCausalLM.from_pretrained(policy_path).to(ctx.device)
     if cfg["mode"] == "ask":
-        engine = make_engine(cfg["ask_engine"], cfg, retriever, sim_path, ctx, knowledge, tok) if cfg["ask_engine"] else real
+        engine = build.make_engine(cfg["ask_engine"], cfg, retriever, sim_path, ctx, knowledge, tok) if cfg["ask_engine"] else real
         return ask(start, tok, engine, cfg, eval_sets | {"train": train_qs})
     if cfg["mode"] == "eval":
         return evaluate_checkpoint(start, tok, eval_sets, real, cfg, ctx, argv)
-    engine = make_engine(cfg["search_backend"], cfg, retriever, sim_path, ctx, knowledge, tok)
+    engine = build.make_engine(cfg["search_backend"], cfg, retriever, sim_path, ctx, knowledge, tok)
     results = {"(a) warm-up, no search": evaluate(start, tok, eval_sets, real, cfg, ctx, max_turns=0,
                                                   template=cfg["direct_template"]),
                "(b) warm-up + real search (RAG-like)": evaluate(start, tok, eval_sets, real, cfg, ctx)}
@@ -606,31 +421,13 @@ def main(argv):
         results[f"(d) Search-R1 ({cfg['algo']}, real engine)"] = evaluate(baseline, tok, eval_sets, real, cfg, ctx)
         if reading:
             reading["(d) Search-R1"] = reading_check(baseline, tok, single_hop, real, cfg, ctx)
-    write_results(results, reading, predictions, list(eval_sets), cfg, ctx, argv)
+    report.write_results(results, reading, predictions, list(eval_sets), cfg, ctx, argv)
     seconds["evaluation"] = time.time() - began - sum(seconds.values())
     ctx.print0("time: " + ", ".join(f"{stage} {int(s // 60)}m{int(s % 60):02d}s" for stage, s in seconds.items()))
     if ctx.master:  # beside results.json, which runs compare whole
         with open(os.path.join(cfg["out_dir"], "time.json"), "w") as f:
             json.dump(seconds, f)
     parallel.close(ctx)
-
-
-def write_results(results, reading, predictions, sets, cfg, ctx, argv, strict=False):
-    """results.md and results.json (the table, and the reading check under `reading`, ...) and
-    predictions.jsonl (a row per question of the last policy evaluated), from process 0."""
-    table = results_table(results, sets, strict)
-    if reading:
-        keys = {"(b) warm-up": "reading_warmup", "(c) ZeroSearch": "reading", "(d) Search-R1": "reading_search_r1"}
-        results.update({keys.get(label, "reading"): res for label, res in reading.items()})
-        table += "\n" + reading_table(reading)
-    ctx.print0("\n" + table)
-    if ctx.master:
-        with open(os.path.join(cfg["out_dir"], "results.md"), "w") as f:
-            f.write(f"# Results\n\n`python zerosearch.py {' '.join(argv)}`\n\n{table}")
-        with open(os.path.join(cfg["out_dir"], "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        with open(os.path.join(cfg["out_dir"], "predictions.jsonl"), "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in predictions)
 
 
 def evaluate_checkpoint(policy, tok, eval_sets, engine, cfg, ctx, argv):
@@ -640,7 +437,7 @@ def evaluate_checkpoint(policy, tok, eval_sets, engine, cfg, ctx, argv):
     results = {cfg["policy_model"]: evaluate(policy, tok, eval_sets, engine, cfg, ctx, predictions=predictions)}
     single_hop = [q for q in eval_sets.get("single-hop", []) if q["evidence"]]
     reading = {cfg["policy_model"]: reading_check(policy, tok, single_hop, engine, cfg, ctx)} if single_hop else {}
-    write_results(results, reading, predictions, list(eval_sets), cfg, ctx, argv, strict=True)
+    report.write_results(results, reading, predictions, list(eval_sets), cfg, ctx, argv, strict=True)
     parallel.close(ctx)
 
 
@@ -653,7 +450,7 @@ def ask(policy, tok, engine, cfg, known):
     if not cfg["question"]:
         print("question= is not set: reading questions from standard input, one a line (Ctrl-D ends)", file=sys.stderr)
     lines = [cfg["question"]] if cfg["question"] else (line.strip() for line in sys.stdin)
-    simulated = isinstance(engine, (sim.SimEngine, sim.HttpEngine))
+    simulated = isinstance(engine, (sim.SimEngine, engines.HttpEngine))
     noise = cfg["noise_prob"] or 0.0
     for text in filter(None, lines):
         q = golds.get(text, {"question": text, "golden_answers": [""], "evidence": []})

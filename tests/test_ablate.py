@@ -13,7 +13,6 @@ import torch
 
 import ablate
 import config
-import sim
 import zerosearch as zs
 
 HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")  # ablate.py

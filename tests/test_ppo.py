@@ -14,6 +14,7 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHea
 
 import config
 import kernels
+import packing
 import parallel
 import ppo
 import zerosearch
@@ -665,7 +666,7 @@ def test_forward_in_micro_batches_equals_one_call_over_the_batch():
         return actor(ids[rows], attn[rows])[0], ppo.token_values(critic, ids[rows], attn[rows])
 
     with torch.no_grad():
-        logp, values = ppo.in_micro_batches(forward, attn, 4)
+        logp, values = packing.in_micro_batches(forward, attn, 4)
         torch.testing.assert_close(logp, actor(ids, attn)[0], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(values, ppo.token_values(critic, ids, attn), atol=1e-6, rtol=1e-5)
     assert calls == [[4, 5, 6, 7], [8, 9, 10, 11], [12]]
@@ -677,10 +678,10 @@ def one_sequence_a_row(lengths):
 
 
 def test_pack_rows_places_each_sequence_once_first_fit_decreasing_within_the_longest():
-    assert ppo.pack_rows([9, 6, 3, 2]) == ([[0], [1, 2], [3]], 9)
-    assert ppo.pack_rows([4, 1, 3, 2, 2]) == ([[0], [2, 1], [3, 4]], 4)
+    assert packing.pack_rows([9, 6, 3, 2]) == ([[0], [1, 2], [3]], 9)
+    assert packing.pack_rows([4, 1, 3, 2, 2]) == ([[0], [2, 1], [3, 4]], 4)
     lengths = torch.randint(1, 60, (50,), generator=torch.Generator().manual_seed(17)).tolist()
-    rows, width = ppo.pack_rows(lengths)
+    rows, width = packing.pack_rows(lengths)
     assert width == max(lengths) and len(rows) < 0.7 * len(lengths)
     assert sorted(b for row in rows for b in row) == list(range(50))
     assert all(sum(lengths[b] for b in row) <= width for row in rows)
@@ -710,7 +711,7 @@ def test_packed_logp_entropy_and_values_equal_the_padded_forward_for_ragged_righ
     gen = torch.Generator().manual_seed(18)
     lengths, T = [11, 1, 7, 3, 11, 5, 2, 9], 11
     rows = [torch.randint(0, 97, (n,), generator=gen) for n in lengths]
-    assert len(ppo.pack_rows(lengths)[0]) == 5  # 8 sequences packed into 5 rows
+    assert len(packing.pack_rows(lengths)[0]) == 5  # 8 sequences packed into 5 rows
     for side in ["right", "left"]:
         ids, attn = torch.zeros(8, T, dtype=torch.long), torch.zeros(8, T, dtype=torch.long)
         for b, row in enumerate(rows):
@@ -736,11 +737,11 @@ def test_one_update_on_packed_rows_takes_the_gradients_of_the_padded_update(micr
                                                                             monkeypatch):
     actor, critic = tiny_models()
     lengths = [12, 3, 12, 5, 10, 7, 6, 12]
-    assert len(ppo.pack_rows(lengths)[0]) == 6  # a micro-batch of all 8 rows packs into 6
+    assert len(packing.pack_rows(lengths)[0]) == 6  # a micro-batch of all 8 rows packs into 6
     batch, cfg = rollout_batch(actor, critic, "ppo", B=8, lengths=lengths)
     cfg = dict(cfg, mini_batch_size=8, micro_batch_size=micro_batch_size)
     with monkeypatch.context() as patch:
-        patch.setattr(ppo, "pack_rows", one_sequence_a_row)
+        patch.setattr(packing, "pack_rows", one_sequence_a_row)
         padded = update_gradients(actor, critic, batch, cfg)
     if grad_checkpointing:  # recomputed in the backward pass; Hugging Face checkpoints in train mode only
         for model in (actor.lm, critic):

@@ -1,4 +1,4 @@
-"""The real engines: the in-process BM25 (`sim.Retriever`) against a plain per-document
+"""The real engines: the in-process BM25 (`engines.Retriever`) against a plain per-document
 implementation of the same formula, and the retriever engine (`search_backend=retriever`,
 `eval_backend=retriever`) against a loopback HTTP server started here that speaks Search-R1's
 retrieval-server contract over the embedded world's corpus with that in-process BM25."""
@@ -14,9 +14,10 @@ import torch
 
 import build
 import config
+import engines
 import sim
-import world
 import test_sim
+import world
 import zerosearch
 
 
@@ -25,7 +26,7 @@ def plain_bm25(docs, k1=0.9, b=0.4):
     query one score array and a stable sort of all of it."""
     postings, lengths = {}, np.zeros(len(docs), dtype=np.float32)
     for i, d in enumerate(docs):
-        words = sim._words(d)
+        words = engines._words(d)
         lengths[i] = len(words)
         for w in set(words):
             postings.setdefault(w, []).append((i, words.count(w)))
@@ -35,7 +36,7 @@ def plain_bm25(docs, k1=0.9, b=0.4):
 
     def search(query, k):
         scores = np.zeros(len(docs), dtype=np.float32)
-        for w in dict.fromkeys(sim._words(query)):
+        for w in dict.fromkeys(engines._words(query)):
             if w in index:
                 ids, tf, idf = index[w]
                 scores[ids] += idf * tf * (k1 + 1) / (tf + norm[ids])
@@ -53,7 +54,7 @@ def test_the_index_gives_the_plain_algorithms_results_ties_included(world_docs):
     # the world's sentences tie often ("born" scores every birth sentence of a length alike); repeated,
     # punctuated and empty documents too
     docs = world_docs + ["born born born in in", "Born, born!", "", "1901 1901"] + world_docs[:50]
-    new, plain = sim.Retriever(docs), plain_bm25(docs)  # BM25 the straightforward way: the oracle
+    new, plain = engines.Retriever(docs), plain_bm25(docs)  # BM25 the straightforward way: the oracle
     assert new.dense  # the frequent words ("was", "born", ...) take the dense path, the others the postings
     words = sorted({w for d in docs for w in d.split()}) + ["unknown", "BORN", "1901,"]
     rng = random.Random(0)
@@ -72,7 +73,7 @@ def test_top_k_is_the_stable_sort_of_the_positive_scores():
         scores = rng.integers(0, 4, n).astype(np.float32) / 2  # many ties, zeros among them
         k = int(rng.integers(1, n + 3))
         expected = [i for i in np.argsort(-scores, kind="stable")[:k] if scores[i] > 0]
-        assert sim.top_k(scores, k).tolist() == expected
+        assert engines.top_k(scores, k).tolist() == expected
 
 
 # ---------------------------------------------------------------- a loopback retrieval server
@@ -87,7 +88,7 @@ def bm25_server(docs, form):
     the top-k rows of each query, as its dense index writes them ({"id", "contents"}) or as its BM25
     index does ({"title", "text", "contents"}: the first line of contents, without quotes, and the
     rest), each {"document": row, "score": s} when scores are asked for, the bare row when not."""
-    retriever = sim.Retriever(docs)
+    retriever = engines.Retriever(docs)
 
     def row(i):
         if form == "dense":
@@ -99,7 +100,7 @@ def bm25_server(docs, form):
         result = []
         for query in body["queries"]:
             scores = retriever.scores(query)
-            top = sim.top_k(scores, body["topk"])
+            top = engines.top_k(scores, body["topk"])
             result.append([{"document": row(i), "score": float(scores[i])} if body["return_scores"] else row(i)
                            for i in top])
         return 200, {"result": result}
@@ -122,15 +123,15 @@ CFG = dict(topk=3, doc_tokens=40, retriever_timeout=5.0, retriever_retries=3)
 @pytest.mark.parametrize("form", ["dense", "bm25"])
 @pytest.mark.parametrize("scores", [True, False])
 def test_the_served_bm25_gives_the_documents_of_the_in_process_one(world_docs, form, scores, monkeypatch):
-    monkeypatch.setattr(sim, "RETRIEVER_CHUNK", 4)  # 10 queries -> requests of 4, 4 and 2
+    monkeypatch.setattr(engines, "RETRIEVER_CHUNK", 4)  # 10 queries -> requests of 4, 4 and 2
     respond = bm25_server(world_docs, form)
     serve_as_asked = respond if scores else (lambda body: respond(dict(body, return_scores=False)))
     questions = world.build_world().test[:8]
     requests = [dict(q, query=q["question"]) for q in questions] + [dict(query="born"), dict(query="no such words")]
     with serve(serve_as_asked) as (url, bodies):
-        engine = sim.RetrieverEngine(dict(CFG, retriever_url=url), WordTok())
+        engine = engines.RetrieverEngine(dict(CFG, retriever_url=url), WordTok())
         docs = engine.search(requests, 0.0, 0)
-    real = sim.RealEngine(sim.Retriever(world_docs), CFG)
+    real = engines.RealEngine(engines.Retriever(world_docs), CFG)
     assert docs == real.search(requests) and docs[-1] == [] and all(len(d) == 3 for d in docs[:-1])
     assert [len(b["queries"]) for b in bodies] == [4, 4, 2]
     assert all(b["topk"] == 3 and b["return_scores"] is True for b in bodies)
@@ -144,14 +145,14 @@ def test_titled_documents_reach_the_policy_as_search_r1_writes_them(monkeypatch)
              {"document": {"title": "Lyon", "text": "Lyon is a city ."}},  # title and text only
              {"document": {"contents": "One line , no title ."}}]
     with serve(lambda body: (200, {"result": [items]})) as (url, _):
-        docs = sim.RetrieverEngine(dict(CFG, topk=4, retriever_url=url), WordTok()).search([dict(query="paris")])
+        docs = engines.RetrieverEngine(dict(CFG, topk=4, retriever_url=url), WordTok()).search([dict(query="paris")])
     assert sim.information(docs[0]) == (
         '\n\n<information>Doc 1(Title: "Paris") Paris is the capital and most populous city of France .\n'
         'Doc 2(Title: "Paris") Paris is the capital and most populous city of France .\n'
         "Doc 3(Title: Lyon) Lyon is a city .\n"
         "Doc 4: One line , no title .</information>\n\n")
     with serve(lambda body: (200, {"result": [items]})) as (url, _):  # cut to k, and each to doc_tokens
-        docs = sim.RetrieverEngine(dict(CFG, topk=2, doc_tokens=4, retriever_url=url), WordTok()).search([dict(query="paris")])
+        docs = engines.RetrieverEngine(dict(CFG, topk=2, doc_tokens=4, retriever_url=url), WordTok()).search([dict(query="paris")])
     assert docs == [['(Title: "Paris") Paris is', '(Title: "Paris") Paris is']]
 
 
@@ -159,7 +160,7 @@ def test_results_it_cannot_read_are_counted_malformed_and_the_rest_kept():
     good = {"document": {"contents": "a b c"}, "score": 1.0}
     result = [[good, {"score": 2.0}, "a string"], None, [{"document": {"contents": 5}}], [], [good]]
     with serve(lambda body: (200, {"result": result})) as (url, _):
-        engine = sim.RetrieverEngine(dict(CFG, retriever_url=url), WordTok())
+        engine = engines.RetrieverEngine(dict(CFG, retriever_url=url), WordTok())
         docs = engine.search([dict(query=f"q{i}") for i in range(5)])
     assert docs == [["a b c"], [], [], [], ["a b c"]]
     assert engine.stats == {"malformed": 3}  # an empty list is a query without hits, not malformed
@@ -174,7 +175,7 @@ def test_results_it_cannot_read_are_counted_malformed_and_the_rest_kept():
 def test_a_reply_of_the_wrong_shape_is_one_clear_error_and_not_retried(reply, message):
     with serve(lambda body: (200, reply)) as (url, bodies):
         with pytest.raises(SystemExit, match=r"error: retriever: http://127\.0\.0\.1:\d+/retrieve " + message):
-            sim.RetrieverEngine(dict(CFG, retriever_url=url), WordTok()).search([dict(query="a"), dict(query="b")])
+            engines.RetrieverEngine(dict(CFG, retriever_url=url), WordTok()).search([dict(query="a"), dict(query="b")])
     assert len(bodies) == 1
 
 
@@ -183,12 +184,12 @@ def test_a_reply_of_the_wrong_shape_is_one_clear_error_and_not_retried(reply, me
     (500, {"detail": "Internal Server Error"}, "HTTP 500 .*Internal Server Error"),
 ])
 def test_a_reply_that_may_pass_is_retried_then_one_clear_error_naming_the_url(monkeypatch, status, reply, reason):
-    monkeypatch.setattr(sim, "RETRY_BACKOFF", 0.01)
+    monkeypatch.setattr(engines, "RETRY_BACKOFF", 0.01)
     with serve(lambda body: (status, reply)) as (url, bodies):
         start = time.perf_counter()
         with pytest.raises(SystemExit, match=f"error: retriever: {url} failed after 3 attempts: {reason}.*"
                                              "check retriever_url and that the server is up"):
-            sim.RetrieverEngine(dict(CFG, retriever_url=url), WordTok()).search([dict(query="a")])
+            engines.RetrieverEngine(dict(CFG, retriever_url=url), WordTok()).search([dict(query="a")])
         assert time.perf_counter() - start < 2
     assert len(bodies) == 3
 
@@ -196,7 +197,7 @@ def test_a_reply_that_may_pass_is_retried_then_one_clear_error_naming_the_url(mo
 def test_a_wrong_path_is_refused_at_once():
     with serve(lambda body: (200, {"result": [[]]})) as (url, bodies):
         with pytest.raises(SystemExit, match=r"/search refused the request: HTTP 404.*check retriever_url"):
-            sim.RetrieverEngine(dict(CFG, retriever_url=url.replace("/retrieve", "/search")), WordTok()).search([dict(query="a")])
+            engines.RetrieverEngine(dict(CFG, retriever_url=url.replace("/retrieve", "/search")), WordTok()).search([dict(query="a")])
     assert len(bodies) == 1
 
 
@@ -207,19 +208,19 @@ def free_port():
 
 
 def test_no_server_at_the_url_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(sim, "RETRY_BACKOFF", 0.01)
+    monkeypatch.setattr(engines, "RETRY_BACKOFF", 0.01)
     url = f"http://127.0.0.1:{free_port()}/retrieve"
     with pytest.raises(SystemExit, match=f"error: retriever: {url} failed after 2 attempts: .*refused.*check retriever_url"):
-        sim.RetrieverEngine(dict(CFG, retriever_url=url, retriever_retries=2), WordTok()).search([dict(query="a")])
+        engines.RetrieverEngine(dict(CFG, retriever_url=url, retriever_retries=2), WordTok()).search([dict(query="a")])
 
 
 def test_a_server_that_never_answers_times_out_on_every_attempt(monkeypatch):
-    monkeypatch.setattr(sim, "RETRY_BACKOFF", 0.01)
+    monkeypatch.setattr(engines, "RETRY_BACKOFF", 0.01)
     with socket.socket() as listener:  # accepts connections (the kernel does) and never reads or answers
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
         url = f"http://127.0.0.1:{listener.getsockname()[1]}/retrieve"
-        engine = sim.RetrieverEngine(dict(CFG, retriever_url=url, retriever_timeout=0.2, retriever_retries=2), WordTok())
+        engine = engines.RetrieverEngine(dict(CFG, retriever_url=url, retriever_timeout=0.2, retriever_retries=2), WordTok())
         start = time.perf_counter()
         with pytest.raises(SystemExit, match="failed after 2 attempts: .*timed out"):
             engine.search([dict(query="a")])
@@ -231,8 +232,8 @@ def test_a_server_that_never_answers_times_out_on_every_attempt(monkeypatch):
 def test_the_config_takes_the_retriever_keys_checks_them_and_the_server_is_asked_once_at_setup(world_docs):
     with serve(bm25_server(world_docs, "dense")) as (url, bodies):
         cfg = config.load_config(["search_backend=retriever", "eval_backend=retriever", f"retriever_url={url}"])
-        engine = zerosearch.make_engine(cfg["eval_backend"], cfg, None, None, None, tok=WordTok())
-        assert isinstance(engine, sim.RetrieverEngine) and engine.url == url and len(bodies) == 1
+        engine = build.make_engine(cfg["eval_backend"], cfg, None, None, None, tok=WordTok())
+        assert isinstance(engine, engines.RetrieverEngine) and engine.url == url and len(bodies) == 1
     for arg, message in [("eval_backend=sim", "eval_backend must be one of real, retriever"),
                          ("search_backend=google", "search_backend must be one of sim, real, http, retriever"),
                          ("retriever_retries=0", "retriever_retries must be at least 1"),
@@ -247,12 +248,12 @@ def test_with_a_data_file_and_served_engines_no_corpus_is_needed(tmp_path, monke
     data.write_text('{"question": "q0", "golden_answers": ["one"]}\n')
     monkeypatch.setattr(world, "load_tokenizer", lambda path: WordTok())
     args = [f"data={data}", f"eval_data=nq={data}", "policy_model=some/model"]
-    retriever = zerosearch.setup(config.load_config(args + ["eval_backend=retriever"]), parallel.Ctx())[3]
+    retriever = build.setup(config.load_config(args + ["eval_backend=retriever"]), parallel.Ctx())[3]
     assert retriever is None
     with pytest.raises(SystemExit, match="search_backend=real searches BM25 over corpus="):
-        zerosearch.setup(config.load_config(args + ["eval_backend=retriever", "search_backend=real"]), parallel.Ctx())
+        build.setup(config.load_config(args + ["eval_backend=retriever", "search_backend=real"]), parallel.Ctx())
     with pytest.raises(SystemExit, match="evaluation needs a real engine: set corpus=.* or eval_backend=retriever"):
-        zerosearch.setup(config.load_config(args), parallel.Ctx())
+        build.setup(config.load_config(args), parallel.Ctx())
 
 
 def test_a_run_against_the_served_engine_gives_the_results_of_the_in_process_one(tmp_path):

@@ -16,6 +16,7 @@ import torch
 
 import build
 import config
+import engines
 import parallel
 import ppo
 import reward
@@ -148,7 +149,7 @@ def test_resume_drops_a_metrics_line_cut_off_by_a_kill(tmp_path, capsys):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows) + json.dumps({"run": "zerosearch", "step": 0})[:17])
     cfg = config.load_config(["resume=true"])
-    assert zs.resume_or_start_over(str(tmp_path / "checkpoints" / "zerosearch"), str(metrics), {}, None, cfg,
+    assert parallel.resume_or_start_over(str(tmp_path / "checkpoints" / "zerosearch"), str(metrics), {}, None, cfg,
                                    parallel.Ctx()) == (0, cfg["kl_coef"])
     assert [json.loads(line) for line in open(metrics)] == rows
     assert capsys.readouterr().out.count("its last line was cut off by an interrupted write; it is dropped") == 1
@@ -165,10 +166,10 @@ def test_a_huge_question_is_skipped_counted_and_reported_once_without_tokenizing
     cfg = config.load_config(["max_prompt_tokens=64"])
     questions = [{"question": "alpha beta"}, {"question": "alpha " * 2_000_000}, {"question": "one " * 70}]
     start = time.time()
-    kept = zs.fitting(questions, tok, cfg, "data.jsonl", parallel.Ctx())
+    kept = build.fitting(questions, tok, cfg, "data.jsonl", parallel.Ctx())
     assert kept == questions[:1] and time.time() - start < 5
     assert capsys.readouterr().out.count("note: 2 of 3 questions of data.jsonl") == 1
-    one_line_error(zs.fitting, questions[1:], tok, cfg, "data.jsonl", parallel.Ctx(), match="no question")
+    one_line_error(build.fitting, questions[1:], tok, cfg, "data.jsonl", parallel.Ctx(), match="no question")
 
 
 @pytest.mark.parametrize("content, match", [
@@ -187,18 +188,18 @@ def test_a_corpus_that_is_not_utf8_or_is_a_folder_is_one_line(tmp_path):
 
 
 def test_a_model_that_cannot_load_is_one_line_before_the_build(tmp_path):
-    one_line_error(zs.check_model, "policy_model", str(tmp_path / "nope"), match="no such model folder")
+    one_line_error(build.check_model, "policy_model", str(tmp_path / "nope"), match="no such model folder")
     (tmp_path / "empty").mkdir()
-    one_line_error(zs.check_model, "sim_model", str(tmp_path / "empty"), match="needs config.json and the weights")
+    one_line_error(build.check_model, "sim_model", str(tmp_path / "empty"), match="needs config.json and the weights")
     model = world.tiny_model(16, 8, 1, 2, seed=0)
     model.save_pretrained(tmp_path / "good")
-    one_line_error(zs.check_model, "policy_model", str(tmp_path / "good"), match="no tokenizer in the folder")
+    one_line_error(build.check_model, "policy_model", str(tmp_path / "good"), match="no tokenizer in the folder")
     world.build_tokenizer(["alpha beta"]).save_pretrained(tmp_path / "good")
-    zs.check_model("policy_model", str(tmp_path / "good"))
+    build.check_model("policy_model", str(tmp_path / "good"))
     model.config.auto_map = {"AutoModelForCausalLM": "modeling_mine.MyModel"}  # what a model with its own code declares
     model.save_pretrained(tmp_path / "custom")
     world.build_tokenizer(["alpha beta"]).save_pretrained(tmp_path / "custom")
-    one_line_error(zs.check_model, "policy_model", str(tmp_path / "custom"), match="needs its own code (auto_map")
+    one_line_error(build.check_model, "policy_model", str(tmp_path / "custom"), match="needs its own code (auto_map")
 
 
 def test_a_corpus_without_a_word_is_one_line(tmp_path):
@@ -209,7 +210,7 @@ def test_a_corpus_without_a_word_is_one_line(tmp_path):
 def test_the_real_engine_cuts_a_huge_document_to_doc_tokens_at_once(tok):
     cfg = config.load_config(["doc_tokens=5"])
     huge = "alpha beta " * 100_000 + "gamma"  # 1.1 MB on one corpus line
-    engine = zs.make_engine("real", cfg, sim.Retriever([huge, "one two"]), None, parallel.Ctx(), tok=tok)
+    engine = build.make_engine("real", cfg, engines.Retriever([huge, "one two"]), None, parallel.Ctx(), tok=tok)
     start = time.time()
     docs = engine.search([{"query": "gamma"}, {"query": "two"}])
     assert time.time() - start < 2 and docs == [["alpha beta alpha beta alpha"], ["one two"]]
@@ -234,7 +235,7 @@ def test_an_eval_set_named_twice_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(world, "load_tokenizer", lambda name: world.build_tokenizer(["q"]))
     cfg = config.load_config([f"data={tmp_path / 'q.jsonl'}", f"eval_data=a={tmp_path / 'q.jsonl'},a={tmp_path / 'q.jsonl'}",
                               "policy_model=org/policy", "eval_backend=retriever"])
-    one_line_error(zs.setup, cfg, parallel.Ctx(), match="a name no other set has")
+    one_line_error(build.setup, cfg, parallel.Ctx(), match="a name no other set has")
 
 
 def test_a_simulator_that_is_the_policy_is_one_line_before_any_training(tmp_path, monkeypatch):
@@ -248,8 +249,8 @@ def test_a_simulator_that_is_the_policy_is_one_line_before_any_training(tmp_path
 @pytest.mark.parametrize("choice, cause", [({"text": ""}, "empty completions"), ({}, "choices without `text`")])
 def test_an_http_simulator_whose_completions_are_mostly_empty_stops_the_run(monkeypatch, choice, cause):
     reply = {"choices": [dict(choice, index=i) for i in range(3)] + [{"index": 3, "text": "Doc 1: a"}]}
-    monkeypatch.setattr(sim, "post_json", lambda url, body, timeout, attempts, read, *hints: read(reply))
-    engine = sim.HttpEngine(config.load_config(["search_backend=http"]), world.build_tokenizer(["a"]), "sim")
+    monkeypatch.setattr(engines, "post_json", lambda url, body, timeout, attempts, read, *hints: read(reply))
+    engine = engines.HttpEngine(config.load_config(["search_backend=http"]), world.build_tokenizer(["a"]), "sim")
     requests = [{"query": "q", "question": "q", "golden_answers": ["a"]}] * 4
     one_line_error(engine.search, requests, 0.0, [0, 1, 2, 3], match=f"sent {cause} for 3 of 4 prompts")
 
@@ -266,7 +267,7 @@ def test_real_models_on_the_world_build_no_tiny_model(monkeypatch):
     monkeypatch.setattr(world, "load_tokenizer", lambda name: world.build_tokenizer(["x"]))
     cfg = config.load_config(["policy_model=org/policy", "sim_model=org/simulator", "world_persons=300",
                               "world_companies=90"])
-    tok, train, evals, retriever, sim_path, policy_path, knowledge = zs.setup(cfg, parallel.Ctx())
+    tok, train, evals, retriever, sim_path, policy_path, knowledge = build.setup(cfg, parallel.Ctx())
     assert (sim_path, policy_path, knowledge) == ("org/simulator", "org/policy", None) and train and evals
 
 
@@ -274,7 +275,7 @@ def test_eval_size_is_per_set_on_the_world(monkeypatch):
     w = world.build_world(0, 300, 90)
     monkeypatch.setattr(build, "prepare_embedded", lambda cfg, cache, log=None: (w, None, "sim", "warmup"))
     monkeypatch.setattr(world, "load_tokenizer", lambda path: world.world_tokenizer(w, config.load_config([])))
-    evals = zs.setup(config.load_config(["eval_size=1"]), parallel.Ctx())[2]
+    evals = build.setup(config.load_config(["eval_size=1"]), parallel.Ctx())[2]
     assert {k: len(v) for k, v in evals.items()} == {"single-hop": 1, "two-hop": 1}
 
 
@@ -290,9 +291,9 @@ def test_a_rerun_without_resume_keeps_the_earlier_checkpoints_and_says_how_to_co
                                            ({"steps": 3}, "past steps=3")])
 def test_resume_refuses_a_checkpoint_of_another_run(change, match):
     cfg = config.load_config([])
-    state = {"step": 4, "config": {k: cfg[k] for k in zs.RESUME_KEYS}}
-    one_line_error(zs.check_resume, "ckpt/step_000004", state, dict(cfg, **change), match=match)
-    zs.check_resume("ckpt/step_000004", state, cfg)
+    state = {"step": 4, "config": {k: cfg[k] for k in parallel.RESUME_KEYS}}
+    one_line_error(parallel.check_resume, "ckpt/step_000004", state, dict(cfg, **change), match=match)
+    parallel.check_resume("ckpt/step_000004", state, cfg)
 
 
 def test_a_full_disk_during_a_save_names_the_intact_checkpoint(tmp_path, monkeypatch):

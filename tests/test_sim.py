@@ -16,12 +16,14 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+import build
 import config
+import engines
+import packing
 import ppo
 import sim
 import simulator
 import world
-import zerosearch
 
 TEMPLATE = "Write {k} {kind} documents . {Kind} Query : {query}"  # ends with the query, so each query has its own chain
 CFG = dict(topk=3, doc_tokens=40, sim_style="finetuned", sim_template_finetuned=TEMPLATE, sim_temperature=0.0,
@@ -125,9 +127,9 @@ def sampling_server(path):
 
 def test_http_engine_gives_the_documents_of_the_in_process_simulator(tmp_path, monkeypatch):
     path = successor_simulator(tmp_path / "sim")
-    monkeypatch.setattr(sim, "HTTP_CHUNK", 4)  # 6 requests -> 2 requests of 4 and 2 prompts
+    monkeypatch.setattr(engines, "HTTP_CHUNK", 4)  # 6 requests -> 2 requests of 4 and 2 prompts
     with serve(sampling_server(path)) as (url, bodies):
-        engine = sim.HttpEngine(dict(CFG, sim_url=url + "/"), world.load_tokenizer(path), "tiny-sim")
+        engine = engines.HttpEngine(dict(CFG, sim_url=url + "/"), world.load_tokenizer(path), "tiny-sim")
         docs = engine.search(REQUESTS, noise_prob=0.5, seed=SEEDS)
     local = sim.SimEngine(Qwen2ForCausalLM.from_pretrained(path), world.load_tokenizer(path), CFG)
     assert docs == local.search(REQUESTS, noise_prob=0.5, seed=SEEDS) == EXPECTED_DOCS
@@ -146,11 +148,11 @@ def test_http_engine_renders_the_chat_template_when_sim_chat_template_is_true(tm
     tok.chat_template = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} <assistant>{% endif %}"
     reply = {"choices": [{"index": 0, "text": "Doc 1: a"}]}
     with serve(lambda body: (200, reply)) as (url, bodies):
-        sim.HttpEngine(dict(CFG, sim_url=url, sim_chat_template=True), tok, "m").search(REQUESTS[:1], 0.0, 0)
+        engines.HttpEngine(dict(CFG, sim_url=url, sim_chat_template=True), tok, "m").search(REQUESTS[:1], 0.0, 0)
     assert bodies[0]["prompt"] == ["<user> Write 3 useful documents . Useful Query : q0 <assistant>"]
     tok.chat_template = None
     with pytest.raises(SystemExit, match="has no chat template; set it to false"):
-        sim.HttpEngine(dict(CFG, sim_url=url, sim_chat_template=True), tok, "m").search(REQUESTS[:1], 0.0, 0)
+        engines.HttpEngine(dict(CFG, sim_url=url, sim_chat_template=True), tok, "m").search(REQUESTS[:1], 0.0, 0)
 
 
 class WhitespaceTok:
@@ -188,16 +190,16 @@ def test_malformed_output_is_counted_and_never_raises():
     # the fifth prompt gets no choice at all, and a stray index is ignored
     reply = {"choices": [{"index": i, "text": t} for i, t in enumerate(texts)] + [{"index": 9, "text": "Doc 1: x"}]}
     with serve(lambda body: (200, reply)) as (url, _):
-        engine = sim.HttpEngine(dict(CFG, sim_url=url), WhitespaceTok(), "m")
+        engine = engines.HttpEngine(dict(CFG, sim_url=url), WhitespaceTok(), "m")
         docs = engine.search(REQUESTS[:5], noise_prob=0.0, seed=0)
     assert docs == [[], ["only one"], [], ["a", "b", "c"], []]
     assert engine.stats == {"useful": 5, "noisy": 0, "malformed": 4}
 
 
 def test_server_errors_are_retried_sim_retries_times_then_one_clear_error(monkeypatch):
-    monkeypatch.setattr(sim, "RETRY_BACKOFF", 0.01)
+    monkeypatch.setattr(engines, "RETRY_BACKOFF", 0.01)
     with serve(lambda body: (500, {"error": "overloaded"})) as (url, bodies):
-        engine = sim.HttpEngine(dict(CFG, sim_url=url, sim_retries=3), WhitespaceTok(), "m")
+        engine = engines.HttpEngine(dict(CFG, sim_url=url, sim_retries=3), WhitespaceTok(), "m")
         with pytest.raises(SystemExit, match=r"search_backend=http: .*/v1/completions failed after 3 attempts: HTTP 500.*"
                                              r"check sim_url and that the server is up"):
             engine.search(REQUESTS[:2], 0.0, 0)
@@ -209,9 +211,9 @@ def test_server_errors_are_retried_sim_retries_times_then_one_clear_error(monkey
     (b"garbage\r\n\r\n", "BadStatusLine"),  # not HTTP at all
 ])
 def test_a_reply_cut_off_or_not_http_is_retried_then_one_clear_error(monkeypatch, raw, reason):
-    monkeypatch.setattr(sim, "RETRY_BACKOFF", 0.01)
+    monkeypatch.setattr(engines, "RETRY_BACKOFF", 0.01)
     with serve(lambda body: raw) as (url, bodies):
-        engine = sim.HttpEngine(dict(CFG, sim_url=url, sim_retries=2), WhitespaceTok(), "m")
+        engine = engines.HttpEngine(dict(CFG, sim_url=url, sim_retries=2), WhitespaceTok(), "m")
         with pytest.raises(SystemExit, match=f"failed after 2 attempts: {reason}.*check sim_url"):
             engine.search(REQUESTS[:1], 0.0, 0)
     assert len(bodies) == 2
@@ -220,32 +222,32 @@ def test_a_reply_cut_off_or_not_http_is_retried_then_one_clear_error(monkeypatch
 def test_choices_without_index_are_read_in_list_order():
     reply = {"choices": [{"text": "Doc 1: first"}, {"text": "Doc 1: second"}]}
     with serve(lambda body: (200, reply)) as (url, _):
-        engine = sim.HttpEngine(dict(CFG, sim_url=url), WhitespaceTok(), "m")
+        engine = engines.HttpEngine(dict(CFG, sim_url=url), WhitespaceTok(), "m")
         assert engine.search(REQUESTS[:2], 0.0, 0) == [["first"], ["second"]]
     with serve(lambda body: (200, reply)) as (url, bodies):
-        engine = sim.HttpEngine(dict(CFG, sim_url=url), WhitespaceTok(), "m")
+        engine = engines.HttpEngine(dict(CFG, sim_url=url), WhitespaceTok(), "m")
         with pytest.raises(SystemExit, match="returned 2 choices without `index` for 3 prompts"):
             engine.search(REQUESTS[:3], 0.0, 0)
     assert len(bodies) == 1  # the server answers the same way every time: not retried
 
 
 def test_a_request_the_server_rejects_is_not_retried(monkeypatch):
-    monkeypatch.setattr(sim, "RETRY_BACKOFF", 0.01)
+    monkeypatch.setattr(engines, "RETRY_BACKOFF", 0.01)
     with serve(lambda body: (404, {"error": "model 'm' does not exist"})) as (url, bodies):
-        engine = sim.HttpEngine(dict(CFG, sim_url=url, sim_retries=3), WhitespaceTok(), "m")
+        engine = engines.HttpEngine(dict(CFG, sim_url=url, sim_retries=3), WhitespaceTok(), "m")
         with pytest.raises(SystemExit, match="HTTP 404.*does not exist.*check sim_served_model"):
             engine.search(REQUESTS[:2], 0.0, 0)
     assert len(bodies) == 1
 
 
 def test_the_timeout_is_honoured_on_every_attempt(monkeypatch):
-    monkeypatch.setattr(sim, "RETRY_BACKOFF", 0.01)
+    monkeypatch.setattr(engines, "RETRY_BACKOFF", 0.01)
 
     def slow(body):
         time.sleep(1.0)
         return 200, {"choices": []}
     with serve(slow) as (url, bodies):
-        engine = sim.HttpEngine(dict(CFG, sim_url=url, sim_timeout=0.2, sim_retries=2), WhitespaceTok(), "m")
+        engine = engines.HttpEngine(dict(CFG, sim_url=url, sim_timeout=0.2, sim_retries=2), WhitespaceTok(), "m")
         start = time.perf_counter()
         with pytest.raises(SystemExit, match="failed after 2 attempts: .*timed out"):
             engine.search(REQUESTS[:1], 0.0, 0)
@@ -254,11 +256,11 @@ def test_the_timeout_is_honoured_on_every_attempt(monkeypatch):
 
 
 def test_no_server_at_sim_url_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(sim, "RETRY_BACKOFF", 0.01)
+    monkeypatch.setattr(engines, "RETRY_BACKOFF", 0.01)
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    engine = sim.HttpEngine(dict(CFG, sim_url=f"http://127.0.0.1:{port}/v1", sim_retries=2), WhitespaceTok(), "m")
+    engine = engines.HttpEngine(dict(CFG, sim_url=f"http://127.0.0.1:{port}/v1", sim_retries=2), WhitespaceTok(), "m")
     with pytest.raises(SystemExit, match="failed after 2 attempts: .*refused.*check sim_url"):
         engine.search(REQUESTS[:1], 0.0, 0)
 
@@ -267,16 +269,16 @@ def test_make_engine_builds_the_http_engine_from_the_config_and_asks_the_server_
     path = successor_simulator(tmp_path / "sim")
     with serve(lambda body: (200, {"choices": [{"index": 0, "text": "Doc 1: x"}]})) as (url, bodies):
         cfg = config.load_config(["search_backend=http", f"sim_url={url}/"])
-        engine = zerosearch.make_engine("http", cfg, None, path, None)
-        assert isinstance(engine, sim.HttpEngine) and engine.url == url + "/completions"
+        engine = build.make_engine("http", cfg, None, path, None)
+        assert isinstance(engine, engines.HttpEngine) and engine.url == url + "/completions"
         assert engine.served_model == path  # sim_served_model null: the name vLLM gives a model served from a path
         assert len(bodies) == 1  # the server was asked before any long stage
-        served = zerosearch.make_engine("http", dict(cfg, sim_served_model="sim-14b"), None, path, None)
+        served = build.make_engine("http", dict(cfg, sim_served_model="sim-14b"), None, path, None)
         assert served.served_model == "sim-14b" and bodies[-1]["model"] == "sim-14b"
     with pytest.raises(SystemExit, match="search_backend=http needs sim_model"):
-        zerosearch.make_engine("http", cfg, None, None, None)
+        build.make_engine("http", cfg, None, None, None)
     with pytest.raises(SystemExit, match="is not an http"):
-        zerosearch.make_engine("http", dict(cfg, sim_url="127.0.0.1:8000/v1"), None, path, None)
+        build.make_engine("http", dict(cfg, sim_url="127.0.0.1:8000/v1"), None, path, None)
 
 
 # ---------------------------------------------------------------- python tools/simulator.py train
@@ -438,7 +440,7 @@ def test_a_server_that_takes_one_prompt_a_request_gets_them_one_by_one_in_order(
     path = successor_simulator(tmp_path / "sim")
     local = sim.SimEngine(Qwen2ForCausalLM.from_pretrained(path), world.load_tokenizer(path), CFG)
     with serve(one_prompt_server(path)) as (url, bodies):
-        engine = sim.HttpEngine(dict(CFG, sim_url=url, sim_batching=batching), world.load_tokenizer(path), "tiny-sim")
+        engine = engines.HttpEngine(dict(CFG, sim_url=url, sim_batching=batching), world.load_tokenizer(path), "tiny-sim")
         docs = engine.search(REQUESTS, 0.5, SEEDS)
         again = engine.search(REQUESTS, 0.5, SEEDS)
     assert docs == again == local.search(REQUESTS, 0.5, SEEDS)  # the same documents, in the requests' order
@@ -464,7 +466,7 @@ def test_transformers_serve_itself_serves_the_http_engine(tmp_path):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         cfg = dict(CFG, sim_url=f"http://127.0.0.1:{port}/v1", sim_batching="auto", sim_retries=8, sim_timeout=60)
-        engine = sim.HttpEngine(cfg, world.load_tokenizer(path), path)
+        engine = engines.HttpEngine(cfg, world.load_tokenizer(path), path)
         docs = engine.search(REQUESTS[:2], 0.0, SEEDS[:2])
         assert engine.batching == "single" and len(docs) == 2 and all(isinstance(d, list) for d in docs)
     finally:
@@ -481,7 +483,7 @@ def test_collect_labels_each_search_by_the_answer_balances_and_train_takes_the_r
     cfg = config.load_config(["world_persons=300", "world_companies=90"])
     tok = world.world_tokenizer(w, cfg)
     questions = [q for q in w.train if q["hops"] == 1][:12]
-    engine = sim.RealEngine(sim.Retriever(w.docs), cfg)
+    engine = engines.RealEngine(engines.Retriever(w.docs), cfg)
     row_of = {q["question"]: i for i, q in enumerate(questions)}
 
     def scripted(model, prompts, max_new_tokens, **kw):
@@ -548,7 +550,7 @@ def hf_padded_loss(model, examples, pad_id=0):
 @pytest.mark.parametrize("micro_batch_size", [3, 8, 10])
 def test_sft_backward_on_packed_micro_batches_gives_hf_padded_loss_and_gradient(micro_batch_size):
     examples = ragged_examples()
-    assert len(ppo.pack_rows([2, 3, 5, 6, 7, 9, 10, 12])[0]) == 5  # the 8 shortest pack into 5 rows
+    assert len(packing.pack_rows([2, 3, 5, 6, 7, 9, 10, 12])[0]) == 5  # the 8 shortest pack into 5 rows
     model = tiny_lm()
     oracle = hf_padded_loss(model, examples)
     oracle.backward()

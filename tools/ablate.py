@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import build
 import config
-import plots
+import report
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 WEAK_SIM_SHARE = 0.25  # weak-sim: the simulator fine-tuned for this share of the base's sim_sft_steps
@@ -131,7 +131,7 @@ def summarise(runs):
     for variant, k, args, run_dir in runs:
         results = json.load(open(os.path.join(run_dir, "results.json")))
         row = next(v for label, v in results.items() if label.startswith("(c)"))
-        rewards = [r["reward"] for r in plots.read_rows(os.path.join(run_dir, "metrics.jsonl"))
+        rewards = [r["reward"] for r in report.read_rows(os.path.join(run_dir, "metrics.jsonl"))
                    if r["run"] == "zerosearch"]
         single, two = 100 * row["single-hop"]["substring_em"], 100 * row["two-hop"]["substring_em"]
         seed = {"single-hop": single, "two-hop": two, "avg": (single + two) / 2, "reward_last10": sum(rewards[-10:])
@@ -175,7 +175,7 @@ def main(argv):
     with open(os.path.join(folder, "results.json"), "w") as f:
         json.dump({v: [{k: x for k, x in s.items() if k != "rewards"} for s in seeds] for v, seeds in summary.items()},
                   f, indent=1)
-    plots.mean_curves({v: [s["rewards"] for s in seeds] for v, seeds in summary.items()},
+    report.mean_curves({v: [s["rewards"] for s in seeds] for v, seeds in summary.items()},
                       os.path.join(folder, "curves.png"))
     print(table(summary))
 

@@ -10,7 +10,7 @@ logprob  peak memory and time of per-token log-prob + entropy + backward, fused 
 sampler  tokens/s of sim.sample against Hugging Face generate, against batch size; the same with the
          HF forward for decode steps; and the matmuls alone (linear layers, attention products), which
          bound any sampler.
-retriever the in-process BM25 (sim.Retriever) on a synthetic corpus of a million passages: index time,
+retriever the in-process BM25 (engines.Retriever) on a synthetic corpus of a million passages: index time,
          peak memory (VmHWM), queries/s in batches of 128, and whether its top 3 are the old
          implementation's (one score array per query, a dict of postings, a stable sort of all scores).
 
@@ -22,7 +22,7 @@ gpu-sampler  tokens/s of sim.sample against Hugging Face generate at the Qwen2.5
 gpu-step     one RL step's time split (rollout sampling, log-probs, values, advantages, update) at
              that architecture, batch 64.
 step     the RL step's forward passes (log-probs of policy and reference, values) and PPO update on
-         the default's models and batch sizes: sequences packed several a row (ppo.padding_free)
+         the default's models and batch sizes: sequences packed several a row (packing.padding_free)
          against each in its own padded row, as before; the LM head on the response tokens alone
          against every token; micro-batches of 16 sorted by length against none; token positions a
          step and time. Then whole RL steps of the default run (zerosearch.py from the default
@@ -46,6 +46,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForTokenClassificat
 
 import build
 from kernels import logprob_entropy_from_hidden, logprob_entropy_from_hidden_reference
+import engines
+import packing
 import ppo
 import sim
 from sim import sample
@@ -288,17 +290,17 @@ def bench_retriever():
         f.write("5")  # VmHWM := VmRSS, so the peak below is the index build's
     corpus_mb = rss_mb("VmRSS")
     t0 = time.perf_counter()
-    retriever = sim.Retriever(docs)
+    retriever = engines.Retriever(docs)
     index_s, peak_mb = time.perf_counter() - t0, rss_mb("VmHWM")
     index_mb = sum(a.nbytes for a in [retriever.indptr, retriever.postings, retriever.weights, *retriever.dense.values()]) / 2**20
     n_dense = len(retriever.dense)
-    engine = sim.RealEngine(retriever, {"topk": 3})
+    engine = engines.RealEngine(retriever, {"topk": 3})
     top3, wall, cpu = [], time.perf_counter(), time.process_time()
     for i in range(0, len(queries), 128):
         top3 += engine.search([{"query": q} for q in queries[i:i + 128]])
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     load = os.getloadavg()[0]
-    print(f"### retriever: sim.Retriever (BM25), {PASSAGES:,} synthetic passages of 80-120 words (Zipf-like over "
+    print(f"### retriever: engines.Retriever (BM25), {PASSAGES:,} synthetic passages of 80-120 words (Zipf-like over "
           f"{VOCAB:,} made-up words, made in {made:.0f} s), {len(queries):,} queries of 8 words; one process, "
           f"load average {load:.1f} on {os.cpu_count()} cores\n")
     print("| measure | value | target |\n|---|---:|---|")
@@ -511,12 +513,12 @@ def lm_head_on_every_token(forward):
 
 
 def one_per_row(lengths):
-    """ppo.pack_rows's plan for the layout before packing: each sequence in its own row, padded to the longest."""
+    """packing.pack_rows's plan for the layout before packing: each sequence in its own row, padded to the longest."""
     return [[b] for b in range(len(lengths))], max(1, max(lengths))
 
 
 def counted(plan, counts):
-    """`plan` (as ppo.pack_rows) that adds its rows' token positions and the real tokens to `counts`."""
+    """`plan` (as packing.pack_rows) that adds its rows' token positions and the real tokens to `counts`."""
     def pack(lengths):
         rows, width = plan(lengths)
         counts["positions"] += len(rows) * width
@@ -531,7 +533,7 @@ def training_step(actor, critic, ref, batch, cfg):
     old log-probs, values."""
     ids, attn, response_mask, scores = batch
     with torch.no_grad():
-        old_logp, ref_logp, values = ppo.in_micro_batches(
+        old_logp, ref_logp, values = packing.in_micro_batches(
             lambda r: (actor.model(ids[r], attn[r], cfg["temperature"], response_mask[r])[0],
                        ref(ids[r], attn[r], cfg["temperature"], response_mask[r])[0],
                        ppo.token_values(critic.model, ids[r], attn[r])), attn, cfg["micro_batch_size"])
@@ -556,9 +558,9 @@ def bench_step():
     lengths = batch[1].sum(-1)
     before = "each sequence in its own padded row, the LM head on every token, no micro-batches (before)"
     layouts = {before: (one_per_row, False, STEP_SEQUENCES),  # name -> (rows plan, LM head on the response alone, micro-batch)
-               "packed rows (`ppo.padding_free`), the LM head on every token, no micro-batches": (ppo.pack_rows, False, STEP_SEQUENCES),
-               "packed rows, the LM head on the response (`ppo.Actor`'s `positions`), no micro-batches": (ppo.pack_rows, True, STEP_SEQUENCES),
-               "packed rows, the LM head on the response, micro-batches of 16 by length (now)": (ppo.pack_rows, True, cfg["micro_batch_size"])}
+               "packed rows (`packing.padding_free`), the LM head on every token, no micro-batches": (packing.pack_rows, False, STEP_SEQUENCES),
+               "packed rows, the LM head on the response (`ppo.Actor`'s `positions`), no micro-batches": (packing.pack_rows, True, STEP_SEQUENCES),
+               "packed rows, the LM head on the response, micro-batches of 16 by length (now)": (packing.pack_rows, True, cfg["micro_batch_size"])}
     counts, seconds, results = {}, {}, {}
 
     def run(name):  # one step from the same starting weights and fresh optimizers
@@ -567,7 +569,7 @@ def bench_step():
         actor, critic = (ppo.Learner(m, *ppo.make_optimizer(m, lr, cfg["weight_decay"], 0, cfg["steps"]))
                          for m, lr in ((policy, cfg["actor_lr"]), (head, cfg["critic_lr"])))
         counts[name] = {"positions": 0, "tokens": 0}
-        ppo.pack_rows, plan, forward = counted(layouts[name][0], counts[name]), ppo.pack_rows, ppo.Actor.forward
+        packing.pack_rows, plan, forward = counted(layouts[name][0], counts[name]), packing.pack_rows, ppo.Actor.forward
         if not layouts[name][1]:
             ppo.Actor.forward = lm_head_on_every_token(forward)
         try:
@@ -575,7 +577,7 @@ def bench_step():
             results[name] = training_step(actor, critic, ref, batch, dict(cfg, micro_batch_size=layouts[name][2]))
             seconds[name] = min(seconds.get(name, float("inf")), time.perf_counter() - t0)
         finally:
-            ppo.pack_rows, ppo.Actor.forward = plan, forward
+            packing.pack_rows, ppo.Actor.forward = plan, forward
 
     for _ in range(1 if QUICK else 4):  # the first round warms up; runs alternate, so load hits all alike
         for name in layouts:
@@ -632,12 +634,12 @@ def bench_sft():
     cfg, threads = load_config([]), torch.get_num_threads()
     torch.set_num_threads(cfg["threads"])
     w = build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"])
-    retriever = sim.Retriever(w.docs)
+    retriever = engines.Retriever(w.docs)
     tok, trajectories, queries, rng = build.warmup_data(w, retriever, cfg)
     rows = simulator_rows(w, queries, lambda q: retriever.search(q, cfg["topk"]), knowledge_index(w.docs), rng,
                           cfg["sim_sft_noisy"])
     model = tiny_model(len(tok), cfg["tiny_hidden"], cfg["tiny_layers"], cfg["tiny_heads"], cfg["seed"])
-    start, packed, plan = copy.deepcopy(model.state_dict()), sim.sft_backward, ppo.pack_rows
+    start, packed, plan = copy.deepcopy(model.state_dict()), sim.sft_backward, packing.pack_rows
     runs = {"warm-up": lambda: sim.sft(model, trajectories, SFT_STEPS, cfg["warmup_batch_size"], cfg["warmup_lr"],
                                        cfg["seed"], "warm-up", tok.pad_token_id),
             "simulator": lambda: sim.train_simulator(model, tok, rows, cfg, SFT_STEPS, cfg["sim_sft_batch_size"],
@@ -653,11 +655,11 @@ def bench_sft():
         for _ in range(SFT_ROUNDS):
             for path, c in counts.items():
                 model.load_state_dict(start)
-                sim.sft_backward, ppo.pack_rows, c["stamps"] = recorded(paths[path], c), counted(plan, c), []
+                sim.sft_backward, packing.pack_rows, c["stamps"] = recorded(paths[path], c), counted(plan, c), []
                 try:
                     run()
                 finally:
-                    sim.sft_backward, ppo.pack_rows = packed, plan
+                    sim.sft_backward, packing.pack_rows = packed, plan
                 c["seconds"] += [b - a for a, b in zip(c["stamps"], c["stamps"][1:])]
         median = [statistics.median(c["seconds"]) for c in counts.values()]
         for (path, c), seconds in zip(counts.items(), median):
@@ -715,7 +717,7 @@ def rl_steps(layout, out_dir):
     on every token (as before), with the layout's config overrides."""
     _, padded, overrides = RL_LAYOUTS[layout]
     counts = {"positions": 0, "tokens": 0}  # of every forward pass of the training step
-    ppo.pack_rows = counted(one_per_row if padded else ppo.pack_rows, counts)
+    packing.pack_rows = counted(one_per_row if padded else packing.pack_rows, counts)
     if padded:
         ppo.Actor.forward = lm_head_on_every_token(ppo.Actor.forward)
     sys.argv = (["zerosearch.py", f"out_dir={out_dir}", f"steps={RL_STEPS}", "critic_warmup=0", "eval_size=1"]

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
 import config
+import engines
 import reward
 import sim
 import world
@@ -148,12 +149,12 @@ def collect_main(argv):
     except OSError as e:
         raise SystemExit(f"error: cannot load policy_model {cfg['policy_model']!r}: {str(e).splitlines()[0]}")
     if cfg["eval_backend"] == "retriever":
-        engine = sim.RetrieverEngine(cfg, tok)
+        engine = engines.RetrieverEngine(cfg, tok)
     elif docs is None:
         raise SystemExit("error: simulator.py collect searches a real engine: set corpus=corpus.jsonl, or "
                          "eval_backend=retriever retriever_url=... (a served one)")
     else:
-        engine = sim.RealEngine(sim.Retriever(docs), cfg, tok)
+        engine = engines.RealEngine(engines.Retriever(docs), cfg, tok)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     rows, n_useful, n_noisy = collect(model, tok, questions, engine, cfg, n, cfg["seed"])
     with open(args["out"], "w") as f:

@@ -15,6 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
+import build
 import config
 import parallel
 import ppo
@@ -31,8 +32,8 @@ def main(argv):
     first_actor_step = cfg["critic_warmup"] if cfg["algo"] == "ppo" else 0  # before it PPO trains the critic alone
     step = min(int(own["step"]) if own["step"] is not None else first_actor_step, cfg["steps"] - 1)
     ctx = parallel.init_processes(cfg)
-    tok, questions, _, retriever, sim_path, policy_path, knowledge = zs.setup(cfg, ctx)
-    engine = zs.make_engine(cfg["search_backend"], cfg, retriever, sim_path, ctx, knowledge, tok)
+    tok, questions, _, retriever, sim_path, policy_path, knowledge = build.setup(cfg, ctx)
+    engine = build.make_engine(cfg["search_backend"], cfg, retriever, sim_path, ctx, knowledge, tok)
     torch.manual_seed(zs.rl_seed(cfg))
     actor, critic, ref, _ = zs.load_models(policy_path, cfg, ctx)
     order = random.Random(zs.rl_seed(cfg)).sample(range(len(questions)), len(questions))

@@ -1,8 +1,10 @@
-"""Figures from metrics.jsonl: `curves` draws a run's training curves (out_dir/curves.png), and
+"""What a run writes for people to read: results.md and results.json (`write_results`: the paper's table
+and the reading check), and figures from metrics.jsonl: `curves` draws a run's training curves (out_dir/curves.png), and
 `mean_curves` the mean reward of each ablation variant over its seeds, the spread shaded
 (out_dir/ablate/curves.png). matplotlib is imported only here, when a figure is drawn."""
 import json
 import math
+import os
 
 import numpy as np
 
@@ -67,3 +69,45 @@ def mean_curves(curves_by_variant, png_path):
     fig.tight_layout()
     fig.savefig(png_path, dpi=80)
     plt.close(fig)
+
+
+def reading_table(reading):
+    """results.md's reading check: one row per policy, EM with the answer in Doc 1 .. Doc k."""
+    k = len(next(iter(reading.values())))
+    head = "| policy | " + " | ".join(f"answer in Doc {i}" for i in range(1, k + 1)) + " |\n|---|" + "---|" * k + "\n"
+    rows = [f"| {label} | " + " | ".join(f"{em:.1f}" for em in res.values()) + " |" for label, res in reading.items()]
+    return ("Reading check: single-hop EM (x100) with the real engine's answer-bearing document moved to each "
+            "position.\n\n" + head + "\n".join(rows) + "\n")
+
+
+def results_table(results, sets, strict=False):
+    """The paper's table: EM (substring, as the paper's tables) per evaluation set, then (strict) strict
+    EM, then F1, and their averages."""
+    keys = ["substring_em"] + ["em"] * strict + ["f1"]
+    head = "| policy | " + " | ".join(sets) + " | avg |\n|---|" + "---|" * (len(sets) + 1) + "\n"
+    lines = []
+    for label, res in results.items():
+        cells = [[100 * res[s][k] for k in keys] for s in sets]
+        avg = [sum(c[j] for c in cells) / len(cells) for j in range(len(keys))]
+        lines.append(f"| {label} | " + " | ".join(" / ".join(f"{v:.1f}" for v in c) for c in cells + [avg]) + " |")
+    what = "EM / strict EM / F1" if strict else "EM / F1"
+    return (f"{what} (x100); EM = a normalised gold answer occurs in the normalised prediction, as in the paper"
+            + ("; strict EM = they are equal" if strict else "") + ".\n\n" + head + "\n".join(lines) + "\n")
+
+
+def write_results(results, reading, predictions, sets, cfg, ctx, argv, strict=False):
+    """results.md and results.json (the table, and the reading check under `reading`, ...) and
+    predictions.jsonl (a row per question of the last policy evaluated), from process 0."""
+    table = results_table(results, sets, strict)
+    if reading:
+        keys = {"(b) warm-up": "reading_warmup", "(c) ZeroSearch": "reading", "(d) Search-R1": "reading_search_r1"}
+        results.update({keys.get(label, "reading"): res for label, res in reading.items()})
+        table += "\n" + reading_table(reading)
+    ctx.print0("\n" + table)
+    if ctx.master:
+        with open(os.path.join(cfg["out_dir"], "results.md"), "w") as f:
+            f.write(f"# Results\n\n`python zerosearch.py {' '.join(argv)}`\n\n{table}")
+        with open(os.path.join(cfg["out_dir"], "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        with open(os.path.join(cfg["out_dir"], "predictions.jsonl"), "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in predictions)
