@@ -137,7 +137,7 @@ class _LogprobEntropy(torch.autograd.Function):
     tensor ever exists and grad_weight accumulates over chunks; with weight None, hidden is the logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, chunk_rows, kernel, bias=None, softcap=None):
+    def forward(ctx, hidden, weight, labels, temperature, chunk_rows, kernel, bias, softcap):
         forward = _forward_triton if kernel else _forward_torch
         outs = [forward(_logits(hidden[s], weight, bias, softcap), labels[s], temperature)
                 for s in _chunks(len(labels), chunk_rows)]
@@ -173,7 +173,7 @@ class _LogprobEntropy(torch.autograd.Function):
 
 def logprob_entropy_reference(logits, labels, temperature: float = 1.0, chunk_rows: int = CHUNK_ROWS):
     """logits [N, V], labels [N] -> (logp [N], entropy [N]) fp32, differentiable in logits; plain torch."""
-    return _LogprobEntropy.apply(logits, None, labels, temperature, chunk_rows, False)
+    return _LogprobEntropy.apply(logits, None, labels, temperature, chunk_rows, False, None, None)
 
 
 def logprob_entropy_from_hidden_reference(hidden, weight, labels, temperature: float = 1.0, bias=None, softcap=None,
@@ -185,7 +185,7 @@ def logprob_entropy_from_hidden_reference(hidden, weight, labels, temperature: f
 
 def logprob_entropy(logits, labels, temperature: float = 1.0):
     """logits [N, V], labels [N] -> (logp [N], entropy [N]) fp32, differentiable in logits."""
-    return _LogprobEntropy.apply(logits, None, labels, temperature, CHUNK_ROWS, use_triton(logits))
+    return _LogprobEntropy.apply(logits, None, labels, temperature, CHUNK_ROWS, use_triton(logits), None, None)
 
 
 def logprob_entropy_from_hidden(hidden, weight, labels, temperature: float = 1.0, bias=None, softcap=None):
