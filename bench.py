@@ -1,6 +1,6 @@
 """Benchmarks that print markdown tables: `python bench.py` runs every section, `python bench.py
-SECTION` one (logprob, sampler, gpu-logprob, gpu-sampler, gpu-step). `BENCH_QUICK=1` shrinks every
-size to check the script runs in seconds; its figures mean nothing.
+SECTION` one (logprob, sampler, retriever, step, sft, gpu-logprob, gpu-sampler, gpu-step).
+`BENCH_QUICK=1` shrinks every size to check the script runs in seconds; its figures mean nothing.
 
 logprob  peak memory and time of per-token log-prob + entropy + backward, fused and chunked vs
          naive. Every variant runs in a fresh subprocess, so its peak memory is its own: we report
@@ -11,8 +11,8 @@ sampler  tokens/s of sim.sample against Hugging Face generate, against batch siz
          HF forward for decode steps; and the matmuls alone (linear layers, attention products), which
          bound any sampler.
 retriever the in-process BM25 (sim.Retriever) on a synthetic corpus of a million passages: index time,
-         peak memory (VmHWM), queries/s in batches of 128, and whether its top 3 are the old
-         implementation's (one score array per query, a dict of postings, a stable sort of all scores).
+         peak memory (VmHWM), queries/s in batches of 128, and whether its top 3 are those of a stable
+         sort of all the scores (test_retriever.py checks them against `old_bm25`, BM25 the plain way).
 
 On a CUDA GPU (each says so in one line and measures nothing where there is none; gpu_check.sh runs them):
 gpu-logprob  peak GPU memory and time of log-prob + entropy + backward from hidden states, bf16, N=8192,
@@ -27,8 +27,13 @@ step     the RL step's forward passes (log-probs of policy and reference, values
          against every token; micro-batches of 16 sorted by length against none; token positions a
          step and time. Then whole RL steps of the default run (zerosearch.py from the default
          build) in each layout, their token positions and time split by stage.
+sft      the build's two fine-tunings (sim.sft: the warm-up, the simulator's) on the default build's
+         data: padded batches with HF's loss on every position, as before, against sim.sft now
+         (micro-batches by length, packed, the LM head on the trained tokens); token positions per
+         trained and per real token, seconds a step, and their losses step by step.
 """
 import copy
+import itertools
 import json
 import os
 import random
@@ -262,7 +267,7 @@ def small_op_costs(config):
 # --- retriever: the in-process BM25 at corpus scale ------------------------------------------------
 # Passages of 80-120 made-up words drawn with Zipf-like frequencies (the word of rank r with p ∝ 1/r);
 # a query is 8 distinct words of a random passage, so it holds frequent words as real questions do.
-PASSAGES, VOCAB, QUERIES, SUBSET = (20_000, 5_000, 100, 5_000) if QUICK else (1_000_000, 50_000, 1_000, 100_000)
+PASSAGES, VOCAB, QUERIES = (20_000, 5_000, 100) if QUICK else (1_000_000, 50_000, 1_000)
 
 
 def synthetic_corpus(n, vocab_size, seed=0):
@@ -329,14 +334,6 @@ def bench_retriever():
     # scores (no dense rows), then a stable sort of all of them
     retriever.dense = {}
     same_scores = sum(docs_found == old_selection(retriever, q, 3) for docs_found, q in zip(top3, queries))
-    # the old implementation itself, built on the first SUBSET passages, against a new index of them
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before, t0 = rss_mb("VmRSS"), time.perf_counter()
-    old = old_bm25(docs[:SUBSET])
-    old_index_s, old_mb = time.perf_counter() - t0, rss_mb("VmHWM") - before
-    new = sim.Retriever(docs[:SUBSET])
-    same_old = sum(old(q, 3) == new.search(q, 3) for q in queries)
     load = os.getloadavg()[0]
     print(f"### retriever: sim.Retriever (BM25), {PASSAGES:,} synthetic passages of 80-120 words (Zipf-like over "
           f"{VOCAB:,} made-up words, made in {made:.0f} s), {len(queries):,} queries of 8 words; one process, "
@@ -349,10 +346,7 @@ def bench_retriever():
     print(f"| queries/s, batches of 128, top 3 (wall clock) | {len(queries) / wall:.0f} | ≥ 50 |")
     print(f"| queries per CPU second (the same, without other processes' load) | {len(queries) / cpu:.0f} | |")
     print(f"| top 3 = old per-query algorithm on the same index (scatter every word, sort all scores) | "
-          f"{same_scores}/{len(queries)} | all |")
-    print(f"| top 3 = old implementation, both built on the first {SUBSET:,} passages | {same_old}/{len(queries)} | all |")
-    print(f"\nThe old implementation took {old_index_s:.0f} s and {old_mb / 1024:.1f} GB (peak over what was in memory) "
-          f"to index {SUBSET:,} passages: about {PASSAGES // SUBSET} times that for {PASSAGES:,}.\n")
+          f"{same_scores}/{len(queries)} | all |\n")
 
 
 # --- GPU sections: the kernels, the sampler and one RL step on CUDA --------------------------------
@@ -658,22 +652,11 @@ def padded_sft_backward(actor, input_ids, attention_mask, trained):
     return loss.item()
 
 
-def recorded(backward, c):
-    """`backward` (as sim.sft_backward) that adds to `c` when it began, its batch's trained tokens and its loss;
-    for the padded path also the positions it computes and the real tokens (`counted` does it for the packed)."""
-    def call(actor, input_ids, attention_mask, trained):
-        c["stamps"].append(time.perf_counter())
-        c["trained"] += (ppo.scored_positions(attention_mask) & trained).sum().item()
-        if backward is padded_sft_backward:
-            c["positions"], c["tokens"] = c["positions"] + input_ids.numel(), c["tokens"] + attention_mask.sum().item()
-        c["losses"].append(backward(actor, input_ids, attention_mask, trained))
-        return c["losses"][-1]
-    return call
-
-
 def bench_sft():
     """The default build's two fine-tunings from one start, padded (before) and as sim.sft runs them now, the
-    runs alternating; a step is timed from one sft_backward call to the next (the whole step, optimizer included)."""
+    runs alternating. sim.sft_backward is swapped for one that records when it began (a step is timed from
+    one call to the next: the whole step), its loss, and the positions computed (for the packed path, as
+    `ppo.pack_rows` plans them), the real tokens and the trained ones."""
     cfg, threads = load_config([]), torch.get_num_threads()
     torch.set_num_threads(cfg["threads"])
     w = build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"])
@@ -694,16 +677,24 @@ def bench_sft():
     print("| fine-tuning | path | positions / trained token | positions / real token | s/step (median) | speed-up |")
     print("|---|---|---:|---:|---:|---:|")
     for run_name, run in runs.items():
-        counts = {path: dict(positions=0, tokens=0, trained=0, stamps=[], seconds=[], losses=[]) for path in paths}
-        for _ in range(SFT_ROUNDS):
-            for path, c in counts.items():
-                model.load_state_dict(start)
-                sim.sft_backward, ppo.pack_rows, c["stamps"] = recorded(paths[path], c), counted(plan, c), []
-                try:
-                    run()
-                finally:
-                    sim.sft_backward, ppo.pack_rows = packed, plan
-                c["seconds"] += [b - a for a, b in zip(c["stamps"], c["stamps"][1:])]
+        counts = {path: dict(positions=0, tokens=0, trained=0, seconds=[], losses=[]) for path in paths}
+        for _, (path, backward) in itertools.product(range(SFT_ROUNDS), paths.items()):
+            c, stamps = counts[path], []
+
+            def recorded(actor, ids, attn, trained, c=c, stamps=stamps, backward=backward):
+                stamps.append(time.perf_counter())
+                c["trained"] += (ppo.scored_positions(attn) & trained).sum().item()
+                if backward is padded_sft_backward:
+                    c["positions"], c["tokens"] = c["positions"] + ids.numel(), c["tokens"] + attn.sum().item()
+                c["losses"].append(backward(actor, ids, attn, trained))
+                return c["losses"][-1]
+            model.load_state_dict(start)
+            sim.sft_backward, ppo.pack_rows = recorded, counted(plan, c)
+            try:
+                run()
+            finally:
+                sim.sft_backward, ppo.pack_rows = packed, plan
+            c["seconds"] += [b - a for a, b in zip(stamps, stamps[1:])]
         median = [statistics.median(c["seconds"]) for c in counts.values()]
         for (path, c), seconds in zip(counts.items(), median):
             print(f"| {run_name} | {path} | {c['positions'] / c['trained']:.2f} | {c['positions'] / c['tokens']:.2f} | "
