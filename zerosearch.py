@@ -476,7 +476,9 @@ def main(argv):
             yaml.safe_dump(cfg, f, sort_keys=False)
     random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
+    began = time.time()
     tok, train_qs, eval_sets, retriever, sim_path, policy_path, knowledge = setup(cfg, ctx)
+    seconds = {"build": time.time() - began}  # or its loading; then each RL run, and evaluation is the rest
     torch.manual_seed(rl_seed(cfg))  # the critic's new head: the same whether the build was made now or loaded
     # evaluation (and the baseline) always searches a real engine, as the paper: BM25 here or a served retriever
     real = make_engine(cfg["eval_backend"], cfg, retriever, None, ctx, tok=tok)
@@ -493,7 +495,9 @@ def main(argv):
     single_hop = [q for q in eval_sets.get("single-hop", []) if q["evidence"]]  # the embedded world's
     reading = {"(b) warm-up": reading_check(start, tok, single_hop, real, cfg, ctx)} if single_hop else {}
     ctx.print0(f"reading check of the warm-up policy: {reading}")
+    rl_began = time.time()
     policy, predictions = train(policy_path, tok, train_qs, engine, cfg, ctx, "zerosearch"), []
+    seconds["RL zerosearch"] = time.time() - rl_began
     results[f"(c) ZeroSearch ({cfg['algo']}, {cfg['search_backend']} engine)"] = evaluate(
         policy, tok, eval_sets, real, cfg, ctx, predictions=predictions)
     if reading:
@@ -502,11 +506,18 @@ def main(argv):
         policy.save_pretrained(os.path.join(cfg["out_dir"], "policy_zerosearch"))
         tok.save_pretrained(os.path.join(cfg["out_dir"], "policy_zerosearch"))
     if cfg["baseline"]:
+        rl_began = time.time()
         baseline = train(policy_path, tok, train_qs, real, cfg, ctx, "search_r1")
+        seconds["RL search_r1"] = time.time() - rl_began
         results[f"(d) Search-R1 ({cfg['algo']}, real engine)"] = evaluate(baseline, tok, eval_sets, real, cfg, ctx)
         if reading:
             reading["(d) Search-R1"] = reading_check(baseline, tok, single_hop, real, cfg, ctx)
     write_results(results, reading, predictions, list(eval_sets), cfg, ctx, argv)
+    seconds["evaluation"] = time.time() - began - sum(seconds.values())
+    ctx.print0("time: " + ", ".join(f"{stage} {int(s // 60)}m{int(s % 60):02d}s" for stage, s in seconds.items()))
+    if ctx.master:  # beside results.json, which runs compare whole
+        with open(os.path.join(cfg["out_dir"], "time.json"), "w") as f:
+            json.dump(seconds, f)
     parallel.close(ctx)
 
 
