@@ -27,6 +27,7 @@ import re
 
 import torch
 from torch.distributed.tensor import DTensor
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -330,12 +331,10 @@ def sft(model, examples, steps, batch_size, lr, seed=0, desc="sft", pad_id=0):
     bar = tqdm(range(steps), desc=desc)
     for _ in bar:
         batch = rng.sample(examples, min(batch_size, len(examples)))
-        T = max(len(ids) for ids, _ in batch)
-        ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-        trained = torch.zeros(len(batch), T, dtype=torch.bool)
-        for b, (x, m) in enumerate(batch):
-            ids[b, :len(x)], trained[b, :len(x)] = torch.tensor(x), torch.tensor(m, dtype=torch.bool)
-        attn = (torch.arange(T)[None] < torch.tensor([len(x) for x, _ in batch])[:, None]).long()
+        rows = [torch.tensor(x) for x, _ in batch]
+        ids = pad_sequence(rows, batch_first=True, padding_value=pad_id)  # [B, T], right-padded
+        attn = pad_sequence([torch.ones_like(x) for x in rows], batch_first=True)
+        trained = pad_sequence([torch.tensor(m, dtype=torch.bool) for _, m in batch], batch_first=True)
         loss = sft_backward(actor, ids.to(device), attn.to(device), trained.to(device))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
@@ -347,7 +346,9 @@ def sft(model, examples, steps, batch_size, lr, seed=0, desc="sft", pad_id=0):
 def sft_backward(actor, input_ids, attention_mask, trained, micro_batch_size=8):
     """Adds to the gradients that of L = mean over the batch's trained tokens of -log p(x_t | x_<t)
     (HF's `labels` loss, -100 off `trained` [B, T]) -> L. The batch runs as the RL update does
-    (`ppo.update`): micro-batches of similar lengths, packed rows, the LM head on trained tokens only."""
+    (`ppo.update`): micro-batches of similar lengths, packed rows, the LM head on trained tokens only.
+    Groups of 8 keep the warm-up's spread of lengths near the real tokens' count, and are still large
+    enough matmuls on a CPU (`python bench.py sft`)."""
     n_trained = (ppo.scored_positions(attention_mask) & trained).sum()
     loss = 0.0
     for rows in packing.by_length(attention_mask, torch.arange(len(trained), device=trained.device), micro_batch_size):

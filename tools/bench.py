@@ -1,5 +1,5 @@
 """Benchmarks that print markdown tables: `python tools/bench.py` runs every section, `python tools/bench.py
-SECTION` one (logprob, sampler, gpu-logprob, gpu-sampler, gpu-step). `BENCH_QUICK=1` shrinks every
+SECTION` one (logprob, sampler, retriever, step, sft, gpu-logprob, gpu-sampler, gpu-step). `BENCH_QUICK=1` shrinks every
 size to check the script runs in seconds; its figures mean nothing.
 
 logprob  peak memory and time of per-token log-prob + entropy + backward, fused and chunked vs
@@ -27,8 +27,13 @@ step     the RL step's forward passes (log-probs of policy and reference, values
          against every token; micro-batches of 16 sorted by length against none; token positions a
          step and time. Then whole RL steps of the default run (zerosearch.py from the default
          build) in each layout, their token positions and time split by stage.
+sft      the build's two fine-tunings (sim.sft: the warm-up, the simulator's) on the default build's
+         data: padded batches with HF's loss on every position, as before, against sim.sft now
+         (micro-batches by length, packed, the LM head on the trained tokens); token positions per
+         trained and per real token, seconds a step, and their losses step by step.
 """
 import copy
+import itertools
 import json
 import os
 import random
@@ -615,22 +620,11 @@ def padded_sft_backward(actor, input_ids, attention_mask, trained):
     return loss.item()
 
 
-def recorded(backward, c):
-    """`backward` (as sim.sft_backward) that adds to `c` when it began, its batch's trained tokens and its loss;
-    for the padded path also the positions it computes and the real tokens (`counted` does it for the packed)."""
-    def call(actor, input_ids, attention_mask, trained):
-        c["stamps"].append(time.perf_counter())
-        c["trained"] += (ppo.scored_positions(attention_mask) & trained).sum().item()
-        if backward is padded_sft_backward:
-            c["positions"], c["tokens"] = c["positions"] + input_ids.numel(), c["tokens"] + attention_mask.sum().item()
-        c["losses"].append(backward(actor, input_ids, attention_mask, trained))
-        return c["losses"][-1]
-    return call
-
-
 def bench_sft():
     """The default build's two fine-tunings from one start, padded (before) and as sim.sft runs them now, the
-    runs alternating; a step is timed from one sft_backward call to the next (the whole step, optimizer included)."""
+    runs alternating. sim.sft_backward is swapped for one that records when it began (a step is timed from
+    one call to the next: the whole step), its loss, and the positions computed (for the packed path, as
+    `ppo.pack_rows` plans them), the real tokens and the trained ones."""
     cfg, threads = load_config([]), torch.get_num_threads()
     torch.set_num_threads(cfg["threads"])
     w = build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"])
@@ -651,16 +645,24 @@ def bench_sft():
     print("| fine-tuning | path | positions / trained token | positions / real token | s/step (median) | speed-up |")
     print("|---|---|---:|---:|---:|---:|")
     for run_name, run in runs.items():
-        counts = {path: dict(positions=0, tokens=0, trained=0, stamps=[], seconds=[], losses=[]) for path in paths}
-        for _ in range(SFT_ROUNDS):
-            for path, c in counts.items():
-                model.load_state_dict(start)
-                sim.sft_backward, packing.pack_rows, c["stamps"] = recorded(paths[path], c), counted(plan, c), []
-                try:
-                    run()
-                finally:
-                    sim.sft_backward, packing.pack_rows = packed, plan
-                c["seconds"] += [b - a for a, b in zip(c["stamps"], c["stamps"][1:])]
+        counts = {path: dict(positions=0, tokens=0, trained=0, seconds=[], losses=[]) for path in paths}
+        for _, (path, backward) in itertools.product(range(SFT_ROUNDS), paths.items()):
+            c, stamps = counts[path], []
+
+            def recorded(actor, ids, attn, trained, c=c, stamps=stamps, backward=backward):
+                stamps.append(time.perf_counter())
+                c["trained"] += (ppo.scored_positions(attn) & trained).sum().item()
+                if backward is padded_sft_backward:
+                    c["positions"], c["tokens"] = c["positions"] + ids.numel(), c["tokens"] + attn.sum().item()
+                c["losses"].append(backward(actor, ids, attn, trained))
+                return c["losses"][-1]
+            model.load_state_dict(start)
+            sim.sft_backward, packing.pack_rows = recorded, counted(plan, c)
+            try:
+                run()
+            finally:
+                sim.sft_backward, packing.pack_rows = packed, plan
+            c["seconds"] += [b - a for a, b in zip(stamps, stamps[1:])]
         median = [statistics.median(c["seconds"]) for c in counts.values()]
         for (path, c), seconds in zip(counts.items(), median):
             print(f"| {run_name} | {path} | {c['positions'] / c['trained']:.2f} | {c['positions'] / c['tokens']:.2f} | "
