@@ -8,11 +8,10 @@ logprob  peak memory and time of per-token log-prob + entropy + backward, fused 
          RSS at that point, and the mean wall time of two runs after one warm-up. The figures are
          for the torch (CPU) path; gpu-logprob measures the Triton kernels.
 sampler  tokens/s of sim.sample against Hugging Face generate, against batch size; the same with the
-         HF forward for decode steps; and the matmuls alone (linear layers, attention products), which
-         bound any sampler.
+         HF forward for decode steps (the plain path that lean_decode_one replaces).
 retriever the in-process BM25 (engines.Retriever) on a synthetic corpus of a million passages: index time,
-         peak memory (VmHWM), queries/s in batches of 128, and whether its top 3 are the old
-         implementation's (one score array per query, a dict of postings, a stable sort of all scores).
+         peak memory (VmHWM), queries/s in batches of 128 (tests/test_retriever.py checks its results
+         against BM25 written the plain way).
 
 On a CUDA GPU (each says so in one line and measures nothing where there is none; gpu_check.sh runs them):
 gpu-logprob  peak GPU memory and time of log-prob + entropy + backward from hidden states, bf16, N=8192,
@@ -25,8 +24,7 @@ step     the RL step's forward passes (log-probs of policy and reference, values
          the default's models and batch sizes: sequences packed several a row (packing.padding_free)
          against each in its own padded row, as before; the LM head on the response tokens alone
          against every token; micro-batches of 16 sorted by length against none; token positions a
-         step and time. Then whole RL steps of the default run (zerosearch.py from the default
-         build) in each layout, their token positions and time split by stage.
+         step and time.
 sft      the build's two fine-tunings (sim.sft: the warm-up, the simulator's) on the default build's
          data: padded batches with HF's loss on every position, as before, against sim.sft now
          (micro-batches by length, packed, the LM head on the trained tokens); token positions per
@@ -37,8 +35,6 @@ import itertools
 import json
 import os
 import random
-import runpy
-import shutil
 import statistics
 import subprocess
 import sys
@@ -181,41 +177,6 @@ def ours_hf_forward(model, prompts):
         sim.lean_decoding = lean_decoding
 
 
-def matmul_floor(config, prompts):
-    """A run of the matmuls no sampler can skip: every linear layer once for each prompt token (no
-    padding) and each new token, the LM head once for each new token, and each decode step's two
-    attention products per layer (query x keys, weights x values, over the mean prompt length plus
-    the tokens so far); fp32, inputs preallocated. Norms, RoPE, softmax, cache writes and sampling
-    are left out, so HF generate's time over this bounds any speed-up."""
-    d, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
-    hd = d // heads
-    shapes = [(d, heads * hd), (d, kv_heads * hd), (d, kv_heads * hd), (heads * hd, d),
-              (d, config.intermediate_size), (d, config.intermediate_size), (config.intermediate_size, d)]
-    weights = [torch.randn(n_out, n_in) for n_in, n_out in shapes]
-    head = torch.randn(config.vocab_size, d)
-    B, prompt_tokens = len(prompts), sum(len(p) for p in prompts)
-    inputs = {rows: {n_in: torch.randn(rows, n_in) for n_in, _ in shapes} for rows in (prompt_tokens, B)}
-    L = prompt_tokens // B + MAX_NEW_TOKENS
-    query, keys, values = torch.randn(B, kv_heads, heads // kv_heads, hd), torch.randn(B, kv_heads, L, hd), torch.randn(B, kv_heads, L, hd)
-    attention_weights = torch.rand(B, kv_heads, heads // kv_heads, L)
-
-    def layers(rows, length=None):
-        for _ in range(config.num_hidden_layers):
-            for w in weights:
-                torch.nn.functional.linear(inputs[rows][w.shape[1]], w)
-            if length:
-                query @ keys[:, :, :length].transpose(-1, -2)
-                attention_weights[..., :length] @ values[:, :, :length]
-
-    def call(model, prompts):  # the sampler's signature; both are unused
-        layers(prompt_tokens)
-        for t in range(MAX_NEW_TOKENS):
-            torch.nn.functional.linear(inputs[B][d], head)
-            if t < MAX_NEW_TOKENS - 1:
-                layers(B, length=L - MAX_NEW_TOKENS + t + 1)
-    return call
-
-
 def best_seconds(fns, model, prompts, repeats: int):
     """Best of `repeats` timed runs of each fn, after one warm-up run; runs interleave so that
     load from other processes hits them alike."""
@@ -233,9 +194,8 @@ def best_seconds(fns, model, prompts, repeats: int):
 def bench_sampler():
     print(f"### sampler: tokens/s, {torch.get_num_threads()} torch threads, {MAX_NEW_TOKENS} new tokens a row, "
           "prompts 20-60 tokens; generated tokens over the whole call (prefill included)\n")
-    print("| model | batch | HF generate tok/s | sim.sample tok/s | speed-up | sim.sample, HF forward tok/s "
-          "| matmuls alone tok/s | bound |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | batch | HF generate tok/s | sim.sample tok/s | speed-up | sim.sample, HF forward tok/s |")
+    print("|---|---:|---:|---:|---:|---:|")
     models = sampler_models()
     for name, (config, batch_sizes) in models.items():
         torch.manual_seed(0)
@@ -244,27 +204,10 @@ def bench_sampler():
         repeats = 1 if QUICK else 5 if config.hidden_size < 256 else 2
         for batch_size in batch_sizes:
             prompts = sampler_prompts(batch_size, config.vocab_size)
-            seconds = best_seconds([hf_generate, ours, ours_hf_forward, matmul_floor(config, prompts)], model, prompts, repeats)
-            hf, ws, wh, fl = (len(prompts) * MAX_NEW_TOKENS / s for s in seconds)
-            print(f"| {name} | {batch_size} | {hf:,.0f} | {ws:,.0f} | {ws / hf:.2f}x | {wh:,.0f} | {fl:,.0f} | {fl / hf:.1f}x |",
-                  flush=True)
+            seconds = best_seconds([hf_generate, ours, ours_hf_forward], model, prompts, repeats)
+            hf, ws, wh = (len(prompts) * MAX_NEW_TOKENS / s for s in seconds)
+            print(f"| {name} | {batch_size} | {hf:,.0f} | {ws:,.0f} | {ws / hf:.2f}x | {wh:,.0f} |", flush=True)
     print()
-    small_op_costs(next(iter(models.values()))[0])
-
-
-def small_op_costs(config):
-    """What a decode step's pieces cost one by one on the tiny policy at batch 64: the matmuls' rate
-    and the eager cost of one small op, which is what the time beyond "matmuls alone" is made of."""
-    d, b = config.hidden_size, 64
-    model = Qwen2ForCausalLM(config).eval()
-    x, y, w = torch.randn(b, 1, d), torch.randn(b, 1, d), torch.randn(config.intermediate_size, d)
-    ops = {"linear": lambda: torch.nn.functional.linear(x, w), "add": lambda: x + y, "RMSNorm": lambda: model.model.norm(x)}
-    with torch.inference_mode():
-        seconds = dict(zip(ops, best_seconds([lambda *_, f=f: [f() for _ in range(100)] for f in ops.values()], None, None, 5)))
-    gflops = 2 * b * d * config.intermediate_size * 100 / seconds["linear"] / 1e9
-    print(f"At batch {b}, one decode step's [{b}x{d}] x [{d}x{config.intermediate_size}] linear runs at {gflops:.0f} GFLOP/s; "
-          f"an add of two [{b}x1x{d}] tensors takes {seconds['add'] * 1e4:.1f} us and the model's RMSNorm "
-          f"{seconds['RMSNorm'] * 1e4:.1f} us.\n")
 
 
 # --- retriever: the in-process BM25 at corpus scale ------------------------------------------------
@@ -606,7 +549,6 @@ def bench_step():
     print(f"\nThey agree: old log-probs (on the response) and values within {outputs:.1e}, the update's actor and "
           f"critic losses within {losses:.1e} (relative).\n")
     torch.set_num_threads(threads)
-    bench_rl_steps()
 
 
 # --- sft: the warm-up and the simulator's fine-tuning (sim.sft), padded against now --------------------
@@ -673,62 +615,6 @@ def bench_sft():
     print()
 
 
-RL_STEPS = 2 if QUICK else 10
-STAGES = ("sample", "engine", "logprob", "values", "update")
-WHOLE = ["micro_batch_size=128"]  # one forward pass over the step's 128 sequences, one per mini-batch of 64, as before
-RL_LAYOUTS = {  # name -> (what it is, padded rows with the LM head on every token, config overrides)
-    "before": ("padded, no micro-batches, ppo_epochs=2 (the default before)", True, WHOLE + ["ppo_epochs=2"]),
-    "padded": ("padded, no micro-batches", True, WHOLE),
-    "packed-whole": ("packed, the LM head on the response, no micro-batches", False, WHOLE),
-    "now": ("packed, the LM head on the response, micro-batches of 16 by length (now)", False, [])}
-
-
-def bench_rl_steps():
-    """Whole RL steps of the default run in each of RL_LAYOUTS, the first the default before packing
-    (padded rows, two PPO epochs a step): `zerosearch.py` run as a program (`--rl-steps`) for
-    RL_STEPS steps from the default build (made in out/build if it is not there, several minutes), the
-    actor training from the first step; each step's time split from metrics.jsonl."""
-    os.makedirs(os.path.join("out", "build"), exist_ok=True)
-    rows, over = {layout: [] for layout in RL_LAYOUTS}, {}
-    for _ in range(1 if QUICK else 2):  # runs alternate, so a slower spell of the machine hits both layouts
-        for layout in rows:
-            out = os.path.join("out", "bench-step", layout)
-            shutil.rmtree(out, ignore_errors=True)
-            os.makedirs(out)
-            os.symlink(os.path.abspath(os.path.join("out", "build")), os.path.join(out, "build"))
-            subprocess.run([sys.executable, __file__, "--rl-steps", layout, out], check=True, stdout=subprocess.DEVNULL)
-            rows[layout] += [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][1:]  # the first warms up
-            counts = json.load(open(os.path.join(out, "positions.json")))
-            over[layout] = counts["positions"] / counts["tokens"]
-    split = {layout: {k: statistics.mean(r[f"time/{k}"] for r in rs) for k in STAGES} for layout, rs in rows.items()}
-    whole = {layout: sum(s.values()) for layout, s in split.items()}
-    print(f"### step: whole RL steps of the default run (`python zerosearch.py`, steps 1-{RL_STEPS - 1} of a run "
-          f"with critic_warmup=0, twice each), {load_config([])['threads']} threads, the layouts' runs alternating\n")
-    print("| rows | token positions over real tokens | " + " | ".join(STAGES) + " | whole step (s) | speed-up |")
-    print("|---|" + "---:|" * (len(STAGES) + 3))
-    first = next(iter(RL_LAYOUTS))
-    for layout, s in split.items():
-        print(f"| {RL_LAYOUTS[layout][0]} | {over[layout]:.2f}x | " + " | ".join(f"{s[k]:.2f}" for k in STAGES) +
-              f" | {whole[layout]:.2f} | {whole[first] / whole[layout]:.2f}x |")
-    print()
-
-
-def rl_steps(layout, out_dir):
-    """The default run's first RL_STEPS steps into out_dir, its forward passes on packed rows with the LM
-    head on the response (as zerosearch.py is) or with each sequence in its own padded row and the LM head
-    on every token (as before), with the layout's config overrides."""
-    _, padded, overrides = RL_LAYOUTS[layout]
-    counts = {"positions": 0, "tokens": 0}  # of every forward pass of the training step
-    packing.pack_rows = counted(one_per_row if padded else packing.pack_rows, counts)
-    if padded:
-        ppo.Actor.forward = lm_head_on_every_token(ppo.Actor.forward)
-    sys.argv = (["zerosearch.py", f"out_dir={out_dir}", f"steps={RL_STEPS}", "critic_warmup=0", "eval_size=1"]
-                + ["preset=smoke"] * QUICK + overrides)
-    runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "zerosearch.py"), run_name="__main__")
-    with open(os.path.join(out_dir, "positions.json"), "w") as f:
-        json.dump(counts, f)
-
-
 SECTIONS = {"logprob": bench_logprob, "sampler": bench_sampler, "step": bench_step, "sft": bench_sft,
             "retriever": bench_retriever,
             "gpu-logprob": bench_gpu_logprob, "gpu-sampler": bench_gpu_sampler, "gpu-step": bench_gpu_step}
@@ -737,8 +623,6 @@ if __name__ == "__main__":
     section = sys.argv[1] if len(sys.argv) > 1 else "all"
     if section == "--variant":
         print(json.dumps(VARIANTS[sys.argv[2]]()))
-    elif section == "--rl-steps":
-        rl_steps(*sys.argv[2:4])
     elif section != "all" and section not in SECTIONS:
         raise SystemExit(f"usage: python tools/bench.py [{' | '.join(SECTIONS)}]  (no argument: all of them)")
     else:
