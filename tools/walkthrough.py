@@ -28,7 +28,8 @@ SMALL = ["batch_size=4", "mini_batch_size=16", "threads=2"]  # 4 questions, n_sa
 
 def main(argv):
     own, argv = config.own_arguments(argv, OWN)
-    cfg = config.load_config(SMALL + argv)
+    given = {a.split("=", 1)[0] for a in argv}
+    cfg = config.load_config([a for a in SMALL if a.split("=", 1)[0] not in given] + argv)
     first_actor_step = cfg["critic_warmup"] if cfg["algo"] == "ppo" else 0  # before it PPO trains the critic alone
     step = min(int(own["step"]) if own["step"] is not None else first_actor_step, cfg["steps"] - 1)
     ctx = parallel.init_processes(cfg)
@@ -74,13 +75,13 @@ def main(argv):
                        dict(cfg, seed=zs.rl_seed(cfg)), cfg["kl_coef"], step)
     new_logp = ppo.logprobs(actor.model, ids, attn, rmask, cfg)
     ratio = torch.exp(new_logp - old_logp)  # r_t = π_θ / π_old, after the update
-    eps = cfg["clip_ratio"]
-    clipped = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - eps, 1 + eps))
+    low, high = cfg["clip_ratio_low"], cfg["clip_ratio_high"]
+    clipped = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - low, 1 + high))
     kl = old_logp - ref_logp  # k1, the reward's per-token KL for PPO
     print("## 4-6. Per token: log-probs, values, advantages, the ratio and the clipped loss\n\n"
           "`logp` = log π_old(x_t | x_<t) (`ppo.logprobs`), `ref` = log π_ref, `KL` = logp - ref (k1), `V` = V(x_<t) "
           "(`ppo.values`), `A` = the advantage (`ppo.compute_advantages`: GAE, whitened, for PPO), `r` = π_θ / π_old "
-          "after the update (`ppo.update`), `L` = max(-A r, -A clip(r, 1-ε, 1+ε)) (`ppo.policy_loss`).\n")
+          "after the update (`ppo.update`), `L` = max(-A r, -A clip(r, 1-ε_low, 1+ε_high)) (`ppo.policy_loss`).\n")
     print("| t | token | logp | ref | KL | V | A | r | L |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     P, masked = len(ro.prompt_ids[b]), 0
     for t in range(P, P + len(response)):
