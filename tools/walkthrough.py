@@ -8,6 +8,7 @@ questions: the rollout with search, the reward, log-probs, values, advantages an
 It prints one trajectory turn by turn, then its sampled tokens one a row with what each stage
 computed for them; the `<information>` tokens carry no loss and are shown as one masked block.
 """
+import contextlib
 import os
 import random
 import sys
@@ -33,7 +34,8 @@ def main(argv):
     first_actor_step = cfg["critic_warmup"] if cfg["algo"] == "ppo" else 0  # before it PPO trains the critic alone
     step = min(int(own["step"]) if own["step"] is not None else first_actor_step, cfg["steps"] - 1)
     ctx = parallel.init_processes(cfg)
-    tok, questions, _, retriever, sim_path, policy_path, knowledge = build.setup(cfg, ctx)
+    with contextlib.redirect_stdout(sys.stderr):  # the build's progress is not part of the page
+        tok, questions, _, retriever, sim_path, policy_path, knowledge = build.setup(cfg, ctx)
     engine = build.make_engine(cfg["search_backend"], cfg, retriever, sim_path, ctx, knowledge, tok)
     torch.manual_seed(zs.rl_seed(cfg))
     actor, critic, ref, _ = zs.load_models(policy_path, cfg, ctx)
