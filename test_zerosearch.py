@@ -13,6 +13,7 @@ import pytest
 import build
 import config
 import engines
+import parallel
 import reward
 import sim
 import world
@@ -503,3 +504,23 @@ def test_the_walkthrough_prints_one_step_whose_clipped_losses_follow_from_its_ad
     assert steps == sorted(steps)
     if "<information>" in r.stdout:  # it searched: the documents are one masked block between sampled rows
         assert "tokens with response_mask 0" in r.stdout
+
+
+def test_a_step_whose_simulator_outputs_are_mostly_malformed_is_one_warning_line(tmp_path):
+    """The engine's counters are totals: the warning compares a step's row with the one before it."""
+    lines = []
+
+    class Bar:
+        write = staticmethod(lines.append)
+
+        def set_postfix(self, **kwargs):
+            pass
+    first = {"run": "zerosearch", "step": 0, "reward": 0.0, "em": 0.0, "noise_prob": 0.0,
+             "sim/useful": 10, "sim/noisy": 2, "sim/malformed": 3}
+    zs.log_step(first, tmp_path / "m.jsonl", Bar(), parallel.Ctx())
+    assert lines == []  # 3 of 12 malformed
+    zs.log_step(dict(first, step=1, **{"sim/useful": 14, "sim/malformed": 5}), tmp_path / "m.jsonl", Bar(), parallel.Ctx(), first)
+    assert lines == []  # 2 of the step's 4: not most
+    zs.log_step(dict(first, step=1, **{"sim/useful": 14, "sim/malformed": 6}), tmp_path / "m.jsonl", Bar(), parallel.Ctx(), first)
+    assert len(lines) == 1 and lines[0].startswith("warning: step 1: 3 of 4 simulator outputs")
+    assert len(open(tmp_path / "m.jsonl").readlines()) == 3

@@ -144,6 +144,7 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
     backend = cfg["search_backend"] if name == "zerosearch" else "real"
     bar = tqdm(range(start, cfg["steps"]), initial=start, total=cfg["steps"], disable=not ctx.master,
                desc=f"RL {name} ({cfg['algo']}, {backend} search)")
+    previous = None  # the last step's row: the engine's counters are totals
     for step in bar:
         clock = Stopwatch()
         # 1. this process's questions of the step, n samples each
@@ -177,7 +178,8 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
         # 7. log, 8. checkpoint every save_every steps, at the end, and after Ctrl-C (then stop)
         row = step_metrics(name, step, ro, qs, scores, engine, noise_prob, clock.seconds,
                            adv_stats, stats, ctx)
-        log_step(row, metrics_path, bar, ctx)
+        log_step(row, metrics_path, bar, ctx, previous)
+        previous = row
         interrupted = ctx.any(ctrl_c[0])
         if (step + 1) % cfg["save_every"] == 0 or step + 1 == cfg["steps"] or interrupted:
             parallel.save_step(run_dir, step, models, row, kl_coef, cfg, ctx)
@@ -340,7 +342,13 @@ def step_metrics(name, step, ro, qs, scores, engine, noise_prob, seconds, adv_st
             **{f"time/{k}": v for k, v in seconds.items()}, **adv_stats, **ctx.mean_stats(stats), **engine_totals}
 
 
-def log_step(row, metrics_path, bar, ctx):
+def log_step(row, metrics_path, bar, ctx, previous=None):
+    """Appends the row to metrics.jsonl and shows it on the progress bar; warns in one line when most of the
+    step's simulator outputs were malformed (the engine's totals against the `previous` row's)."""
+    new = {k: row.get(f"sim/{k}", 0) - (previous or {}).get(f"sim/{k}", 0) for k in ("useful", "noisy", "malformed")}
+    if ctx.master and new["malformed"] > (new["useful"] + new["noisy"]) / 2:
+        bar.write(f"warning: step {row['step']}: {new['malformed']} of {new['useful'] + new['noisy']} simulator outputs "
+                  "held fewer than topk documents; check sim_model, sim_style and sim_temperature")
     if ctx.master:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
