@@ -89,6 +89,8 @@ def test_a_two_variant_two_seed_grid_shares_one_build_and_resume_skips_finished_
             run = out / "ablate" / "runs" / variant / f"seed{k}"
             assert os.path.realpath(run / "build") == os.path.realpath(out / "build")
             assert "embedded default built" not in open(run / "log.txt").read()  # it loaded the shared build
+            rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+            assert sum(row["searches"] for row in rows) > 0  # the variant's simulator was searched
     result = json.load(open(out / "ablate" / "results.json"))
     assert list(result) == ["default", "untrained-sim"] and all(len(seeds) == 2 for seeds in result.values())
     md = open(out / "ablate" / "results.md").read()

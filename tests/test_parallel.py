@@ -130,6 +130,14 @@ def uninterrupted(build, tmp_path_factory):
     return out
 
 
+def searched(out):
+    """Both runs of `out` searched their engine and the simulator's counters moved, so the resumed run's
+    equal metrics include the engines' counters restored from the checkpoint."""
+    for name in ("zerosearch", "search_r1"):
+        assert sum(row["searches"] for row in metrics(out, name)) > 0, f"{name} never searched: the test lost its power"
+    assert metrics(out)[-1]["sim/useful"] > 0
+
+
 def test_resume_after_sigkill_repeats_the_uninterrupted_run(build, uninterrupted, tmp_path):
     proc = run(build, tmp_path, *RESUME, wait=False)
     first = tmp_path / "checkpoints" / "zerosearch" / "step_000002"
@@ -140,6 +148,7 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run(build, uninterrupted
     assert saved and not saved[-1].endswith("step_000006"), "killed too late: the run had finished"
     r = run(build, tmp_path, *RESUME, "resume=true")
     assert "zerosearch: resuming from" in r.stdout
+    searched(uninterrupted)
     for name in ("zerosearch", "search_r1"):
         assert metrics(tmp_path, name) == metrics(uninterrupted, name)
     assert json.load(open(tmp_path / "results.json")) == json.load(open(uninterrupted / "results.json"))
@@ -158,6 +167,7 @@ def test_ctrl_c_saves_at_the_end_of_the_step_and_resume_repeats_the_uninterrupte
     assert not (tmp_path / "results.json").exists()
     r = run(build, tmp_path, *RESUME, "resume=true")
     assert "zerosearch: resuming from" in r.stdout and "(step 6 of 6)" in r.stdout  # the finished run is not redone
+    searched(uninterrupted)
     for name in ("zerosearch", "search_r1"):
         assert metrics(tmp_path, name) == metrics(uninterrupted, name)
     assert json.load(open(tmp_path / "results.json")) == json.load(open(uninterrupted / "results.json"))
