@@ -18,6 +18,9 @@ import statistics
 import subprocess
 import sys
 import time
+
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
 
 import build
@@ -95,7 +98,9 @@ def build_once(runs, base):
     """Every build the runs need, made in this process into out_dir/build and linked into each run."""
     shared_build = os.path.abspath(os.path.join(base["out_dir"], "build"))
     for _, _, args, out in runs:
-        build.prepare_embedded(config.load_config(args), shared_build)
+        cfg = config.load_config(args)
+        torch.set_num_threads(cfg["threads"])  # as zerosearch.py builds: the same floats, and no idle threads
+        build.prepare_embedded(cfg, shared_build)
         os.makedirs(out, exist_ok=True)
         if not os.path.lexists(os.path.join(out, "build")):
             os.symlink(shared_build, os.path.join(out, "build"))
