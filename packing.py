@@ -5,11 +5,10 @@ import torch
 
 
 # Two things keep padding out of a forward pass. Packing puts several sequences in a row as long as the
-# longest (a row then attends over no more than a padded row did; rows 1.5x as long pack tighter but
-# cost more attention than they save, 12% on `bench.py step`'s batch). And micro-batches of similar
-# lengths (`update`, `in_micro_batches`): the default run's sequences are too alike to pack (mean 91
-# tokens, longest 133: no two fit in a row), but sorted by length and run 16 at a time they take 1.05x the
-# real tokens' positions against 1.44x (`bench.py step`). Every process makes as many calls, as FSDP needs.
+# longest, so a row attends over no more than a padded row did (longer rows pack tighter but cost more
+# attention than they save). And micro-batches of similar lengths (`ppo.update`, `in_micro_batches`), for
+# batches whose sequences are too alike to pack two a row. docs/performance.md has the measurements.
+# Every process makes as many calls, as FSDP needs.
 def pack_rows(lengths):
     """First-fit decreasing -> (rows, each a list of sequence indices whose lengths sum to at most
     `width`, and width, the longest length); each sequence is in exactly one row."""

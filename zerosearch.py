@@ -5,7 +5,7 @@ the curriculum, the multi-turn rollout with search, evaluation and the RL loop (
 as numbered stages). README.md explains the method, the embedded default and the differences
 from the paper; config.yaml lists every key.
 
-    python zerosearch.py                  # the embedded default on a 2-core CPU (a 9-min build, then 4 min of RL)
+    python zerosearch.py                  # the embedded default on a 2-core CPU: a build, then RL, then evaluation
     python zerosearch.py preset=smoke     # the whole pipeline in under a minute
     python zerosearch.py algo=grpo steps=40 out_dir=out/grpo   # any key of config.yaml as key=value
     torchrun --nproc_per_node=8 zerosearch.py preset=paper data=... eval_data=... corpus=...
