@@ -163,6 +163,16 @@ def setup(cfg, ctx):
     return tok, train_qs, eval_sets, retriever, cfg["sim_model"], cfg["policy_model"], None
 
 
+def check_engines(cfg, retriever, policy_path):
+    """The engines can serve this run: topk fits the corpus, and a fine-tuned simulator is not the policy."""
+    if retriever and cfg["topk"] > len(retriever.docs):
+        raise SystemExit(f"error: topk={cfg['topk']} is more than the corpus holds: set topk={len(retriever.docs)} or less")
+    is_policy = cfg["sim_model"] and os.path.realpath(cfg["sim_model"]) == os.path.realpath(policy_path)
+    if is_policy and uses_simulator(cfg) and cfg["sim_style"] == "finetuned":  # the paper's untrained simulator is prompted
+        raise SystemExit(f"error: sim_model={cfg['sim_model']} is the policy itself, not a simulator fine-tuned to write "
+                         "documents; set sim_model= to one, or sim_style=prompted to prompt it as an untrained simulator")
+
+
 def uses_simulator(cfg):
     """Does this run search a simulator (in process, or served with the embedded one's tokenizer)?"""
     backend = {"train": cfg["search_backend"], "eval": None, "ask": cfg["ask_engine"]}[cfg["mode"]]

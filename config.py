@@ -136,6 +136,9 @@ def check_values(cfg):
         raise SystemExit("error: the world needs 7 to 1500 companies (a test set holds out 15% of them), no more than "
                          f"world_persons, and at most 6400 persons; got world_persons={cfg['world_persons']} "
                          f"world_companies={cfg['world_companies']}")
+    if cfg["topk"] * cfg["doc_tokens"] > cfg["max_response_tokens"]:  # one search's documents must fit the response
+        raise SystemExit(f"error: topk={cfg['topk']} documents of doc_tokens={cfg['doc_tokens']} tokens do not fit in "
+                         f"max_response_tokens={cfg['max_response_tokens']}; lower topk or doc_tokens, or raise max_response_tokens")
     for key, (needed, allowed) in TEMPLATES.items():
         try:
             fields = {name for _, name, _, _ in string.Formatter().parse(cfg[key]) if name is not None}

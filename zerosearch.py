@@ -379,9 +379,6 @@ def main(argv):
             build.check_model(key, cfg[key])
     config.check_folder(cfg["out_dir"], "out_dir")
     lock = config.lock_folder(cfg["out_dir"]) if ctx.master else None  # noqa: F841 (held until main returns)
-    if cfg["topk"] * cfg["doc_tokens"] > cfg["max_response_tokens"]:  # one search's documents must fit the response
-        raise SystemExit(f"error: topk={cfg['topk']} documents of doc_tokens={cfg['doc_tokens']} tokens do not fit in "
-                         f"max_response_tokens={cfg['max_response_tokens']}; lower topk or doc_tokens, or raise max_response_tokens")
     if ctx.master:
         with open(os.path.join(cfg["out_dir"], "config.yaml"), "w") as f:
             yaml.safe_dump(cfg, f, sort_keys=False)
@@ -390,12 +387,7 @@ def main(argv):
     began = time.time()
     tok, train_qs, eval_sets, retriever, sim_path, policy_path, knowledge = build.setup(cfg, ctx)
     seconds = {"build": time.time() - began}  # or its loading; then each RL run, and evaluation is the rest
-    if retriever and cfg["topk"] > len(retriever.docs):
-        raise SystemExit(f"error: topk={cfg['topk']} is more than the corpus holds: set topk={len(retriever.docs)} or less")
-    is_policy = cfg["sim_model"] and os.path.realpath(cfg["sim_model"]) == os.path.realpath(policy_path)
-    if is_policy and build.uses_simulator(cfg) and cfg["sim_style"] == "finetuned":  # the paper's untrained simulator is prompted
-        raise SystemExit(f"error: sim_model={cfg['sim_model']} is the policy itself, not a simulator fine-tuned to write "
-                         "documents; set sim_model= to one, or sim_style=prompted to prompt it as an untrained simulator")
+    build.check_engines(cfg, retriever, policy_path)
     torch.manual_seed(rl_seed(cfg))  # the critic's new head: the same whether the build was made now or loaded
     # evaluation (and the baseline) always searches a real engine, as the paper: BM25 here or a served retriever
     real = build.make_engine(cfg["eval_backend"], cfg, retriever, None, ctx, tok=tok)
