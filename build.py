@@ -20,28 +20,32 @@ import sim
 import world
 
 BUILD_VERSION = 7  # bump when the code changes what a build holds, so old caches are not loaded
-WARMUP_KEYS = ["world_seed", "world_persons", "world_companies", "tiny_hidden", "tiny_layers", "tiny_heads",
+WARMUP_KEYS = ["world_seed", "world_persons", "world_companies", "world_phrasings", "world_passages", "warmup_queries", "tiny_hidden", "tiny_layers", "tiny_heads",
                "warmup_steps", "warmup_batch_size", "warmup_lr", "warmup_quote", "rl_share", "prompt_template", "direct_template",
                "invalid_action", "sim_template_finetuned", "sim_template_prompted",  # in the tokenizer's vocabulary
                "sim_template_prompted_noisy", "topk", "seed"]
 MISNAMED_SHARE = 0.2  # of the warm-up's queries, also asked with the name miscopied, for the simulator's rows
-SIMULATOR_KEYS = ["sim_sft_steps", "sim_sft_batch_size", "sim_sft_lr", "sim_sft_noisy"]
+SIMULATOR_KEYS = ["sim_sft_steps", "sim_sft_batch_size", "sim_sft_lr", "sim_sft_noisy", "sim_rows"]
+TRAJECTORY_KEYS = ["max_turns", "max_turn_tokens", "max_response_tokens", "temperature", "top_p"]  # shape sim_rows=trajectories
+SIM_ROWS = 4000  # rows collected with sim_rows=trajectories, balanced (the paper: about 20,000 for a 3B to 14B model)
 
 
 def digest(cfg, keys):
     return hashlib.sha1(json.dumps([BUILD_VERSION] + [cfg[k] for k in keys]).encode()).hexdigest()[:10]
 
 
-def prepare_embedded(cfg, cache_dir, log=print):
+def prepare_embedded(cfg, cache_dir, log=print, collect=None):
     """Build (or load from `cache_dir`) everything the embedded default needs: the world, its
     tokenizer, the real retriever, the format-warmed tiny policy and the tiny simulator fine-tuned
     from it (as the paper's policy and simulator both start from pretrained Qwen2.5 models). Each
     model is written to a temporary folder and renamed when complete, so a build killed half-way is
-    built again. Returns (world, retriever, simulator path, policy path)."""
-    w = world.build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"])
+    built again. The simulator's rows are the warm-up's queries with BM25's results (sim_rows=engine) or,
+    as the paper makes them, the warm-up policy's searches labelled by its answers (sim_rows=trajectories:
+    `collect`, zerosearch.collect). Returns (world, retriever, simulator path, policy path)."""
+    w = world.world_of(cfg)
     retriever = engines.Retriever(w.docs)
     base = os.path.join(cache_dir, digest(cfg, WARMUP_KEYS))
-    policy_dir, sim_dir = os.path.join(base, "warmup"), os.path.join(base, "simulator-" + digest(cfg, SIMULATOR_KEYS))
+    policy_dir, sim_dir = os.path.join(base, "warmup"), os.path.join(base, "simulator-" + digest(cfg, SIMULATOR_KEYS + TRAJECTORY_KEYS * (cfg["sim_rows"] == "trajectories")))
     if whole(policy_dir) and whole(sim_dir):
         log(f"embedded default: loading the world's tokenizer, warm-up policy and simulator from {base}")
         return w, retriever, sim_dir, policy_dir
@@ -53,8 +57,17 @@ def prepare_embedded(cfg, cache_dir, log=print):
         save_atomically(policy, tok, policy_dir)
     # 2. the simulator: simulation fine-tuning of a copy on labelled (query, documents, useful/noisy) rows
     simulator = AutoModelForCausalLM.from_pretrained(policy_dir)
-    rows = world.simulator_rows(w, queries, lambda q: retriever.search(q, cfg["topk"]),
-                                world.knowledge_index(w.docs), rng, cfg["sim_sft_noisy"])
+    knowledge = world.knowledge_index(w.docs)
+    if cfg["sim_rows"] == "trajectories":
+        questions = world.split_train(w.train, cfg["rl_share"])[0]
+        rows, n_useful, n_noisy = collect(simulator.eval(), tok, questions, engines.RealEngine(retriever, cfg, tok), cfg,
+                                          SIM_ROWS, cfg["seed"])
+        log(f"simulator rows: {len(rows)} kept of {n_useful} useful and {n_noisy} noisy from the warm-up policy's searches")
+        rows = [dict(r, evidence=knowledge(r["query"]), documents=rng.sample(r["documents"], len(r["documents"])))
+                for r in rows]  # the documents in a random order, as the warm-up shows them: read, not ranked
+    else:
+        rows = world.simulator_rows(w, queries, lambda q: retriever.search(q, cfg["topk"]), knowledge, rng,
+                                    cfg["sim_sft_noisy"])
     if cfg["sim_sft_steps"]:  # 0: the warm-up policy itself serves as an untrained simulator
         sim.train_simulator(simulator, tok, rows, cfg, steps=cfg["sim_sft_steps"],
                             batch_size=cfg["sim_sft_batch_size"], lr=cfg["sim_sft_lr"], seed=cfg["seed"])
@@ -88,7 +101,9 @@ def warmup_data(w, retriever, cfg):
             response = f"<answer> {rng.choice(guesses[q['relation']])} </answer>"
         else:
             prompt = cfg["prompt_template"].format(question=q["question"])
-            response, qs = world.warmup_trajectory(q, search, sim.information, names, rng, cfg["warmup_quote"])
+            mixed = cfg["world_phrasings"] if cfg["warmup_queries"] == "mixed" else 0
+            response, qs = world.warmup_trajectory(q, search, sim.information, names, rng, cfg["warmup_quote"],
+                                                   phrasings=mixed, budget=cfg["max_turns"])
             queries += [(q, query) for query in qs]
         trajectories.append(world.encode_warmup(tok, prompt, response))
     # The same query with a name that is no entity's: the simulator then knows nothing and must not
@@ -121,23 +136,23 @@ def whole(path):
 
 
 # ----------------------------------------------------------------------------- a run's inputs: data, models, engines
-def setup(cfg, ctx):
+def setup(cfg, ctx, collect=None):
     """Tokenizer, train questions, evaluation sets, the in-process BM25 retriever (None when no engine
     searches it), the simulator's and the starting policy's paths: built here for the embedded world,
     else from the config."""
     if cfg["data"] == "world" and cfg["eval_data"] == "world":
         if cfg["policy_model"] and (cfg["sim_model"] or not uses_simulator(cfg)):  # no tiny model to build
-            w = world.build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"])
+            w = world.world_of(cfg)
             retriever, sim_path, policy_path = engines.Retriever(w.docs), None, None
         else:
             cache = os.path.join(cfg["out_dir"], "build")
             if ctx.master:  # one process builds, the others wait and load
-                prepare_embedded(cfg, cache, log=ctx.print0)
+                prepare_embedded(cfg, cache, log=ctx.print0, collect=collect)
             ctx.barrier()
             w, retriever, sim_path, policy_path = prepare_embedded(cfg, cache, log=lambda *a: None)
         tok = world.load_tokenizer(cfg["policy_model"] or policy_path)  # a real policy on the world keeps its own
-        test = {"single-hop": [q for q in w.test if q["hops"] == 1], "two-hop": [q for q in w.test if q["hops"] == 2]}
-        eval_sets = {k: fitting(v, tok, cfg, k, ctx)[:cfg["eval_size"]] for k, v in test.items()}
+        test = {name: [q for q in w.test if q["hops"] == hops] for name, hops in world.TEST_SETS.items()}
+        eval_sets = {k: fitting(v, tok, cfg, k, ctx)[:cfg["eval_size"]] for k, v in test.items() if v}
         knowledge = None if cfg["sim_model"] else world.knowledge_index(w.docs)  # a real simulator has its own
         train_qs = fitting(world.split_train(w.train, cfg["rl_share"])[1], tok, cfg, "the train questions", ctx)
         return tok, train_qs, eval_sets, retriever, cfg["sim_model"] or sim_path, cfg["policy_model"] or policy_path, knowledge

@@ -18,7 +18,8 @@ CHOICES = {"algo": ("ppo", "grpo", "reinforce", "reinforce++"), "reward": ("f1",
            "loss_agg_mode": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
            "sim_batching": ("auto", "list", "single"), "kl_type": ("k1", "abs", "k2", "k3"),
            "kl_in": ("auto", "reward", "loss"),
-           "mode": ("train", "eval", "ask"), "ask_engine": (None, "sim", "real", "retriever", "http")}
+           "mode": ("train", "eval", "ask"), "warmup_queries": ("copy", "mixed"),
+           "sim_rows": ("engine", "trajectories"), "ask_engine": (None, "sim", "real", "retriever", "http")}
 AT_LEAST_ONE = ["steps", "batch_size", "n_samples", "mini_batch_size", "micro_batch_size", "ppo_epochs",
                 "topk", "doc_tokens", "max_turn_tokens", "max_response_tokens", "sim_max_tokens",
                 "eval_size", "threads", "sim_retries", "retriever_retries", "max_prompt_tokens", "save_every", "keep_last"]
@@ -132,6 +133,9 @@ def check_values(cfg):
         raise SystemExit("error: p_start and p_end are probabilities: each must be between 0 and 1")
     if not 0 < cfg["top_p"] <= 1:
         raise SystemExit(f"error: top_p must be greater than 0 and at most 1 (1: no nucleus cut), got {cfg['top_p']}")
+    if not (1 <= cfg["world_phrasings"] <= 3 and 0 <= cfg["world_passages"] <= 6):
+        raise SystemExit(f"error: world_phrasings must be 1 to 3 and world_passages 0 to 6 (the phrasings and passages "
+                         f"world.py has); got {cfg['world_phrasings']} and {cfg['world_passages']}")
     if not 7 <= cfg["world_companies"] <= min(cfg["world_persons"], 1500) or cfg["world_persons"] > 6400:
         raise SystemExit("error: the world needs 7 to 1500 companies (a test set holds out 15% of them), no more than "
                          f"world_persons, and at most 6400 persons; got world_persons={cfg['world_persons']} "

@@ -9,8 +9,8 @@ import os
 import numpy as np
 
 PANELS = [("reward", "reward (F1)"), ("em", "training EM"), ("searches", "searches per question"),
-          ("noisy_share", "noisy share of searches"), ("rollout/kl", "KL to the reference"),
-          ("actor/entropy", "entropy")]
+          ("queries/", "share of queries of each form"), ("noisy_share", "noisy share of searches"),
+          ("rollout/kl", "KL to the reference"), ("actor/entropy", "entropy")]  # queries/: one line per form
 
 
 def read_rows(metrics_path):
@@ -37,14 +37,17 @@ def curves(metrics_path, png_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = read_rows(metrics_path)
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    fig, axes = plt.subplots(2, 4, figsize=(17, 6.5))
     for ax, (key, title) in zip(axes.flat, PANELS):
         for run in dict.fromkeys(r["run"] for r in rows):
             mine = [r for r in rows if r["run"] == run]
-            ax.plot([r["step"] for r in mine], [r.get(key, math.nan) for r in mine], label=run)
+            for k in sorted({k for r in mine for k in r if k.startswith(key)}) if key.endswith("/") else [key]:
+                ax.plot([r["step"] for r in mine], [r.get(k, math.nan) for r in mine], label=f"{run} {k[len(key):]}".strip())
         ax.set_title(title)
         ax.set_xlabel("RL step")
-    axes.flat[0].legend()
+        if key in ("reward", "queries/"):
+            ax.legend(fontsize=7)
+    axes.flat[-1].axis("off")
     fig.tight_layout()
     fig.savefig(png_path, dpi=80)
     plt.close(fig)
@@ -95,10 +98,21 @@ def results_table(results, sets, strict=False):
             + ("; strict EM = they are equal" if strict else "") + ".\n\n" + head + "\n".join(lines) + "\n")
 
 
+def search_table(results, sets):
+    """results.md's searches: per policy and set, searches a question and the share of its queries of each
+    form (world.query_form), where the questions are the embedded world's."""
+    forms = list(dict.fromkeys(k for res in results.values() for s in sets for k in res[s] if k.startswith("queries/")))
+    head = ("| policy | set | searches a question | " + " | ".join(f[len("queries/"):] for f in forms) + " |\n|---|---|"
+            + "---|" * (len(forms) + 1) + "\n")
+    rows = [f"| {label} | {s} | {res[s]['searches']:.2f} | " + " | ".join(f"{100 * res[s][f]:.0f}%" if f in res[s] else "" for f in forms) + " |"
+            for label, res in results.items() for s in sets]
+    return "Searches: how many a question, and the forms of the queries (share of all queries).\n\n" + head + "\n".join(rows) + "\n"
+
+
 def write_results(results, reading, predictions, sets, cfg, ctx, argv, strict=False):
     """results.md and results.json (the table, and the reading check under `reading`, ...) and
     predictions.jsonl (a row per question of the last policy evaluated), from process 0."""
-    table = results_table(results, sets, strict)
+    table = results_table(results, sets, strict) + "\n" + search_table(results, sets)
     if reading:
         keys = {"(b) warm-up": "reading_warmup", "(c) ZeroSearch": "reading", "(d) Search-R1": "reading_search_r1"}
         results.update({keys.get(label, "reading"): res for label, res in reading.items()})

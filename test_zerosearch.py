@@ -194,6 +194,23 @@ def test_rollout_stops_at_search_inserts_documents_and_masks_them(tiny_tok, monk
     assert zs.score(ro, questions) == [1.0, 0.0]
 
 
+def test_rag_rollout_searches_the_question_once_masked_then_answers_with_search_disabled(tiny_tok, monkeypatch):
+    tok, cfg = tiny_tok, config.load_config(["max_turns=2"])
+    questions = [dict(question="q0", golden_answers=["one"]), dict(question="q1", golden_answers=["two"])]
+    scripts = [{"turns": ["<answer> one </answer>"], "done": []}, {"turns": ["<search> beta </search>"], "done": []}]
+    prompts = [tok.encode(cfg["prompt_template"].format(question=q["question"])) for q in questions]
+    scripted = ScriptedPolicy(tok, scripts, lambda p: next(i for i, pr in enumerate(prompts) if p[:len(pr)] == pr))
+    monkeypatch.setattr(sim, "sample", scripted)
+    engine = RecordingEngine()
+    ro = zs.rollout(None, tok, questions, engine, cfg, rag=True)
+    assert engine.requests == [["q0", "q1"]]  # one search each, for the question itself; the policy's search is not run
+    assert [c["stop"] for c in scripted.calls] == [("</answer>",)]  # one turn, search disabled
+    forced = tok.encode("<search> q0 </search>\n\n<information>Doc 1: q0 doc about q0 .</information>\n\n")
+    answer = tok.encode("<answer> one </answer>")
+    assert ro.response_ids[0] == forced + answer and ro.response_mask[0] == [0] * len(forced) + [1] * len(answer)
+    assert ro.answers == ["one", None] and ro.searches == [1, 1] and ro.queries == [["q0"], ["q1"]]
+
+
 def test_rollout_honours_max_turns_then_disables_search(tiny_tok, monkeypatch):
     tok, cfg = tiny_tok, config.load_config(["max_turns=2"])
     q = [dict(question="q2", golden_answers=["x"])]

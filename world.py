@@ -32,6 +32,34 @@ RELATIONS = {
     "foundedyear": ("{s} was founded in the year {o} .", "In what year was {s} founded ?", "founded year"),
     "company": ("{o} was founded by {s} .", "Which company did {s} found ?", "founded by"),
 }
+# Other ways a corpus states each fact, the value last as in the first (world_phrasings: how many of
+# [the first, *these] a world uses). Real text says one thing in several words, and a question asks in
+# one of them: BM25 then misses the passages that say it otherwise.
+PHRASINGS = {
+    "birthplace": ["{s} is a native of {o} .", "the hometown of {s} is {o} ."],
+    "birthyear": ["the birth year of {s} is {o} .", "{s} came into the world in {o} ."],
+    "founder": ["{s} was started by {o} .", "the creator of {s} is {o} ."],
+    "headquarters": ["{s} has its head office in {o} .", "the main office of {s} is in {o} ."],
+    "foundedyear": ["{s} was established in {o} .", "{s} dates from {o} ."],
+}
+# The out-of-domain questions: each relation asked in the words of its other phrasings, never in
+# the warm-up's or RL's questions (worlds with world_phrasings of 2 or more).
+OOD_QUESTIONS = {
+    "birthplace": "What is the hometown of {s} ?", "birthyear": "What is the birth year of {s} ?",
+    "founder": "Who is the creator of {s} ?", "headquarters": "Where is the main office of {s} ?",
+    "foundedyear": "When was {s} established ?",
+}
+# Passages that name an entity without stating what a question about it asks (a corpus holds many
+# about each entity: world_passages of them): some use a question's words about something else, a
+# relative's birth or a branch's office, as real passages about an entity's family or subsidiaries do.
+OTHER_PASSAGES = {
+    "person": ["a daughter of {s} was born in {city} .", "a son of {s} was born in the year {year} .",
+               "{s} visited {city} in the year {year} .", "{s} met {person} in {city} .",
+               "{s} lived in {city} for many years .", "{s} worked for {company} ."],
+    "company": ["a branch of {s} is headquartered in {city} .", "a rival of {s} was founded by {person} .",
+                "{s} opened a store in {city} in the year {year} .", "{s} was sold to {company} .",
+                "a unit of {s} was founded in the year {year} .", "{s} hired {person} ."],
+}
 # Two-hop questions: (template, first relation from the subject, second relation from the bridge).
 TWO_HOP = {
     "founder_birthplace": ("Where was the founder of {s} born ?", "founder", "birthplace"),
@@ -40,11 +68,20 @@ TWO_HOP = {
 }
 
 
+TEST_SETS = {"single-hop": 1, "two-hop": 2, "out-of-domain": 0}  # evaluation set -> its questions' `hops`
+
+
 @dataclass
 class World:
     docs: list      # the corpus: one sentence per fact
     train: list     # questions: {"question", "golden_answers", "hops", "evidence", "subject", "relation"}
     test: list
+
+
+def world_of(cfg):
+    """The world a config describes."""
+    return build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"], phrasings=cfg["world_phrasings"],
+                       passages=cfg["world_passages"])
 
 
 def make_words(rng, n, syllables, used):
@@ -60,11 +97,16 @@ def make_words(rng, n, syllables, used):
     return words
 
 
-def build_world(seed=0, n_persons=4000, n_companies=1200, test_fraction=0.15):
+def build_world(seed=0, n_persons=4000, n_companies=1200, test_fraction=0.15, phrasings=1, passages=0):
     """Generate the world: persons (born in a city, in a year), companies (founded by a person,
     headquartered in a city, founded in a year), one document per fact, and single-hop and
-    two-hop questions whose subjects are split into disjoint train and test entities."""
+    two-hop questions whose subjects are split into disjoint train and test entities. With
+    `phrasings` > 1 each fact is stated in one of that many phrasings (PHRASINGS) and the test set
+    holds out-of-domain questions too (hops 0: OOD_QUESTIONS); `passages` more documents name each
+    entity without stating a fact a question asks (OTHER_PASSAGES). Both draw from a stream of their
+    own, so a world without them is the same as before they existed."""
     rng, used = random.Random(seed), set()
+    extra = random.Random(f"{seed} phrasings {phrasings} passages {passages}")
     firsts, lasts = make_words(rng, 80, 2, used), make_words(rng, 80, 3, used)
     cities, stems = make_words(rng, 120, 3, used), make_words(rng, 150, 2, used)
     suffixes = "Labs Works Group Systems Holdings Foods Motors Media Energy Textiles".split()
@@ -77,11 +119,20 @@ def build_world(seed=0, n_persons=4000, n_companies=1200, test_fraction=0.15):
     for c, p in zip(companies, founders):
         facts[c, "founder"], facts[p, "company"] = p, c
         facts[c, "headquarters"], facts[c, "foundedyear"] = rng.choice(cities), str(rng.randint(1850, 1999))
-    docs = [RELATIONS[r][0].format(s=s, o=o) for (s, r), o in facts.items() if r != "company"]
+    stated = {(s, r): ([RELATIONS[r][0]] + PHRASINGS[r])[extra.randrange(phrasings)].format(s=s, o=o)
+              for (s, r), o in facts.items() if r != "company"}  # the document that states each fact
+    docs = list(stated.values())
     rng.shuffle(docs)
+    if passages:
+        fill = dict(city=cities, year=[str(y) for y in range(1800, 2000)], person=persons, company=companies)
+        for entities, kind in ((persons, "person"), (companies, "company")):
+            for e in entities:
+                docs += [t.format(s=e, **{k: extra.choice(v) for k, v in fill.items()})
+                         for t in extra.sample(OTHER_PASSAGES[kind], passages)]
+        extra.shuffle(docs)
 
-    def doc(s, r):
-        return RELATIONS[r][0].format(s=s, o=facts[s, r])
+    def doc(s, r):  # "which company did P found" is answered by the company's founder document
+        return stated[facts[s, r], "founder"] if r == "company" else stated[s, r]
 
     def answers(o):  # aliases where natural: a company is also called by its stem
         return [o, o.split()[0]] if o in facts.values() and o.split()[-1] in suffixes else [o]
@@ -103,6 +154,9 @@ def build_world(seed=0, n_persons=4000, n_companies=1200, test_fraction=0.15):
                               evidence=[doc(s, r1), doc(bridge, r2)], subject=s, relation=name, bridge=bridge))
     rng.shuffle(train)
     rng.shuffle(test)
+    if phrasings > 1:
+        test += [dict(q, question=OOD_QUESTIONS[q["relation"]].format(s=q["subject"]), hops=0)
+                 for q in test if q["relation"] in OOD_QUESTIONS and q["hops"] == 1]
     return World(docs=docs, train=train, test=test)
 
 
@@ -111,12 +165,13 @@ def _pattern(template):
     return re.compile(pattern + "$")
 
 
-PATTERNS = {r: _pattern(t) for r, (t, _, _) in RELATIONS.items() if r != "company"}
+PATTERNS = [(r, _pattern(t)) for r, (t, _, _) in RELATIONS.items() if r != "company"]
+PATTERNS += [(r, _pattern(t)) for r, ts in PHRASINGS.items() for t in ts]
 
 
 def parse_doc(doc):
     """(subject, relation, object) of a corpus sentence, or None if it states no known fact."""
-    for relation, pattern in PATTERNS.items():
+    for relation, pattern in PATTERNS:
         m = pattern.match(doc.strip())
         if m:
             return m["s"], relation, m["o"]
@@ -155,7 +210,66 @@ def right_query(subject, relation):
     return RELATIONS[relation][1].format(s=subject)
 
 
-def warmup_trajectory(q, search, information, names, rng, quote=True, p_right=0.6, p_vague=0.25):
+STOP_WORDS = {"the", "of", "is", "in", "was", "a", "its", "by", "into", "from", "has"}
+
+
+def relation_words(relation, phrasings):
+    """The words the corpus uses for `relation` in its first `phrasings` phrasings, names and small words
+    left out: "born native hometown" for birthplace in three."""
+    r = "founder" if relation == "company" else relation  # the founder documents answer both
+    texts = [t.replace("{s}", "").replace("{o}", "") for t in ([RELATIONS[r][0]] + PHRASINGS[r])[:phrasings]]
+    return " ".join(dict.fromkeys(w for t in texts for w in re.findall(r"[a-z]+", t) if w not in STOP_WORDS))
+
+
+FORMS = ["question", "keyword", "synonyms", "name", "other"]  # world.query_form's names
+
+
+def formulations(subject, relation, phrasings, question=None):
+    """The queries a policy could write for one hop about `subject`, by form: the question copied (the
+    one-hop question, or `question` itself, a two-hop question's first search), the name with the
+    question's words for the relation, the name with every word the corpus uses for it, the name alone."""
+    return {"question": question or right_query(subject, relation), "keyword": f"{subject} {RELATIONS[relation][2]}",
+            "synonyms": f"{subject} {relation_words(relation, phrasings)}", "name": subject}
+
+
+def hops_of(q):
+    """[(subject, relation)] of each hop of question q: one, or two through the bridge entity."""
+    if q["hops"] != 2:
+        return [(q["subject"], q["relation"])]
+    return [(q["subject"], TWO_HOP[q["relation"]][1]), (q["bridge"], TWO_HOP[q["relation"]][2])]
+
+
+def query_form(query, q, phrasings):
+    """The form of `query` (a key of `formulations`) for one of q's hops, or "other" (vague, another entity)."""
+    for i, (subject, relation) in enumerate(hops_of(q)):
+        for form, text in formulations(subject, relation, phrasings, q["question"] if i == 0 else None).items():
+            if query.strip() == text:
+                return form
+    return "other"
+
+
+def retrieval_stats(world, search, phrasings, n=400):
+    """How often a real engine finds what a question needs: for n held-out questions of each set, the
+    share whose answer-bearing document is among `search(query)`'s results, by query form -> {set:
+    {form: share}}. A two-hop question is searched in two searches of one form (the first "question" copies
+    it whole), the second about the bridge entity, both of which must find their document, or as a copy of
+    itself alone ("two-hop question": one search); "best" is the best form of each question."""
+    out = {}
+    for name, hops in TEST_SETS.items():
+        found = collections.defaultdict(list)
+        for q in [q for q in world.test if q["hops"] == hops][:n]:
+            steps = hops_of(q)
+            ways = [formulations(s, r, phrasings, q["question"] if i == 0 else None) for i, (s, r) in enumerate(steps)]
+            hits = {form: all(q["evidence"][i] in search(way[form]) for i, way in enumerate(ways)) for form in ways[0]}
+            if hops == 2:
+                hits["two-hop question"] = q["evidence"][1] in search(q["question"])
+            for form, hit in [*hits.items(), ("best", any(hits.values()))]:
+                found[form].append(hit)
+        out[name] = {form: sum(v) / len(v) for form, v in found.items()} if found else {}
+    return out
+
+
+def warmup_trajectory(q, search, information, names, rng, quote=True, p_right=0.6, p_vague=0.25, phrasings=0, budget=2):
     """One warm-up response for question q, searching the real engine.
 
     Each query names the right entity with probability p_right, is vague (keywords only) with
@@ -170,20 +284,37 @@ def warmup_trajectory(q, search, information, names, rng, quote=True, p_right=0.
     the value stands a few tokens back, wherever the result stood. (Without the quote, a value
     after the relation, `born in X`, and a name before it, `X was founded by P`, were two ways of
     reading, and the tiny policy learned one of them at a time.) `names[type]` lists train
-    entities only. Returns the response text and its queries."""
+    entities only.
+
+    With `phrasings` (warmup_queries=mixed, on a world stated in that many phrasings), a query about
+    the right entity takes any of its `formulations` with equal chance (a two-hop question's first
+    search may copy the whole question), as a prompted base model writes queries, none favoured for
+    working best on this engine; and a search whose results do not state the fact is followed, half
+    the time, by a search in another form, while the trajectory's `budget` of searches (max_turns)
+    leaves room for the hops still to come. Returns the response text and its queries."""
     hops = [q["relation"]] if q["hops"] == 1 else list(TWO_HOP[q["relation"]][1:])
     text, subject, queries = "<think> I need to search . </think>", q["subject"], []
-    for relation in hops:
+    for h, relation in enumerate(hops):
         keywords, u = RELATIONS[relation][2], rng.random()
-        query = (right_query(subject, relation) if u < p_right else keywords if u < p_right + p_vague
-                 else right_query(rng.choice(names[SUBJECT_TYPE[relation]]), relation))
-        docs = search(query)
-        docs = rng.sample(docs, len(docs))  # a random order: the answer is read, not ranked first
-        queries.append(query)
-        text += f" <search> {query} </search>{information(docs)}"
+        entity = subject if u < p_right + p_vague else rng.choice(names[SUBJECT_TYPE[relation]])  # vague: no name
+        forms = formulations(entity, relation, phrasings or 1, q["question"] if h == 0 and q["hops"] == 2 else None)
+        if not phrasings:
+            query = forms["question"] if u < p_right else keywords if u < p_right + p_vague else right_query(entity, relation)
+        else:
+            query = keywords if p_right <= u < p_right + p_vague else rng.choice(list(forms.values()))
+        while True:
+            docs = search(query)
+            docs = rng.sample(docs, len(docs))  # a random order: the answer is read, not ranked first
+            queries.append(query)
+            text += f" <search> {query} </search>{information(docs)}"
+            stating = [(v, d) for d in docs if (v := find_fact([d], subject, relation))]
+            others = [f for f in forms.values() if f not in queries]
+            room = budget - len(queries) - (len(hops) - 1 - h)  # searches left after the hops to come
+            if not (phrasings and u < p_right and not stating and room > 0 and others and rng.random() < 0.5):
+                break
+            query = rng.choice(others)  # search again, in another form
         # (the value read, the result it is read from): the result stating the fact, else a random one's value
         guess = rng.choice([(v, d) for d in docs if (v := answer_from_doc(d, relation))] or [(subject, None)])
-        stating = [(v, d) for d in docs if (v := find_fact([d], subject, relation))]
         subject, doc = stating[0] if stating else guess
         if quote and doc:
             text += f" <think> {doc} </think>"

@@ -32,6 +32,7 @@ import ppo
 import report
 import reward
 import sim
+import world
 
 
 # ----------------------------------------------------------------------------- curriculum
@@ -64,7 +65,7 @@ class Rollout:
 
 
 def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seeds=None, greedy=False, max_turns=None,
-            template=None):
+            template=None, rag=False):
     """Search-R1/ZeroSearch rollout of many sequences at once. Each turn samples every active
     sequence until `</search>` or `</answer>`; the queries of the whole batch go to the engine in
     one call; its documents come back inside <information> (masked out of every loss) and
@@ -72,8 +73,9 @@ def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seeds=None, gre
     observation (`invalid_action`) and tries again. After `max_turns` turns one last turn has
     search disabled. `seeds`, one int per question (default 0, 1, ...): a row's tokens and its
     searches draw from streams of its own, so a question samples the same in any batch, on one
-    process or N."""
-    max_turns = cfg["max_turns"] if max_turns is None else max_turns
+    process or N. With `rag` (the paper's RAG row) every response starts with one search for the question
+    itself, which the policy did not choose (masked as the documents are); then it answers, search disabled."""
+    max_turns = 0 if rag else cfg["max_turns"] if max_turns is None else max_turns
     template = template or cfg["prompt_template"]
     prompts = [sim.prompt_ids(tok, template.format(question=q["question"]), cfg["chat_template"]) for q in questions]
     B = len(questions)
@@ -81,6 +83,11 @@ def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seeds=None, gre
     queries, documents, engine_seeds = [[] for _ in range(B)], [[] for _ in range(B)], [[] for _ in range(B)]
     active, engine_seconds = list(range(B)), 0.0
     seeds = list(range(B)) if seeds is None else seeds
+    if rag:
+        forced = engine.search([dict(q, query=q["question"]) for q in questions], noise_prob, [s * 1000 + 499 for s in seeds])
+        for i, (q, d) in enumerate(zip(questions, forced)):
+            resp[i] = tok.encode(f"<search> {q['question']} </search>" + sim.information(d), add_special_tokens=False)
+            mask[i], searches[i], queries[i], documents[i] = [0] * len(resp[i]), 1, [q["question"]], [d]
     for turn in range(max_turns + 1):
         if not active:
             break
@@ -126,6 +133,30 @@ def parse_action(text):
     """The turn's first action, as Search-R1 reads it: ("search" | "answer", its text), or None."""
     found = re.search(r"<(search|answer)>(.*?)</\1>", text, flags=re.DOTALL)
     return (found.group(1), found.group(2).strip()) if found else None
+
+
+# ----------------------------------------------------------------------------- the simulator's data
+def collect(policy, tok, questions, engine, cfg, n, seed=0):
+    """Simulation fine-tuning rows the paper's way: the policy answers `questions` searching the real
+    `engine` (sampled, one batch at a time); every (query, documents) of a trajectory whose answer is
+    right (substring EM, the paper's EM) is labelled useful, of one whose answer is wrong noisy; the
+    two labels are balanced, n rows in all at most -> (rows, useful rows found, noisy rows found)."""
+    rng, useful, noisy = random.Random(seed), [], []
+    order = rng.sample(range(len(questions)), len(questions))
+    for start in range(0, len(order), 128):
+        batch = [questions[i] for i in order[start:start + 128]]
+        ro = rollout(policy, tok, batch, engine, cfg, seeds=[seed * 1_000_003 + start + j for j in range(len(batch))])
+        for q, answer, queries, docs in zip(batch, ro.answers, ro.queries, ro.documents):
+            right = reward.substring_match(answer, q["golden_answers"])
+            rows = [dict(query=query, question=q["question"], answer=q["golden_answers"][0], documents=d,
+                         label="useful" if right else "noisy") for query, d in zip(queries, docs) if d]
+            (useful if right else noisy).extend(rows)
+        if min(len(useful), len(noisy)) >= n // 2:
+            break
+    keep = min(len(useful), len(noisy), n // 2)
+    rows = rng.sample(useful, keep) + rng.sample(noisy, keep)
+    rng.shuffle(rows)
+    return rows, len(useful), len(noisy)
 
 
 # ----------------------------------------------------------------------------- RL
@@ -177,7 +208,7 @@ def train(policy_path, tok, questions, engine, cfg, ctx, name):
         clock.lap("update")
         # 7. log, 8. checkpoint every save_every steps, at the end, and after Ctrl-C (then stop)
         row = step_metrics(name, step, ro, qs, scores, engine, noise_prob, clock.seconds,
-                           adv_stats, stats, ctx)
+                           adv_stats, stats, ctx, cfg)
         log_step(row, metrics_path, bar, ctx, previous)
         previous = row
         interrupted = ctx.any(ctrl_c[0])
@@ -219,33 +250,41 @@ def score(ro, questions, kind="f1"):
 
 
 # ----------------------------------------------------------------------------- evaluation
-def evaluate(policy, tok, eval_sets, engine, cfg, ctx, max_turns=None, template=None, predictions=None):
-    """Greedy rollouts on each evaluation set -> {set: {"em", "substring_em", "f1", "n"}}; the
-    questions are sharded over processes and the sums reduced. `predictions`, a list: one row per
-    question is appended on process 0 (set, question, golden answers, the whole response, the
-    queries, the prediction and its scores)."""
+def evaluate(policy, tok, eval_sets, engine, cfg, ctx, max_turns=None, template=None, predictions=None, rag=False):
+    """Greedy rollouts on each evaluation set -> {set: {"em", "substring_em", "f1", "n", "searches", "queries/<form>"}}:
+    the scores, searches a question and, for the embedded world's questions, the share of queries of each
+    form (world.query_form); the questions are sharded over processes and the sums reduced. `predictions`,
+    a list: one row per question is appended on process 0 (set, question, golden answers, the whole
+    response, the queries, the prediction and its scores)."""
     out = {}
     for name, questions in eval_sets.items():
-        mine = questions[ctx.rank::ctx.world]
-        sums, rows = torch.zeros(4, dtype=torch.float64), []
+        mine, rows = questions[ctx.rank::ctx.world], []
+        sums = dict.fromkeys(["em", "substring_em", "f1", "n", "searches"] + [f"queries/{f}" for f in world.FORMS], 0.0)
         for i in range(0, len(mine), 128):
             qs = mine[i:i + 128]
             with ppo.autocast(getattr(torch, cfg["dtype"]), ctx.device):  # the precision of training's rollouts
-                ro = rollout(policy, tok, qs, engine, cfg, greedy=True, max_turns=max_turns, template=template)
+                ro = rollout(policy, tok, qs, engine, cfg, greedy=True, max_turns=max_turns, template=template, rag=rag)
             for a, q, response, queries in zip(ro.answers, qs, ro.response_ids, ro.queries):
                 golds = q["golden_answers"]
                 scores = {"em": reward.exact_match(a, golds), "substring_em": reward.substring_match(a, golds),
                           "f1": reward.f1_score(a, golds)}
-                sums += torch.tensor([*scores.values(), 1.0], dtype=torch.float64)
+                for key, value in [*scores.items(), ("n", 1), ("searches", len(queries)), *query_forms(queries, q, cfg)]:
+                    sums[key] += value
                 rows.append({"set": name, "question": q["question"], "golden_answers": golds,
                              "response": tok.decode(response), "queries": queries, "prediction": a, **scores})
         if predictions is not None:
             parts = ctx.gather(rows)  # a collective: every process calls it
             predictions += [row for part in parts for row in part] if ctx.master else []
-        sums = ctx.all_sum(sums)
-        n = max(sums[3].item(), 1)
-        out[name] = {"em": sums[0].item() / n, "substring_em": sums[1].item() / n, "f1": sums[2].item() / n, "n": int(sums[3])}
+        sums = ctx.sum_stats(sums)
+        searched = sum(v for k, v in sums.items() if k.startswith("queries/"))
+        out[name] = {k: v / (searched if k.startswith("queries/") else max(sums["n"], 1)) for k, v in sums.items()
+                     if k != "n" and (searched or not k.startswith("queries/"))} | {"n": int(sums["n"])}
     return out
+
+
+def query_forms(queries, q, cfg):
+    """(queries/<form>, 1) for each query about an embedded world's question, by its world.query_form."""
+    return [(f"queries/{world.query_form(x, q, cfg['world_phrasings'])}", 1) for x in queries] if "subject" in q else []
 
 
 class AnswerAt:
@@ -329,15 +368,21 @@ class Stopwatch:
         self.last = now
 
 
-def step_metrics(name, step, ro, qs, scores, engine, noise_prob, seconds, adv_stats, stats, ctx):
-    """One metrics.jsonl row: rewards and counts summed over processes, statistics averaged; the
-    step's time split as time/<stage> (this process's, or process 0's under torchrun)."""
+def step_metrics(name, step, ro, qs, scores, engine, noise_prob, seconds, adv_stats, stats, ctx, cfg):
+    """One metrics.jsonl row: rewards and counts summed over processes, statistics averaged (the share
+    of queries of each form, world.query_form, for the embedded world's questions); the step's time
+    split as time/<stage> (this process's, or process 0's under torchrun)."""
     em = [reward.substring_match(a, q["golden_answers"]) for a, q in zip(ro.answers, qs)]
+    forms = dict.fromkeys((f"queries/{f}" for f in world.FORMS), 0) if "subject" in qs[0] else {}
+    for q, queries in zip(qs, ro.queries):
+        for key, _ in query_forms(queries, q, cfg):
+            forms[key] += 1
     sums = ctx.sum_stats({"reward": scores.sum().item(), "em": sum(em), "searches": sum(ro.searches),
-                          "sampled": sum(sum(m) for m in ro.response_mask), "n": len(qs), **engine.stats})
+                          "sampled": sum(sum(m) for m in ro.response_mask), "n": len(qs), **engine.stats, **forms})
     engine_totals = {f"sim/{k}": int(sums[k]) for k in engine.stats}
+    forms = {k: sums[k] / max(sums["searches"], 1) for k in forms}  # the share of the step's queries of each form
     return {"run": name, "step": step, "reward": sums["reward"] / sums["n"], "em": sums["em"] / sums["n"],
-            "searches": sums["searches"] / sums["n"], "noise_prob": noise_prob,
+            "searches": sums["searches"] / sums["n"], **forms, "noise_prob": noise_prob,
             "tokens_per_s": sums["sampled"] / max(seconds["sample"], 1e-9), "step_time": sum(seconds.values()),
             **{f"time/{k}": v for k, v in seconds.items()}, **adv_stats, **ctx.mean_stats(stats), **engine_totals}
 
@@ -385,7 +430,7 @@ def main(argv):
     random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
     began = time.time()
-    tok, train_qs, eval_sets, retriever, sim_path, policy_path, knowledge = build.setup(cfg, ctx)
+    tok, train_qs, eval_sets, retriever, sim_path, policy_path, knowledge = build.setup(cfg, ctx, collect)
     seconds = {"build": time.time() - began}  # or its loading; then each RL run, and evaluation is the rest
     build.check_engines(cfg, retriever, policy_path)
     torch.manual_seed(rl_seed(cfg))  # the critic's new head: the same whether the build was made now or loaded
@@ -400,7 +445,8 @@ def main(argv):
     engine = build.make_engine(cfg["search_backend"], cfg, retriever, sim_path, ctx, knowledge, tok)
     results = {"(a) warm-up, no search": evaluate(start, tok, eval_sets, real, cfg, ctx, max_turns=0,
                                                   template=cfg["direct_template"]),
-               "(b) warm-up + real search (RAG-like)": evaluate(start, tok, eval_sets, real, cfg, ctx)}
+               "RAG: warm-up, one real search for the question": evaluate(start, tok, eval_sets, real, cfg, ctx, rag=True),
+               "(b) warm-up + real search": evaluate(start, tok, eval_sets, real, cfg, ctx)}
     single_hop = [q for q in eval_sets.get("single-hop", []) if q["evidence"]]  # the embedded world's
     reading = {"(b) warm-up": reading_check(start, tok, single_hop, real, cfg, ctx)} if single_hop else {}
     ctx.print0(f"reading check of the warm-up policy: {reading}")
