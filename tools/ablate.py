@@ -50,8 +50,7 @@ def parse(argv):
     own, shared = config.own_arguments(argv, OWN)
     own = {k: config.parse_value(v) if isinstance(v, str) else v for k, v in own.items()}
     names = [v for v in str(own["variants"]).split(",") if v]
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown or not names:
+    if not names or not set(names) <= VARIANTS.keys():
         raise SystemExit(f"error: variants={own['variants']}: choose from {', '.join(VARIANTS)}")
     own["variants"] = names
     own["seeds"] = own["seeds"] if own["seeds"] is not None else 2 if own["quick"] is True else 3
@@ -169,20 +168,20 @@ def main(argv):
     own, shared = parse(argv)
     base, runs = plan(own, shared)
     config.check_folder(base["out_dir"], "out_dir")
-    lock = config.lock_folder(base["out_dir"])  # noqa: F841 (held until main returns)
-    build_once(runs, base)
-    run_all(runs, own["parallel"])
-    summary = summarise(runs)
-    folder = os.path.join(base["out_dir"], "ablate")
-    with open(os.path.join(folder, "results.md"), "w") as f:
-        f.write(f"# Ablations\n\n`python tools/ablate.py {' '.join(argv)}`\n\nEM (x100) of row (c), evaluated with the "
-                f"real engine, mean ± sd over seeds.\n\n{table(summary)}")
-    with open(os.path.join(folder, "results.json"), "w") as f:
-        json.dump({v: [{k: x for k, x in s.items() if k != "rewards"} for s in seeds] for v, seeds in summary.items()},
-                  f, indent=1)
-    report.mean_curves({v: [s["rewards"] for s in seeds] for v, seeds in summary.items()},
-                      os.path.join(folder, "curves.png"))
-    print(table(summary))
+    with config.lock_folder(base["out_dir"]):  # held to the end: a second ablate.py here stops with one line
+        build_once(runs, base)
+        run_all(runs, own["parallel"])
+        summary = summarise(runs)
+        folder = os.path.join(base["out_dir"], "ablate")
+        with open(os.path.join(folder, "results.md"), "w") as f:
+            f.write(f"# Ablations\n\n`python tools/ablate.py {' '.join(argv)}`\n\nEM (x100) of row (c), evaluated with "
+                    f"the real engine, mean ± sd over seeds.\n\n{table(summary)}")
+        with open(os.path.join(folder, "results.json"), "w") as f:
+            json.dump({v: [{k: x for k, x in s.items() if k != "rewards"} for s in seeds] for v, seeds in summary.items()},
+                      f, indent=1)
+        report.mean_curves({v: [s["rewards"] for s in seeds] for v, seeds in summary.items()},
+                          os.path.join(folder, "curves.png"))
+        print(table(summary))
 
 
 if __name__ == "__main__":

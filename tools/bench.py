@@ -17,9 +17,9 @@ On a CUDA GPU (each says so in one line and measures nothing where there is none
 gpu-logprob  peak GPU memory and time of log-prob + entropy + backward from hidden states, bf16, N=8192,
              V=151936, D=896 and 2048: the Triton kernel, the chunked torch path and the naive one.
 gpu-sampler  tokens/s of sim.sample against Hugging Face generate at the Qwen2.5-0.5B architecture
-             (random weights), batch 64 and 256.
+             (random weights), batch 64 and 256: the sampler section's code with the models on the GPU.
 gpu-step     one RL step's time split (rollout sampling, log-probs, values, advantages, update) at
-             that architecture, batch 64.
+             that architecture, batch 64: the step section's training step after a rollout of sim.sample.
 step     the RL step's forward passes (log-probs of policy and reference, values) and PPO update on
          the default's models and batch sizes: sequences packed several a row (packing.padding_free)
          against each in its own padded row, as before; the LM head on the response tokens alone
@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+from unittest import mock
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
 
 import numpy as np
@@ -54,6 +55,7 @@ import sim
 from sim import sample
 from world import build_world, knowledge_index, make_words, simulator_rows, tiny_model, world_tokenizer
 from config import load_config
+import zerosearch
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 
@@ -63,61 +65,73 @@ def rss_mb(field):  # "VmRSS" (now) or "VmHWM" (peak since the last reset)
         return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
 
 
-def measure(step, repeats=2):
-    """-> {peak_mb, seconds} of step() in this process; the caller has just allocated its inputs."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS, forgetting the peaks of imports and input set-up
-    baseline = rss_mb("VmRSS")
-    step()  # warm-up
+def timed(fn, device="cpu"):
+    """-> (fn(), its wall time in seconds); on a CUDA `device` the clock stops once the work queued on it is done."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
+    sync()
     start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    return {"peak_mb": rss_mb("VmHWM") - baseline, "seconds": (time.perf_counter() - start) / repeats}
+    out = fn()
+    sync()
+    return out, time.perf_counter() - start
+
+
+def measure(step, repeats=2, device="cpu"):
+    """-> {peak_mb, seconds} of step(), whose inputs the caller has just allocated: how far the peak memory rises
+    above what was in use before (on the CPU the process's RSS, its peak VmHWM reset here to forget the peaks of
+    imports and input set-up; on a GPU the memory allocated), and the mean time of `repeats` runs after one warm-up
+    (in which Triton compiles its kernels and cuBLAS picks its own)."""
+    if device == "cuda":  # the allocator's own counts: they need no wait for the GPU
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated() / 2 ** 20
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        baseline = rss_mb("VmRSS")
+    step()  # warm-up
+    _, seconds = timed(lambda: [step() for _ in range(repeats)], device)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else rss_mb("VmHWM")
+    return {"peak_mb": peak - baseline, "seconds": seconds / repeats}
 
 
 # --- logprob: per-token log-prob + entropy + backward from the last hidden state -----------------
-N, V, D, TEMPERATURE = (64, 1000, 32, 1.0) if QUICK else (4096, 151936, 896, 1.0)
+N, V, D = (64, 1000, 32) if QUICK else (4096, 151936, 896)  # on the CPU, fp32
+GPU_N, GPU_V = (1024, 32000) if QUICK else (8192, 151936)  # on a GPU, bf16, D = 896 and 2048
 
 
-def logprob_inputs():
+def logprob_inputs(n, v, d, device="cpu", dtype=torch.float32):
+    """hidden [n, d] and the LM head's weight [v, d] (both trained), labels [n]: random, seed 0."""
     torch.manual_seed(0)
-    hidden = torch.randn(N, D, requires_grad=True)
-    weight = torch.randn(V, D).mul_(0.02).requires_grad_()
-    return hidden, weight, torch.randint(V, (N,))
+    hidden = torch.randn(n, d, device=device).to(dtype).requires_grad_()
+    weight = (torch.randn(v, d, device=device) / d ** 0.5).to(dtype).requires_grad_()
+    return hidden, weight, torch.randint(v, (n,), device=device)
 
 
 def naive_logprob_entropy(hidden, weight, labels):
-    logp_all = torch.log_softmax((hidden @ weight.t()).float() / TEMPERATURE, -1)  # the full [N, V] fp32 log-softmax
+    logp_all = torch.log_softmax((hidden @ weight.t()).float(), -1)  # the full [N, V] fp32 log-softmax
     logp = logp_all.gather(-1, labels[:, None]).squeeze(-1)
     return logp, -(logp_all.exp() * logp_all).sum(-1)  # H = -Σ p log p
 
 
-def logprob_variant(fn):
-    hidden, weight, labels = logprob_inputs()
-
+def logprob_step(fn, hidden, weight, labels):
+    """-> step(): fn's log-probs and entropies (temperature 1), and the backward of a loss made of both."""
     def step():
         hidden.grad = weight.grad = None
         logp, entropy = fn(hidden, weight, labels)
         (logp + 0.01 * entropy).sum().backward()
-    return measure(step)
+    return step
 
 
-VARIANTS = {  # name -> function run in a fresh process, returning {peak_mb, seconds}
-    "logprob/naive": lambda: logprob_variant(naive_logprob_entropy),
-    "logprob/chunked": lambda: logprob_variant(lambda h, w, y: logprob_entropy_from_hidden(h, w, y, TEMPERATURE)),
-}
-
-
-def in_fresh_process(variant):
-    out = subprocess.run([sys.executable, __file__, "--variant", variant], capture_output=True, text=True, check=True)
+def in_fresh_process(fn):
+    """measure() of logprob_step(fn) on the CPU inputs, in a process of its own, so its peak memory is its own."""
+    out = subprocess.run([sys.executable, __file__, "--variant", fn.__name__], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.splitlines()[-1])
 
 
 def bench_logprob():
-    naive, chunked = in_fresh_process("logprob/naive"), in_fresh_process("logprob/chunked")
+    naive, chunked = in_fresh_process(naive_logprob_entropy), in_fresh_process(logprob_entropy_from_hidden)
     print(f"### logprob + entropy + backward, N={N}, V={V}, D={D}, fp32, CPU ({torch.get_num_threads()} threads)\n")
-    print("| path | peak memory over inputs (MB) | time (s) |")
-    print("|---|---|---|")
+    print("| path | peak memory over inputs (MB) | time (s) |\n|---|---|---|")
     print(f"| naive `log_softmax(hidden @ W.T)` | {naive['peak_mb']:.0f} | {naive['seconds']:.2f} |")
     print(f"| `logprob_entropy_from_hidden` (torch, chunked) | {chunked['peak_mb']:.0f} | {chunked['seconds']:.2f} |")
     print(f"| ratio naive / chunked | {naive['peak_mb'] / chunked['peak_mb']:.1f}x | "
@@ -125,10 +139,38 @@ def bench_logprob():
     print("\nThe Triton kernels run on a GPU only: `python tools/bench.py gpu-logprob` measures them there.\n")
 
 
+def fp64_logp(hidden, weight, labels, rows=512):
+    """The oracle: log-probs of the labels from the same hidden states and weight in fp64, 512 rows at a time."""
+    w = weight.double()
+    return torch.cat([torch.log_softmax(hidden[i:i + rows].double() @ w.t(), -1)
+                      .gather(-1, labels[i:i + rows, None]).squeeze(-1) for i in range(0, len(labels), rows)])
+
+
+def bench_gpu_logprob():
+    if no_cuda("gpu-logprob"):
+        return
+    paths = {"naive `log_softmax(hidden @ W.T)`": naive_logprob_entropy,
+             "chunked torch (`logprob_entropy_from_hidden_reference`)": logprob_entropy_from_hidden_reference,
+             "Triton kernel (`logprob_entropy_from_hidden`)": logprob_entropy_from_hidden}
+    print(f"### gpu-logprob: logprob + entropy + backward, N={GPU_N}, V={GPU_V}, bf16, {gpu_name()}\n")
+    print("| D | path | peak memory over inputs (MB) | time (ms) | largest logp error vs fp64 |\n|---:|---|---:|---:|---:|")
+    for d in (896, 2048):
+        hidden, weight, labels = logprob_inputs(GPU_N, GPU_V, d, "cuda", torch.bfloat16)
+        want = fp64_logp(hidden.detach(), weight.detach(), labels)
+        for name, fn in paths.items():
+            m = measure(logprob_step(fn, hidden, weight, labels), repeats=3, device="cuda")
+            with torch.no_grad():
+                error = (fn(hidden, weight, labels)[0].double() - want).abs().max().item()
+            print(f"| {d} | {name} | {m['peak_mb']:,.0f} | {1000 * m['seconds']:.1f} | {error:.1e} |", flush=True)
+    print()
+
+
 # --- sampler: tokens/s of sim.sample against Hugging Face generate ----------------------------------
 # Sampling at temperature 1 with EOS disabled, so both produce MAX_NEW_TOKENS per row; prompts are
 # ragged (20-60 tokens).
 MAX_NEW_TOKENS = 4 if QUICK else 64
+QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=2 if QUICK else 24,
+                  num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)  # Qwen2.5-0.5B's architecture
 
 
 def default_tiny_policy_config():
@@ -139,15 +181,13 @@ def default_tiny_policy_config():
     return tiny_model(vocab_size, cfg["tiny_hidden"], cfg["tiny_layers"], cfg["tiny_heads"], cfg["seed"]).config
 
 
-def sampler_models():  # name -> (config, batch sizes)
-    tiny = default_tiny_policy_config()
-    return {
-        f"default tiny policy ({tiny.vocab_size} vocab, {tiny.num_hidden_layers}x{tiny.hidden_size})":
-            (tiny, [1, 8] if QUICK else [1, 8, 32, 64, 128]),
-        "random Qwen2 ~100M (32k vocab, 10x640)": (Qwen2Config(
-            vocab_size=32000, hidden_size=640, intermediate_size=1728, num_hidden_layers=2 if QUICK else 10,
-            num_attention_heads=10, num_key_value_heads=2), [2] if QUICK else [64]),
-    }
+def random_lm(config):
+    """A Qwen2 LM of `config`, random weights (seed 0), that never ends a row with EOS: every row makes
+    MAX_NEW_TOKENS, in both samplers."""
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    return model
 
 
 def sampler_prompts(batch_size: int, vocab_size: int, seed: int = 0):
@@ -157,56 +197,75 @@ def sampler_prompts(batch_size: int, vocab_size: int, seed: int = 0):
 
 
 def hf_generate(model, prompts):
+    """Hugging Face generate of the prompts, left-padded with token 0, which no prompt holds (sampler_prompts)."""
     P = max(len(p) for p in prompts)
     input_ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=model.device)
-    attention_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-    model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=MAX_NEW_TOKENS,
+    model.generate(input_ids=input_ids, attention_mask=(input_ids != 0).long(), max_new_tokens=MAX_NEW_TOKENS,
                    do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0, eos_token_id=None)
 
 
 def ours(model, prompts):
-    sample(model, prompts, MAX_NEW_TOKENS, temperature=1.0, eos_token_id=[], seed=0)
+    """-> the sampled tokens of each row."""
+    return sample(model, prompts, MAX_NEW_TOKENS, temperature=1.0, eos_token_id=[], seed=0)[0]
 
 
 def ours_hf_forward(model, prompts):
     """sim.sample with the Hugging Face forward for every decode step (lean_decode_one off)."""
-    lean_decoding, sim.lean_decoding = sim.lean_decoding, lambda model: False
-    try:
+    with mock.patch.object(sim, "lean_decoding", lambda model: False):
         ours(model, prompts)
-    finally:
-        sim.lean_decoding = lean_decoding
 
 
-def best_seconds(fns, model, prompts, repeats: int):
-    """Best of `repeats` timed runs of each fn, after one warm-up run; runs interleave so that
-    load from other processes hits them alike."""
-    for fn in fns:
+def ours_under_autocast(model, prompts):
+    """sim.sample of fp32 weights with bf16 compute, as zerosearch's rollouts on a GPU."""
+    with ppo.autocast(torch.bfloat16, "cuda"):
+        return ours(model, prompts)
+
+
+def sampler_row(label, runs, prompts, repeats):
+    """Prints a table row: `label`, then the tokens/s of each (sampler, model) of `runs` (three), the second's
+    speed-up over the first in between. Each is the best of `repeats` timed runs after one warm-up run; runs
+    interleave so that load from other processes hits them alike."""
+    for fn, model in runs:  # warm-up
         fn(model, prompts)
-    best = [float("inf")] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn(model, prompts)
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
+    rounds = [[timed(lambda: fn(model, prompts), model.device)[1] for fn, model in runs] for _ in range(repeats)]
+    hf, ws, other = (len(prompts) * MAX_NEW_TOKENS / min(seconds) for seconds in zip(*rounds))
+    print(f"| {label} | {hf:,.0f} | {ws:,.0f} | {ws / hf:.2f}x | {other:,.0f} |", flush=True)
 
 
 def bench_sampler():
     print(f"### sampler: tokens/s, {torch.get_num_threads()} torch threads, {MAX_NEW_TOKENS} new tokens a row, "
           "prompts 20-60 tokens; generated tokens over the whole call (prefill included)\n")
-    print("| model | batch | HF generate tok/s | sim.sample tok/s | speed-up | sim.sample, HF forward tok/s |")
-    print("|---|---:|---:|---:|---:|---:|")
-    models = sampler_models()
+    print("| model | batch | HF generate tok/s | sim.sample tok/s | speed-up | sim.sample, HF forward tok/s |\n"
+          "|---|---:|---:|---:|---:|---:|")
+    tiny = default_tiny_policy_config()
+    models = {  # name -> (config, batch sizes)
+        f"default tiny policy ({tiny.vocab_size} vocab, {tiny.num_hidden_layers}x{tiny.hidden_size})":
+            (tiny, [1, 8] if QUICK else [1, 8, 32, 64, 128]),
+        "random Qwen2 ~100M (32k vocab, 10x640)": (Qwen2Config(
+            vocab_size=32000, hidden_size=640, intermediate_size=1728, num_hidden_layers=2 if QUICK else 10,
+            num_attention_heads=10, num_key_value_heads=2), [2] if QUICK else [64])}
     for name, (config, batch_sizes) in models.items():
-        torch.manual_seed(0)
-        model = Qwen2ForCausalLM(config).eval()
-        model.generation_config.eos_token_id = None  # no EOS: every row makes MAX_NEW_TOKENS, in both samplers
+        model = random_lm(config)
         repeats = 1 if QUICK else 5 if config.hidden_size < 256 else 2
         for batch_size in batch_sizes:
-            prompts = sampler_prompts(batch_size, config.vocab_size)
-            seconds = best_seconds([hf_generate, ours, ours_hf_forward], model, prompts, repeats)
-            hf, ws, wh = (len(prompts) * MAX_NEW_TOKENS / s for s in seconds)
-            print(f"| {name} | {batch_size} | {hf:,.0f} | {ws:,.0f} | {ws / hf:.2f}x | {wh:,.0f} |", flush=True)
+            sampler_row(f"{name} | {batch_size}", [(hf_generate, model), (ours, model), (ours_hf_forward, model)],
+                        sampler_prompts(batch_size, config.vocab_size), repeats)
+    print()
+
+
+def bench_gpu_sampler():
+    if no_cuda("gpu-sampler"):
+        return
+    with torch.device("cuda"):
+        model = random_lm(Qwen2Config(**QWEN25_05B))  # fp32 weights, as the actor holds them
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    print(f"### gpu-sampler: tokens/s at the Qwen2.5-0.5B architecture (random weights), {MAX_NEW_TOKENS} new tokens "
+          f"a row, prompts 20-60 tokens, {gpu_name()}\n")
+    print("| batch | HF generate, bf16 weights tok/s | sim.sample, bf16 weights tok/s | speed-up "
+          "| sim.sample, fp32 weights under bf16 autocast (zerosearch's rollouts) tok/s |\n|---:|---:|---:|---:|---:|")
+    for batch_size in [8] if QUICK else [64, 256]:
+        sampler_row(batch_size, [(hf_generate, bf16), (ours, bf16), (ours_under_autocast, model)],
+                    sampler_prompts(batch_size, model.config.vocab_size), 1 if QUICK else 2)
     print()
 
 
@@ -231,208 +290,29 @@ def synthetic_corpus(n, vocab_size, seed=0):
 
 
 def bench_retriever():
-    t0 = time.perf_counter()
-    docs, queries = synthetic_corpus(PASSAGES, VOCAB)
-    made = time.perf_counter() - t0
+    (docs, queries), made = timed(lambda: synthetic_corpus(PASSAGES, VOCAB))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS, so the peak below is the index build's
     corpus_mb = rss_mb("VmRSS")
-    t0 = time.perf_counter()
-    retriever = engines.Retriever(docs)
-    index_s, peak_mb = time.perf_counter() - t0, rss_mb("VmHWM")
+    retriever, index_s = timed(lambda: engines.Retriever(docs))
+    peak_mb = rss_mb("VmHWM")
     index_mb = sum(a.nbytes for a in [retriever.indptr, retriever.postings, retriever.weights, *retriever.dense.values()]) / 2**20
-    n_dense = len(retriever.dense)
     engine = engines.RealEngine(retriever, {"topk": 3})
-    top3, wall, cpu = [], time.perf_counter(), time.process_time()
+    wall, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(queries), 128):
-        top3 += engine.search([{"query": q} for q in queries[i:i + 128]])
+        engine.search([{"query": q} for q in queries[i:i + 128]])
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    load = os.getloadavg()[0]
     print(f"### retriever: engines.Retriever (BM25), {PASSAGES:,} synthetic passages of 80-120 words (Zipf-like over "
           f"{VOCAB:,} made-up words, made in {made:.0f} s), {len(queries):,} queries of 8 words; one process, "
-          f"load average {load:.1f} on {os.cpu_count()} cores\n")
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
     print("| measure | value | target |\n|---|---:|---|")
     print(f"| index build (s) | {index_s:.0f} | ≤ 180 |")
     print(f"| peak memory of the process while indexing (GB; {corpus_mb / 1024:.1f} before, with the corpus) | "
           f"{peak_mb / 1024:.1f} | ≤ 8 |")
-    print(f"| index size (GB: {len(retriever.postings):,} postings, {n_dense} dense rows) | {index_mb / 1024:.1f} | |")
+    print(f"| index size (GB: {len(retriever.postings):,} postings, {len(retriever.dense)} dense rows) | "
+          f"{index_mb / 1024:.1f} | |")
     print(f"| queries/s, batches of 128, top 3 (wall clock) | {len(queries) / wall:.0f} | ≥ 50 |")
     print(f"| queries per CPU second (the same, without other processes' load) | {len(queries) / cpu:.0f} | |")
-
-
-# --- GPU sections: the kernels, the sampler and one RL step on CUDA --------------------------------
-QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=2 if QUICK else 24,
-                  num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)  # Qwen2.5-0.5B's architecture
-GPU_N, GPU_V = (1024, 32000) if QUICK else (8192, 151936)
-
-
-def no_cuda(section):
-    """Says so in one line where there is no CUDA device: a GPU section measures nothing on a CPU."""
-    if torch.cuda.is_available():
-        return False
-    print(f"{section}: no CUDA device here (torch.cuda.is_available() is False); nothing measured")
-    return True
-
-
-def gpu_name():
-    return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-
-
-def cuda_measure(step, repeats=3):
-    """-> {peak_mb, seconds} of step() on the GPU: the peak of allocated memory (torch.cuda.max_memory_allocated)
-    above what was allocated before, and the mean time of `repeats` runs after one warm-up (CUDA events)."""
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    baseline = torch.cuda.memory_allocated()
-    step()  # warm-up: Triton compiles its kernels, cuBLAS picks its own
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    return {"peak_mb": (torch.cuda.max_memory_allocated() - baseline) / 2 ** 20,
-            "seconds": start.elapsed_time(end) / 1000 / repeats}
-
-
-def fp64_logp(hidden, weight, labels, rows=512):
-    """The oracle: log-probs of the labels from the same hidden states and weight in fp64, 512 rows at a time."""
-    w = weight.double()
-    return torch.cat([torch.log_softmax(hidden[i:i + rows].double() @ w.t() / TEMPERATURE, -1)
-                      .gather(-1, labels[i:i + rows, None]).squeeze(-1) for i in range(0, len(labels), rows)])
-
-
-def bench_gpu_logprob():
-    if no_cuda("gpu-logprob"):
-        return
-    paths = {"naive `log_softmax(hidden @ W.T)`": naive_logprob_entropy,
-             "chunked torch (`logprob_entropy_from_hidden_reference`)": logprob_entropy_from_hidden_reference,
-             "Triton kernel (`logprob_entropy_from_hidden`)": logprob_entropy_from_hidden}
-    print(f"### gpu-logprob: logprob + entropy + backward, N={GPU_N}, V={GPU_V}, bf16, {gpu_name()}\n")
-    print("| D | path | peak memory over inputs (MB) | time (ms) | largest logp error vs fp64 |")
-    print("|---:|---|---:|---:|---:|")
-    for D in (896, 2048):
-        torch.manual_seed(0)
-        hidden = torch.randn(GPU_N, D, device="cuda").to(torch.bfloat16).requires_grad_()
-        weight = (torch.randn(GPU_V, D, device="cuda") / D ** 0.5).to(torch.bfloat16).requires_grad_()
-        labels = torch.randint(GPU_V, (GPU_N,), device="cuda")
-        want = fp64_logp(hidden.detach(), weight.detach(), labels)
-        for name, fn in paths.items():
-            def step():
-                hidden.grad = weight.grad = None
-                logp, entropy = fn(hidden, weight, labels)
-                (logp + 0.01 * entropy).sum().backward()
-            m = cuda_measure(step)
-            with torch.no_grad():
-                error = (fn(hidden, weight, labels)[0].double() - want).abs().max().item()
-            print(f"| {D} | {name} | {m['peak_mb']:,.0f} | {1000 * m['seconds']:.1f} | {error:.1e} |", flush=True)
-    print()
-
-
-def synchronized(fn):
-    """fn, then a wait for the GPU, so that a timed call ends when its work does."""
-    def call(model, prompts):
-        fn(model, prompts)
-        torch.cuda.synchronize()
-    return call
-
-
-def ours_under_autocast(model, prompts):
-    with ppo.autocast(torch.bfloat16, "cuda"):
-        ours(model, prompts)
-
-
-def bench_gpu_sampler():
-    if no_cuda("gpu-sampler"):
-        return
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = Qwen2ForCausalLM(Qwen2Config(**QWEN25_05B)).eval()  # fp32 weights, as the actor holds them
-    model.generation_config.eos_token_id = None  # no EOS: every row makes MAX_NEW_TOKENS, in both samplers
-    bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    repeats = 1 if QUICK else 2
-    print(f"### gpu-sampler: tokens/s at the Qwen2.5-0.5B architecture (random weights), {MAX_NEW_TOKENS} new tokens "
-          f"a row, prompts 20-60 tokens, {gpu_name()}\n")
-    print("| batch | HF generate, bf16 weights tok/s | sim.sample, bf16 weights tok/s | speed-up "
-          "| sim.sample, fp32 weights under bf16 autocast (zerosearch's rollouts) tok/s |")
-    print("|---:|---:|---:|---:|---:|")
-    for batch_size in [8] if QUICK else [64, 256]:
-        prompts = sampler_prompts(batch_size, model.config.vocab_size)
-        seconds = best_seconds([synchronized(hf_generate), synchronized(ours)], bf16, prompts, repeats)
-        seconds += best_seconds([synchronized(ours_under_autocast)], model, prompts, repeats)
-        hf, ws, wa = (batch_size * MAX_NEW_TOKENS / s for s in seconds)
-        print(f"| {batch_size} | {hf:,.0f} | {ws:,.0f} | {ws / hf:.2f}x | {wa:,.0f} |", flush=True)
-    print()
-
-
-def right_padded(prompts, responses):
-    """prompt + response of each row, right-padded as zerosearch's rollouts -> input ids, attention mask,
-    response mask [B, T] on the GPU."""
-    seqs = [p + r for p, r in zip(prompts, responses)]
-    input_ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
-    attention_mask, response_mask = torch.zeros_like(input_ids), torch.zeros(input_ids.shape)
-    for b, (p, s) in enumerate(zip(prompts, seqs)):
-        input_ids[b, :len(s)] = torch.tensor(s)
-        attention_mask[b, :len(s)] = 1
-        response_mask[b, len(p):len(s)] = 1
-    return input_ids.cuda(), attention_mask.cuda(), response_mask.cuda()
-
-
-def bench_gpu_step():
-    if no_cuda("gpu-step"):
-        return
-    B, micro = (8, 4) if QUICK else (64, 16)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        actor = ppo.Actor(Qwen2ForCausalLM(Qwen2Config(**QWEN25_05B)), torch.bfloat16)
-        critic = Qwen2ForTokenClassification(Qwen2Config(**QWEN25_05B, num_labels=1, classifier_dropout=0.0))
-    ref = copy.deepcopy(actor).requires_grad_(False)
-    learners = [ppo.Learner(m, *ppo.make_optimizer(m, 1e-6, 0.0, 0, 10)) for m in (actor, critic)]
-    cfg = dict(algo="ppo", gamma=1.0, lam=1.0, kl_type="k3", clip_ratio_low=0.2, clip_ratio_high=0.2, dual_clip=3.0,
-               value_clip=0.5, entropy_coef=0.0, ppo_epochs=1, mini_batch_size=B, micro_batch_size=micro, grad_clip=1.0,
-               loss_agg_mode="token-mean", critic_warmup=0, temperature=1.0, seed=0, dtype="bfloat16")
-    prompts = sampler_prompts(B, QWEN25_05B["vocab_size"])
-
-    def rl_step():
-        seconds = {}
-
-        def stage(name, fn):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            out = fn()
-            torch.cuda.synchronize()
-            seconds[name] = time.perf_counter() - start
-            return out
-
-        with ppo.autocast(torch.bfloat16, "cuda"):  # the rollout's precision, as zerosearch.train
-            responses, _ = stage("rollout sampling (`sim.sample`)", lambda: sample(
-                actor.lm, prompts, MAX_NEW_TOKENS, temperature=1.0, eos_token_id=[], seed=0))
-        ids, attn, response_mask = right_padded(prompts, responses)
-        with torch.no_grad():
-            old_logp, ref_logp = stage("log-probs of the policy and the reference (`ppo.Actor`)",
-                                       lambda: (actor(ids, attn)[0], ref(ids, attn)[0]))
-            values = stage("values (`ppo.token_values`)", lambda: ppo.token_values(critic, ids, attn, torch.bfloat16))
-        scores = torch.rand(B, device="cuda")
-        advantages, returns, _ = stage("advantages (`ppo.compute_advantages`)", lambda: ppo.compute_advantages(
-            "ppo", scores, response_mask, old_logp, ref_logp, values, cfg, 0.001))
-        batch = ppo.Batch(ids, attn, response_mask, old_logp, ref_logp, advantages, values, returns)
-        stage(f"update of the actor and critic (`ppo.update`, micro-batches of {micro})",
-              lambda: ppo.update(*learners, batch, cfg, 0.001))
-        return seconds
-
-    rl_step()  # warm-up: Triton compiles, cuBLAS picks its kernels, Adam allocates its states
-    torch.cuda.reset_peak_memory_stats()
-    seconds = rl_step()
-    total = sum(seconds.values())
-    print(f"### gpu-step: one PPO step at the Qwen2.5-0.5B architecture (random weights, actor, reference and "
-          f"critic), batch {B}, {MAX_NEW_TOKENS} new tokens a row, bf16 compute with fp32 weights, {gpu_name()}\n")
-    print("| stage | time (s) | share |")
-    print("|---|---:|---:|")
-    for name, s in seconds.items():
-        print(f"| {name} | {s:.2f} | {100 * s / total:.0f}% |")
-    print(f"| total | {total:.2f} | |")
-    print(f"\nPeak GPU memory allocated during the step: {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB.\n")
 
 
 # --- step: the training step's forward passes and update, packed rows against padded rows -----------
@@ -455,9 +335,39 @@ def step_batch(vocab_size, seed=0):
     return input_ids, attention_mask, response_mask, torch.rand(STEP_SEQUENCES, generator=g)
 
 
-def lm_head_on_every_token(forward):
+def step_models(config, cfg):
+    """-> the actor (a ppo.Actor computing in cfg's dtype) and the critic (a value head on the same architecture)
+    as ppo.Learners with fresh optimizers, and the reference (the actor's frozen copy): random weights of `config`
+    (seed 0: the same at every call), made as zerosearch.load_models makes them."""
+    torch.manual_seed(0)
+    policy = ppo.Actor(Qwen2ForCausalLM(config).eval(), getattr(torch, cfg["dtype"]))
+    value_config = copy.deepcopy(config)
+    value_config.num_labels, value_config.classifier_dropout = 1, 0.0
+    critic = Qwen2ForTokenClassification(value_config).eval()
+    actor, critic = (ppo.Learner(m, *ppo.make_optimizer(m, lr, cfg["weight_decay"], 0, cfg["steps"]))
+                     for m, lr in ((policy, cfg["actor_lr"]), (critic, cfg["critic_lr"])))
+    return actor, critic, copy.deepcopy(policy).requires_grad_(False)
+
+
+def training_step(actor, critic, ref, batch, cfg, stage=lambda name, fn: fn()):
+    """Stages 4-6 of zerosearch.train on one process: old and reference log-probs and values, advantages,
+    the PPO update (at a step after the critic's warm-up, so both models train) -> the update's stats,
+    old log-probs, values. Each stage runs as `stage(its name, fn)` (gpu-step times them)."""
+    ids, attn, response_mask, scores = batch
+    old_logp, ref_logp = stage("log-probs of the policy and the reference (`ppo.logprobs`)", lambda: (
+        ppo.logprobs(actor.model, ids, attn, response_mask, cfg), ppo.logprobs(ref, ids, attn, response_mask, cfg)))
+    values = stage("values (`ppo.values`)", lambda: ppo.values(critic.model, ids, attn, cfg))
+    advantages, returns, _ = stage("advantages (`ppo.compute_advantages`)", lambda: ppo.compute_advantages(
+        "ppo", scores, response_mask, old_logp, ref_logp, values, cfg, cfg["kl_coef"]))
+    batch = ppo.Batch(ids, attn, response_mask, old_logp, ref_logp, advantages, values, returns)
+    stats = stage(f"update of the actor and critic (`ppo.update`, micro-batches of {cfg['micro_batch_size']})",
+                  lambda: ppo.update(actor, critic, batch, cfg, cfg["kl_coef"], step=cfg["critic_warmup"]))
+    return stats, old_logp, values
+
+
+def lm_head_on_every_token(self, ids, attn, temperature=1.0, positions=None, forward=ppo.Actor.forward):
     """ppo.Actor.forward as before `positions`: the LM head on every real token, whatever the caller asks."""
-    return lambda self, ids, attn, temperature=1.0, positions=None: forward(self, ids, attn, temperature)
+    return forward(self, ids, attn, temperature)
 
 
 def one_per_row(lengths):
@@ -475,80 +385,93 @@ def counted(plan, counts):
     return pack
 
 
-def training_step(actor, critic, ref, batch, cfg):
-    """Stages 4-6 of zerosearch.train on one process: old and reference log-probs and values, advantages,
-    the PPO update (at a step after the critic's warm-up, so both models train) -> the update's stats,
-    old log-probs, values."""
-    ids, attn, response_mask, scores = batch
-    with torch.no_grad():
-        old_logp, ref_logp, values = packing.in_micro_batches(
-            lambda r: (actor.model(ids[r], attn[r], cfg["temperature"], response_mask[r])[0],
-                       ref(ids[r], attn[r], cfg["temperature"], response_mask[r])[0],
-                       ppo.token_values(critic.model, ids[r], attn[r])), attn, cfg["micro_batch_size"])
-    advantages, returns, _ = ppo.compute_advantages("ppo", scores, response_mask, old_logp, ref_logp, values, cfg,
-                                                    cfg["kl_coef"])
-    batch = ppo.Batch(ids, attn, response_mask, old_logp, ref_logp, advantages, values, returns)
-    return ppo.update(actor, critic, batch, cfg, cfg["kl_coef"], step=cfg["critic_warmup"]), old_logp, values
-
-
 def bench_step():
     cfg, threads = load_config([]), torch.get_num_threads()
     torch.set_num_threads(cfg["threads"])
     tiny = default_tiny_policy_config()
-    torch.manual_seed(0)
-    policy = ppo.Actor(Qwen2ForCausalLM(tiny).eval())
-    ref = copy.deepcopy(policy).requires_grad_(False)
-    value_config = copy.deepcopy(tiny)  # the critic's config as zerosearch.load_models sets it
-    value_config.num_labels, value_config.classifier_dropout = 1, 0.0
-    head = Qwen2ForTokenClassification(value_config).eval()
-    start = {"actor": copy.deepcopy(policy.state_dict()), "critic": copy.deepcopy(head.state_dict())}
     batch = step_batch(tiny.vocab_size)
     lengths = batch[1].sum(-1)
+    packed, response, every = packing.pack_rows, ppo.Actor.forward, lm_head_on_every_token
     before = "each sequence in its own padded row, the LM head on every token, no micro-batches (before)"
-    layouts = {before: (one_per_row, False, STEP_SEQUENCES),  # name -> (rows plan, LM head on the response alone, micro-batch)
-               "packed rows (`packing.padding_free`), the LM head on every token, no micro-batches": (packing.pack_rows, False, STEP_SEQUENCES),
-               "packed rows, the LM head on the response (`ppo.Actor`'s `positions`), no micro-batches": (packing.pack_rows, True, STEP_SEQUENCES),
-               "packed rows, the LM head on the response, micro-batches of 16 by length (now)": (packing.pack_rows, True, cfg["micro_batch_size"])}
+    layouts = {  # name -> (rows plan, ppo.Actor.forward, micro-batch)
+        before: (one_per_row, every, STEP_SEQUENCES),
+        "packed rows (`packing.padding_free`), the LM head on every token, no micro-batches": (packed, every, STEP_SEQUENCES),
+        "packed rows, the LM head on the response (`ppo.Actor`'s `positions`), no micro-batches": (packed, response, STEP_SEQUENCES),
+        "packed rows, the LM head on the response, micro-batches of 16 by length (now)": (packed, response, cfg["micro_batch_size"])}
     counts, seconds, results = {}, {}, {}
-
-    def run(name):  # one step from the same starting weights and fresh optimizers
-        policy.load_state_dict(start["actor"])
-        head.load_state_dict(start["critic"])
-        actor, critic = (ppo.Learner(m, *ppo.make_optimizer(m, lr, cfg["weight_decay"], 0, cfg["steps"]))
-                         for m, lr in ((policy, cfg["actor_lr"]), (head, cfg["critic_lr"])))
+    # the first round warms up; the layouts' runs alternate, so that load from other processes hits them alike
+    for _, name in itertools.product(range(1 if QUICK else 4), layouts):
+        plan, forward, micro = layouts[name]
+        actor, critic, ref = step_models(tiny, cfg)  # the same weights each run, and fresh optimizers
         counts[name] = {"positions": 0, "tokens": 0}
-        packing.pack_rows, plan, forward = counted(layouts[name][0], counts[name]), packing.pack_rows, ppo.Actor.forward
-        if not layouts[name][1]:
-            ppo.Actor.forward = lm_head_on_every_token(forward)
-        try:
-            t0 = time.perf_counter()
-            results[name] = training_step(actor, critic, ref, batch, dict(cfg, micro_batch_size=layouts[name][2]))
-            seconds[name] = min(seconds.get(name, float("inf")), time.perf_counter() - t0)
-        finally:
-            packing.pack_rows, ppo.Actor.forward = plan, forward
-
-    for _ in range(1 if QUICK else 4):  # the first round warms up; runs alternate, so load hits all alike
-        for name in layouts:
-            run(name)
+        with mock.patch.object(packing, "pack_rows", counted(plan, counts[name])), \
+                mock.patch.object(ppo.Actor, "forward", forward):
+            results[name], s = timed(lambda: training_step(actor, critic, ref, batch,
+                                                           dict(cfg, micro_batch_size=micro)))
+        seconds[name] = min(seconds.get(name, s), s)
     print(f"### step: forward passes + PPO update of one RL step, {torch.get_num_threads()} threads\n")
     print(f"{STEP_SEQUENCES} synthetic sequences (mean {lengths.float().mean():.0f} tokens, median "
           f"{int(lengths.median())}, longest {int(lengths.max())}); log-probs of policy and reference and values, then "
           f"ppo_epochs={cfg['ppo_epochs']} over mini-batches of {cfg['mini_batch_size']} (actor and critic); "
           "no micro-batches: one forward pass over the batch, one a mini-batch; the best of 3 after a warm-up.\n")
-    print("| rows | token positions a step | over real tokens | time (s) | speed-up |")
-    print("|---|---:|---:|---:|---:|")
-    for name in layouts:
-        c = counts[name]
+    print("| rows | token positions a step | over real tokens | time (s) | speed-up |\n|---|---:|---:|---:|---:|")
+    for name, c in counts.items():
         print(f"| {name} | {c['positions']:,} | {c['positions'] / c['tokens']:.2f}x | {seconds[name]:.2f} | "
               f"{seconds[before] / seconds[name]:.2f}x |")
-    response = batch[2].bool()  # where the log-probs are used
+    scored = batch[2].bool()  # where the log-probs are used
     (stats_0, logp_0, values_0), *others = results.values()
-    outputs = max(max((logp_0 - logp)[response].abs().max().item(), (values_0 - values).abs().max().item())
+    outputs = max(max((logp_0 - logp)[scored].abs().max().item(), (values_0 - values).abs().max().item())
                   for _, logp, values in others)
     losses = max(abs(stats_0[k] - stats[k]) / abs(stats_0[k]) for stats, _, _ in others for k in ("actor/loss", "critic/loss"))
     print(f"\nThey agree: old log-probs (on the response) and values within {outputs:.1e}, the update's actor and "
           f"critic losses within {losses:.1e} (relative).\n")
     torch.set_num_threads(threads)
+
+
+def bench_gpu_step():
+    if no_cuda("gpu-step"):
+        return
+    B, micro = (8, 4) if QUICK else (64, 16)
+    cfg = dict(load_config([]), mini_batch_size=B, micro_batch_size=micro, dtype="bfloat16", actor_lr=1e-6,
+               critic_lr=1e-5)  # the paper's learning rates
+    with torch.device("cuda"):
+        actor, critic, ref = step_models(Qwen2Config(**QWEN25_05B), cfg)
+    prompts = sampler_prompts(B, QWEN25_05B["vocab_size"])
+
+    def rl_step():
+        seconds = {}
+
+        def stage(name, fn):
+            out, seconds[name] = timed(fn, "cuda")
+            return out
+        responses = stage("rollout sampling (`sim.sample`)", lambda: ours_under_autocast(actor.model.lm, prompts))
+        rollout = zerosearch.Rollout(prompts, responses, [[1] * len(r) for r in responses], None, None)
+        training_step(actor, critic, ref, (*zerosearch.to_batch(rollout, 0, "cuda"), torch.rand(B, device="cuda")),
+                      cfg, stage)
+        return seconds
+
+    rl_step()  # warm-up: Triton compiles, cuBLAS picks its kernels, Adam allocates its states
+    torch.cuda.reset_peak_memory_stats()
+    seconds = rl_step()
+    total = sum(seconds.values())
+    print(f"### gpu-step: one PPO step at the Qwen2.5-0.5B architecture (random weights, actor, reference and "
+          f"critic), batch {B}, {MAX_NEW_TOKENS} new tokens a row, bf16 compute with fp32 weights, {gpu_name()}\n")
+    print("| stage | time (s) | share |\n|---|---:|---:|")
+    for name, s in seconds.items():
+        print(f"| {name} | {s:.2f} | {100 * s / total:.0f}% |")
+    print(f"| total | {total:.2f} | |")
+    print(f"\nPeak GPU memory allocated during the step: {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB.\n")
+
+
+def no_cuda(section):
+    """Says so in one line where there is no CUDA device: a GPU section measures nothing on a CPU."""
+    if not torch.cuda.is_available():
+        print(f"{section}: no CUDA device here (torch.cuda.is_available() is False); nothing measured")
+    return not torch.cuda.is_available()
+
+
+def gpu_name():
+    return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
 
 
 # --- sft: the warm-up and the simulator's fine-tuning (sim.sft), padded against now --------------------
@@ -566,7 +489,7 @@ def bench_sft():
     """The default build's two fine-tunings from one start, padded (before) and as sim.sft runs them now, the
     runs alternating. sim.sft_backward is swapped for one that records when it began (a step is timed from
     one call to the next: the whole step), its loss, and the positions computed (for the packed path, as
-    `ppo.pack_rows` plans them), the real tokens and the trained ones."""
+    `packing.pack_rows` plans them), the real tokens and the trained ones."""
     cfg, threads = load_config([]), torch.get_num_threads()
     torch.set_num_threads(cfg["threads"])
     w = build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"])
@@ -575,23 +498,23 @@ def bench_sft():
     rows = simulator_rows(w, queries, lambda q: retriever.search(q, cfg["topk"]), knowledge_index(w.docs), rng,
                           cfg["sim_sft_noisy"])
     model = tiny_model(len(tok), cfg["tiny_hidden"], cfg["tiny_layers"], cfg["tiny_heads"], cfg["seed"])
-    start, packed, plan = copy.deepcopy(model.state_dict()), sim.sft_backward, packing.pack_rows
+    start = copy.deepcopy(model.state_dict())
     runs = {"warm-up": lambda: sim.sft(model, trajectories, SFT_STEPS, cfg["warmup_batch_size"], cfg["warmup_lr"],
                                        cfg["seed"], "warm-up", tok.pad_token_id),
             "simulator": lambda: sim.train_simulator(model, tok, rows, cfg, SFT_STEPS, cfg["sim_sft_batch_size"],
                                                      cfg["sim_sft_lr"], cfg["seed"])}
-    paths = {"padded (before)": padded_sft_backward, "packed, micro-batches by length (now)": packed}
+    paths = {"padded (before)": padded_sft_backward, "packed, micro-batches by length (now)": sim.sft_backward}
     print(f"### sft: sim.sft on the default build's data and batch sizes, {cfg['threads']} threads, {SFT_ROUNDS} runs "
           f"of {SFT_STEPS} steps a path from one start, alternating; the LM head on every position (padded) or on "
           "the trained tokens alone (now)\n")
-    print("| fine-tuning | path | positions / trained token | positions / real token | s/step (median) | speed-up |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| fine-tuning | path | positions / trained token | positions / real token | s/step (median) | speed-up |\n"
+          "|---|---|---:|---:|---:|---:|")
     for run_name, run in runs.items():
         counts = {path: dict(positions=0, tokens=0, trained=0, seconds=[], losses=[]) for path in paths}
         for _, (path, backward) in itertools.product(range(SFT_ROUNDS), paths.items()):
             c, stamps = counts[path], []
 
-            def recorded(actor, ids, attn, trained, c=c, stamps=stamps, backward=backward):
+            def recorded(actor, ids, attn, trained):  # run() below calls it: c, stamps, backward are this round's
                 stamps.append(time.perf_counter())
                 c["trained"] += (ppo.scored_positions(attn) & trained).sum().item()
                 if backward is padded_sft_backward:
@@ -599,11 +522,9 @@ def bench_sft():
                 c["losses"].append(backward(actor, ids, attn, trained))
                 return c["losses"][-1]
             model.load_state_dict(start)
-            sim.sft_backward, packing.pack_rows = recorded, counted(plan, c)
-            try:
+            with mock.patch.object(sim, "sft_backward", recorded), \
+                    mock.patch.object(packing, "pack_rows", counted(packing.pack_rows, c)):
                 run()
-            finally:
-                sim.sft_backward, packing.pack_rows = packed, plan
             c["seconds"] += [b - a for a, b in zip(stamps, stamps[1:])]
         median = [statistics.median(c["seconds"]) for c in counts.values()]
         for (path, c), seconds in zip(counts.items(), median):
@@ -621,8 +542,8 @@ SECTIONS = {"logprob": bench_logprob, "sampler": bench_sampler, "step": bench_st
 
 if __name__ == "__main__":
     section = sys.argv[1] if len(sys.argv) > 1 else "all"
-    if section == "--variant":
-        print(json.dumps(VARIANTS[sys.argv[2]]()))
+    if section == "--variant":  # bench_logprob's child: measure() of one path, by its function's name, as JSON
+        print(json.dumps(measure(logprob_step(globals()[sys.argv[2]], *logprob_inputs(N, V, D)))))
     elif section != "all" and section not in SECTIONS:
         raise SystemExit(f"usage: python tools/bench.py [{' | '.join(SECTIONS)}]  (no argument: all of them)")
     else:

@@ -15,6 +15,7 @@ the fine-tuning's own, not the RL config's. The loss is on the documents only. D
 paper's SFT (1000 steps, batch 2, lr 1e-6); it runs in one process, on the GPU if there is one.
 """
 import json
+import math
 import os
 import random
 import sys
@@ -69,9 +70,8 @@ def read_simulator_rows(path):
     rows = []
     for n, row in world.read_jsonl(path):
         docs = row.get("documents")
-        texts = ("query", "question", "answer")
         if (any(k not in row for k in SIM_ROW_KEYS) or row["label"] not in ("useful", "noisy")
-                or not all(isinstance(row[k], str) and row[k].strip() for k in texts)
+                or not all(isinstance(row[k], str) and row[k].strip() for k in ("query", "question", "answer"))
                 or not (isinstance(docs, list) and docs and all(isinstance(d, str) and d.strip() for d in docs)
                         or isinstance(docs, str) and sim.parse_docs(docs, 20))):
             raise SystemExit(f"error: {path} line {n}: a row needs {', '.join(SIM_ROW_KEYS)}: query, question and "
@@ -83,37 +83,48 @@ def read_simulator_rows(path):
     return rows
 
 
+def numbers(command, args, defaults, wants):
+    """args[key] as a number for each key: (kind, low, what) of `wants`, a `kind` above `low`; else one line
+    that says to set key to `what`."""
+    for key, (kind, low, what) in wants.items():
+        text = args[key]
+        try:
+            args[key] = kind(text)
+        except ValueError:
+            pass
+        if not (isinstance(args[key], kind) and args[key] > low):
+            raise SystemExit(f"error: simulator.py {command}: {key}={text}: set {key} to {what} (default {defaults[key]})")
+
+
+def load_model(name, key):
+    """-> (tokenizer, causal LM) of a Hugging Face name or a directory, the model on the GPU if there is one;
+    one line where either cannot be loaded."""
+    try:
+        tok, model = world.load_tokenizer(name), AutoModelForCausalLM.from_pretrained(name)
+    except OSError as e:
+        raise SystemExit(f"error: cannot load {key} {name!r}: {str(e).splitlines()[0]}")
+    return tok, model.to("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def train_main(argv):
     """`python tools/simulator.py train data=rows.jsonl model=NAME_OR_DIR [out=DIR steps=N batch_size=N lr=X seed=N]
     [preset=NAME --config FILE key=value ...]`: the arguments of TRAIN_DEFAULTS are the fine-tuning's
     own; the rest choose the config (its `topk` and control prompt) exactly as for zerosearch.py."""
     args, config_args = config.own_arguments(argv, TRAIN_DEFAULTS)
     cfg = config.load_config(config_args)
-    for key in ("steps", "batch_size", "lr", "seed"):
-        kind, text = type(TRAIN_DEFAULTS[key]), args[key]
-        try:
-            args[key] = kind(text)
-            ok = key == "seed" or args[key] > 0
-        except ValueError:
-            ok = False
-        if not ok:
-            what = ("an" if key == "seed" else "a positive") + (" integer" if kind is int else " number")
-            raise SystemExit(f"error: simulator.py train: {key}={text}: set {key} to {what} (default {TRAIN_DEFAULTS[key]})")
+    positive = (int, 0, "a positive integer")
+    numbers("train", args, TRAIN_DEFAULTS, {"steps": positive, "batch_size": positive, "lr": (float, 0, "a positive number"),
+                                            "seed": (int, -math.inf, "an integer")})
     if not args["data"] or not args["model"]:
         raise SystemExit("error: simulator.py train needs data=rows.jsonl and model=... (a Hugging Face name, or a "
                          "directory holding a model and its tokenizer)")
     rows = read_simulator_rows(args["data"])
     config.check_folder(args["out"], "out", keep=False)
-    try:
-        tok = world.load_tokenizer(args["model"])
-        model = AutoModelForCausalLM.from_pretrained(args["model"])
-    except OSError as e:
-        raise SystemExit(f"error: cannot load model {args['model']!r}: {str(e).splitlines()[0]}")
+    tok, model = load_model(args["model"], "model")
     if tok.eos_token_id is None:
         raise SystemExit(f"error: the tokenizer of {args['model']!r} has no EOS token to end the documents with")
     if tok.pad_token is None:  # padding is masked out of the loss; any id will do
         tok.pad_token = tok.eos_token
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args["seed"])
     loss = sim.train_simulator(model, tok, rows, cfg, args["steps"], args["batch_size"], args["lr"], args["seed"])
     model.save_pretrained(args["out"])
@@ -127,12 +138,7 @@ def collect_main(argv):
     data=world, the embedded world's train questions and BM25)."""
     args, config_args = config.own_arguments(argv, COLLECT_DEFAULTS)
     cfg = config.load_config(config_args)
-    try:
-        n = int(args["n"])
-    except ValueError:
-        n = 0
-    if n < 2:
-        raise SystemExit(f"error: simulator.py collect: n={args['n']}: set n to the number of rows wanted, 2 or more")
+    numbers("collect", args, COLLECT_DEFAULTS, {"n": (int, 1, "the number of rows wanted, 2 or more")})
     if not cfg["policy_model"]:
         raise SystemExit("error: simulator.py collect needs policy_model=... (the paper used an instruct model, prompted; "
                          "on the embedded world, its warm-up policy out_dir/build/<hash>/warmup)")
@@ -143,20 +149,13 @@ def collect_main(argv):
     else:
         questions = world.load_questions(cfg["data"])
         docs = world.load_corpus(cfg["corpus"]) if cfg["eval_backend"] == "real" and cfg["corpus"] else None
-    try:
-        tok = world.load_tokenizer(cfg["policy_model"])
-        model = AutoModelForCausalLM.from_pretrained(cfg["policy_model"]).eval()
-    except OSError as e:
-        raise SystemExit(f"error: cannot load policy_model {cfg['policy_model']!r}: {str(e).splitlines()[0]}")
-    if cfg["eval_backend"] == "retriever":
-        engine = engines.RetrieverEngine(cfg, tok)
-    elif docs is None:
+    if docs is None and cfg["eval_backend"] != "retriever":
         raise SystemExit("error: simulator.py collect searches a real engine: set corpus=corpus.jsonl, or "
                          "eval_backend=retriever retriever_url=... (a served one)")
-    else:
-        engine = engines.RealEngine(engines.Retriever(docs), cfg, tok)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    rows, n_useful, n_noisy = collect(model, tok, questions, engine, cfg, n, cfg["seed"])
+    tok, model = load_model(cfg["policy_model"], "policy_model")  # from_pretrained leaves it in eval mode
+    engine = (engines.RetrieverEngine(cfg, tok) if cfg["eval_backend"] == "retriever" else
+              engines.RealEngine(engines.Retriever(docs), cfg, tok))
+    rows, n_useful, n_noisy = collect(model, tok, questions, engine, cfg, args["n"], cfg["seed"])
     with open(args["out"], "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     print(f"{len(rows)} rows ({len(rows) // 2} useful, {len(rows) // 2} noisy; collected {n_useful} useful and "
