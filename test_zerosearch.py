@@ -265,7 +265,7 @@ def test_an_answer_cut_off_by_the_response_budget_is_not_rewarded(tiny_tok, monk
     kept = len(tok.encode(turns[0])) + len(tok.encode("\n\n<information>Doc 1: q0 doc about alpha .</information>\n\n")) + 2
     for budget, answer in ((kept, None), (kept + 10, "one")):
         monkeypatch.setattr(sim, "sample", ScriptedPolicy(tok, [{"turns": list(turns), "done": []}], lambda p: 0))
-        ro = zs.rollout(None, tok, q, RecordingEngine(), config.load_config(["max_turns=2", f"max_response_tokens={budget}"]))
+        ro = zs.rollout(None, tok, q, RecordingEngine(), config.load_config(["max_turns=2", f"max_response_tokens={budget}", "topk=1", "doc_tokens=1"]))
         assert len(ro.response_ids[0]) <= budget and ro.answers == [answer]
         assert zs.score(ro, q) == [0.0 if answer is None else 1.0]
 

@@ -384,7 +384,7 @@ def test_parsers_reward_and_rollout_masks_survive_random_bytes_and_token_ids(tok
         assert action is None or (action[0] in ("search", "answer") and isinstance(action[1], str))
         for fn in (reward.f1_score, reward.exact_match, reward.substring_match):
             assert 0.0 <= fn(answer, [text or "x", "alpha"]) <= 1.0
-    cfg = config.load_config(["max_turns=2", "max_turn_tokens=12", "max_response_tokens=60"])
+    cfg = config.load_config(["max_turns=2", "max_turn_tokens=12", "max_response_tokens=60", "doc_tokens=20"])
     model = world.tiny_model(len(tok), 16, 1, 2, seed=0)
     with torch.no_grad():  # a flat output layer: the policy samples uniformly random token ids
         model.lm_head.weight.zero_()
