@@ -458,18 +458,19 @@ def noisy_docs(docs, golds, pools, rng):
 
 
 def knowledge_index(docs):
-    """The tiny simulator's knowledge: `knowledge(query)` -> every statement of the corpus about
-    an entity the query names (by exact name, in corpus order). A 14B simulator has memorised
-    Wikipedia; a 1M-parameter one cannot memorise 11,600 facts in minutes, so its prompt carries
-    them. It is not a search engine: no ranking, nothing for a query that names no entity, and
-    a query about the wrong entity gets that entity's facts, never the answer."""
+    """The tiny simulator's knowledge: `knowledge(query)` -> every document of the corpus that names
+    an entity the query names (by exact name, in corpus order): its facts and the other passages
+    about it. A 14B simulator has memorised Wikipedia, every page about an entity; a 1M-parameter one
+    cannot memorise the corpus in minutes, so its prompt carries what it would know. It is not a
+    search engine: no ranking, nothing for a query that names no entity, and a query about the
+    wrong entity gets that entity's documents, never the answer."""
+    names = {fact[0] for d in docs if (fact := parse_doc(d))}  # every entity is the subject of a fact
     about = collections.defaultdict(list)
     for d in docs:
-        fact = parse_doc(d)
-        if fact:
-            about[fact[0]].append(d)
-            if fact[1] == "founder":
-                about[fact[2]].append(d)
+        words = d.split()
+        for name in dict.fromkeys(" ".join(words[i:i + 2]) for i in range(len(words) - 1)):
+            if name in names:
+                about[name].append(d)
 
     def knowledge(query):
         words, found = query.split(), []

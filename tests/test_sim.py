@@ -24,6 +24,7 @@ import ppo
 import sim
 import simulator
 import world
+import zerosearch
 
 TEMPLATE = "Write {k} {kind} documents . {Kind} Query : {query}"  # ends with the query, so each query has its own chain
 CFG = dict(topk=3, doc_tokens=40, sim_style="finetuned", sim_template_finetuned=TEMPLATE, sim_temperature=0.0,
@@ -498,7 +499,7 @@ def test_collect_labels_each_search_by_the_answer_balances_and_train_takes_the_r
         return out, [[0.0] * len(o) for o in out]
 
     monkeypatch.setattr(sim, "sample", scripted)
-    rows, n_useful, n_noisy = simulator.collect(None, tok, questions, engine, cfg, n=8)
+    rows, n_useful, n_noisy = zerosearch.collect(None, tok, questions, engine, cfg, n=8)
     assert (n_useful, n_noisy) == (6, 6) and len(rows) == 8
     assert sorted(r["label"] for r in rows) == ["noisy"] * 4 + ["useful"] * 4
     for r in rows:

@@ -1,6 +1,6 @@
 """Benchmarks that print markdown tables: `python tools/bench.py` runs every section, `python tools/bench.py
-SECTION` one (logprob, sampler, retriever, step, sft, gpu-logprob, gpu-sampler, gpu-step). `BENCH_QUICK=1` shrinks every
-size to check the script runs in seconds; its figures mean nothing.
+SECTION` one (logprob, sampler, retriever, step, sft, world, gpu-logprob, gpu-sampler, gpu-step). `BENCH_QUICK=1` shrinks
+every size to check the script runs in seconds; its figures mean nothing.
 
 logprob  peak memory and time of per-token log-prob + entropy + backward, fused and chunked vs
          naive. Every variant runs in a fresh subprocess, so its peak memory is its own: we report
@@ -29,6 +29,9 @@ sft      the build's two fine-tunings (sim.sft: the warm-up, the simulator's) on
          data: padded batches with HF's loss on every position, as before, against sim.sft now
          (micro-batches by length, packed, the LM head on the trained tokens); token positions per
          trained and per real token, seconds a step, and their losses step by step.
+world    `python tools/bench.py world [key=value ...]`: how often BM25 finds what the held-out questions need,
+         by query form, in the world the config describes; then, from its build (made if missing), the
+         answer in the real engine's results beside the simulator's useful and noisy documents.
 """
 import copy
 import itertools
@@ -44,16 +47,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import numpy as np
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForTokenClassification
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2ForTokenClassification
 
 import build
 from kernels import logprob_entropy_from_hidden, logprob_entropy_from_hidden_reference
 import engines
 import packing
 import ppo
+import reward
 import sim
 from sim import sample
 from world import build_world, knowledge_index, make_words, simulator_rows, tiny_model, world_tokenizer
+import world
 from config import load_config
 import zerosearch
 
@@ -536,8 +541,44 @@ def bench_sft():
     print()
 
 
+# --- world: how often the real engine finds what a question needs, and what the simulator writes -------
+def bench_world(argv):
+    """For the world the config (`key=value ...`) describes: the share of held-out questions whose answer-
+    bearing document is in BM25's top k, by query form (world.retrieval_stats); then, from the config's build
+    (made in out_dir/build if it is not there), for queries that name the question's entity, the share of
+    result lists that state the answer: the real engine's beside the simulator's useful and noisy ones."""
+    cfg = load_config(argv)
+    torch.set_num_threads(cfg["threads"])
+    w = world.world_of(cfg)
+    retriever = engines.Retriever(w.docs)
+    stats = world.retrieval_stats(w, lambda q: retriever.search(q, cfg["topk"]), cfg["world_phrasings"])
+    columns = ["question", "keyword", "synonyms", "name", "best", "two-hop question"]
+    print(f"### world: {' '.join(argv) or 'the default'}; {len(w.docs):,} documents; an answer-bearing document in "
+          f"BM25's top {cfg['topk']}, % of up to 400 held-out questions a set\n")
+    print("| set | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))
+    for name, found in stats.items():
+        if found:
+            print(f"| {name} | " + " | ".join(f"{100 * found[c]:.1f}" if c in found else "" for c in columns) + " |")
+    w, retriever, sim_path, _ = build.prepare_embedded(cfg, os.path.join(cfg["out_dir"], "build"), collect=zerosearch.collect)
+    tok = world.load_tokenizer(sim_path)
+    engine = sim.SimEngine(AutoModelForCausalLM.from_pretrained(sim_path), tok, cfg, world.knowledge_index(w.docs))
+    real = engines.RealEngine(retriever, cfg, tok)
+    questions = [q for q in w.test if q["hops"] == 1][:100 if QUICK else 400]
+    print(f"\nThe answer in the results of a query naming the question's entity (% of {len(questions)} single-hop "
+          "held-out questions), the simulator sampled as in RL:\n")
+    print("| query form | real engine (BM25) | simulator, useful | simulator, noisy |\n|---|---:|---:|---:|")
+    for form in ("question", "keyword", "synonyms", "name"):
+        requests = [dict(q, query=world.formulations(q["subject"], q["relation"], cfg["world_phrasings"])[form]) for q in questions]
+        seeds = list(range(len(requests)))
+        shares = [sum(any(reward.substring_match(d, q["golden_answers"]) for d in docs) for q, docs in zip(questions, found))
+                  / len(questions) for found in (real.search(requests), engine.search(requests, 0.0, seeds),
+                                                  engine.search(requests, 1.0, seeds))]
+        print(f"| {form} | " + " | ".join(f"{100 * s:.1f}" for s in shares) + " |")
+    print()
+
+
 SECTIONS = {"logprob": bench_logprob, "sampler": bench_sampler, "step": bench_step, "sft": bench_sft,
-            "retriever": bench_retriever,
+            "retriever": bench_retriever, "world": bench_world,
             "gpu-logprob": bench_gpu_logprob, "gpu-sampler": bench_gpu_sampler, "gpu-step": bench_gpu_step}
 
 if __name__ == "__main__":
@@ -548,4 +589,4 @@ if __name__ == "__main__":
         raise SystemExit(f"usage: python tools/bench.py [{' | '.join(SECTIONS)}]  (no argument: all of them)")
     else:
         for name in SECTIONS if section == "all" else [section]:
-            SECTIONS[name]()
+            SECTIONS[name](*[sys.argv[2:]] * (name == "world"))  # world takes config keys: world preset=misses

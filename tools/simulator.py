@@ -17,7 +17,6 @@ paper's SFT (1000 steps, batch 2, lr 1e-6); it runs in one process, on the GPU i
 import json
 import math
 import os
-import random
 import sys
 
 import torch
@@ -26,36 +25,12 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
 import config
 import engines
-import reward
 import sim
 import world
 import zerosearch
 
 
 COLLECT_DEFAULTS = dict(out="rows.jsonl", n=20000)  # the paper fine-tuned on about 20k rows
-
-
-def collect(policy, tok, questions, engine, cfg, n, seed=0):
-    """Simulation fine-tuning rows the paper's way: the policy answers `questions` searching the real
-    `engine` (sampled, one batch at a time); every (query, documents) of a trajectory whose answer is
-    right (substring EM, the paper's EM) is labelled useful, of one whose answer is wrong noisy; the
-    two labels are balanced, n rows in all at most, in the form `python tools/simulator.py train` reads."""
-    rng, useful, noisy = random.Random(seed), [], []
-    order = rng.sample(range(len(questions)), len(questions))
-    for start in range(0, len(order), 128):
-        batch = [questions[i] for i in order[start:start + 128]]
-        ro = zerosearch.rollout(policy, tok, batch, engine, cfg, seeds=[seed * 1_000_003 + start + j for j in range(len(batch))])
-        for q, answer, queries, docs in zip(batch, ro.answers, ro.queries, ro.documents):
-            right = reward.substring_match(answer, q["golden_answers"])
-            rows = [dict(query=query, question=q["question"], answer=q["golden_answers"][0], documents=d,
-                         label="useful" if right else "noisy") for query, d in zip(queries, docs) if d]
-            (useful if right else noisy).extend(rows)
-        if min(len(useful), len(noisy)) >= n // 2:
-            break
-    keep = min(len(useful), len(noisy), n // 2)
-    rows = rng.sample(useful, keep) + rng.sample(noisy, keep)
-    rng.shuffle(rows)
-    return rows, len(useful), len(noisy)
 
 
 SIM_ROW_KEYS = ("query", "question", "answer", "documents", "label")
@@ -155,7 +130,7 @@ def collect_main(argv):
     tok, model = load_model(cfg["policy_model"], "policy_model")  # from_pretrained leaves it in eval mode
     engine = (engines.RetrieverEngine(cfg, tok) if cfg["eval_backend"] == "retriever" else
               engines.RealEngine(engines.Retriever(docs), cfg, tok))
-    rows, n_useful, n_noisy = collect(model, tok, questions, engine, cfg, args["n"], cfg["seed"])
+    rows, n_useful, n_noisy = zerosearch.collect(model, tok, questions, engine, cfg, args["n"], cfg["seed"])
     with open(args["out"], "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     print(f"{len(rows)} rows ({len(rows) // 2} useful, {len(rows) // 2} noisy; collected {n_useful} useful and "
