@@ -130,7 +130,7 @@ def test_a_real_policy_on_the_embedded_world_keeps_its_own_tokenizer(monkeypatch
     """policy_model=... with data=world: the world's tiny tokenizer must not encode for that model."""
     import parallel
     loaded = []
-    monkeypatch.setattr(build, "prepare_embedded", lambda cfg, cache, log=None: (
+    monkeypatch.setattr(build, "prepare_embedded", lambda cfg, cache, **k: (
         type("W", (), {"train": [], "test": [], "docs": []})(), None, "sim_dir", "warmup_dir"))
     monkeypatch.setattr(world, "load_tokenizer", lambda path: loaded.append(path))
     monkeypatch.setattr(world, "knowledge_index", lambda docs: None)
@@ -482,7 +482,7 @@ def test_mode_eval_on_the_saved_policy_repeats_row_c_and_writes_every_prediction
     assert results[str(out / "policy_zerosearch")] == row_c and results["reading"] == trained["reading"]
     for folder in (out, tmp_path / "eval"):  # a training run writes its final evaluation's predictions too
         rows = [json.loads(line) for line in open(folder / "predictions.jsonl")]
-        assert [r["set"] for r in rows] == ["single-hop"] * row_c["single-hop"]["n"] + ["two-hop"] * row_c["two-hop"]["n"]
+        assert [r["set"] for r in rows] == [s for s in row_c if s in world.TEST_SETS for _ in range(row_c[s]["n"])]
         assert any(r["queries"] for r in rows)  # the evaluation searched the real engine
         for r in rows:
             assert r["substring_em"] == reward.substring_match(r["prediction"], r["golden_answers"])

@@ -38,7 +38,7 @@ def build(tmp_path_factory):
     """The embedded world, tokenizer, simulator and warm-up policy, built once and copied into each run."""
     torch.set_num_threads(1)
     path = tmp_path_factory.mktemp("world") / "build"
-    embedded.prepare_embedded(config.load_config(SMALL), str(path), log=lambda *a: None)
+    embedded.prepare_embedded(config.load_config(SMALL), str(path), log=lambda *a: None, collect=zs.collect)
     return path
 
 

@@ -262,10 +262,10 @@ def test_a_run_against_the_served_engine_gives_the_results_of_the_in_process_one
     out, served_out = tmp_path / "out", tmp_path / "served"
     common = ["preset=smoke", "threads=1"]
     cfg = config.load_config(common)
-    build.prepare_embedded(cfg, str(out / "build"), log=lambda *a: None)  # both runs load it
+    build.prepare_embedded(cfg, str(out / "build"), log=lambda *a: None, collect=zerosearch.collect)  # both runs load it
     served_out.mkdir()
     os.symlink(out / "build", served_out / "build")
-    docs = world.build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"]).docs
+    docs = world.world_of(cfg).docs
     threads = torch.get_num_threads()
 
     def results_and_metrics(folder):  # the metrics of each step without its timings and the engine's counters

@@ -273,7 +273,7 @@ def test_real_models_on_the_world_build_no_tiny_model(monkeypatch):
 
 def test_eval_size_is_per_set_on_the_world(monkeypatch):
     w = world.build_world(0, 300, 90)
-    monkeypatch.setattr(build, "prepare_embedded", lambda cfg, cache, log=None: (w, None, "sim", "warmup"))
+    monkeypatch.setattr(build, "prepare_embedded", lambda cfg, cache, **k: (w, None, "sim", "warmup"))
     monkeypatch.setattr(world, "load_tokenizer", lambda path: world.world_tokenizer(w, config.load_config([])))
     evals = build.setup(config.load_config(["eval_size=1"]), parallel.Ctx())[2]
     assert {k: len(v) for k, v in evals.items()} == {"single-hop": 1, "two-hop": 1}
@@ -326,17 +326,17 @@ def test_a_build_killed_half_way_or_cut_short_is_built_again(tmp_path, monkeypat
 
     monkeypatch.setattr(build, "save_atomically", dies_while_saving_the_simulator)
     with pytest.raises(OSError):
-        build.prepare_embedded(cfg, str(tmp_path), log=lambda *a: None)
+        build.prepare_embedded(cfg, str(tmp_path), log=lambda *a: None, collect=zs.collect)
     monkeypatch.undo()
     logs = []
-    _, _, sim_dir, policy_dir = build.prepare_embedded(cfg, str(tmp_path), log=logs.append)
+    _, _, sim_dir, policy_dir = build.prepare_embedded(cfg, str(tmp_path), log=logs.append, collect=zs.collect)
     assert "built" in logs[-1] and os.path.isdir(sim_dir) and os.path.isdir(policy_dir)
     assert not any(name.endswith(".tmp") for name in os.listdir(os.path.dirname(sim_dir)))
     sim.SimEngine(zs.AutoModelForCausalLM.from_pretrained(sim_dir), world.load_tokenizer(sim_dir), cfg)  # it loads
     weights = os.path.join(sim_dir, "model.safetensors")
     with open(weights, "r+b") as f:  # cut short, as a full disk or a copy that stopped leaves it
         f.truncate(os.path.getsize(weights) // 2)
-    _, _, sim_dir, _ = build.prepare_embedded(cfg, str(tmp_path), log=logs.append)
+    _, _, sim_dir, _ = build.prepare_embedded(cfg, str(tmp_path), log=logs.append, collect=zs.collect)
     assert "built" in logs[-1] and build.whole(sim_dir)
     sim.SimEngine(zs.AutoModelForCausalLM.from_pretrained(sim_dir), world.load_tokenizer(sim_dir), cfg)
 

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import build
 import config
 import report
+import zerosearch
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 WEAK_SIM_SHARE = 0.25  # weak-sim: the simulator fine-tuned for this share of the base's sim_sft_steps
@@ -99,7 +100,7 @@ def build_once(runs, base):
     for _, _, args, out in runs:
         cfg = config.load_config(args)
         torch.set_num_threads(cfg["threads"])  # as zerosearch.py builds: the same floats, and no idle threads
-        build.prepare_embedded(cfg, shared_build)
+        build.prepare_embedded(cfg, shared_build, collect=zerosearch.collect)
         os.makedirs(out, exist_ok=True)
         if not os.path.lexists(os.path.join(out, "build")):
             os.symlink(shared_build, os.path.join(out, "build"))

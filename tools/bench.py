@@ -57,7 +57,7 @@ import ppo
 import reward
 import sim
 from sim import sample
-from world import build_world, knowledge_index, make_words, simulator_rows, tiny_model, world_tokenizer
+from world import knowledge_index, make_words, simulator_rows, tiny_model, world_tokenizer
 import world
 from config import load_config
 import zerosearch
@@ -181,8 +181,8 @@ QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, nu
 def default_tiny_policy_config():
     """The embedded default's policy architecture, built as zerosearch.py builds it (random weights)."""
     cfg = load_config([])
-    world = build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"])
-    vocab_size = len(world_tokenizer(world, cfg))
+    w = world.world_of(cfg)
+    vocab_size = len(world_tokenizer(w, cfg))
     return tiny_model(vocab_size, cfg["tiny_hidden"], cfg["tiny_layers"], cfg["tiny_heads"], cfg["seed"]).config
 
 
@@ -497,7 +497,7 @@ def bench_sft():
     `packing.pack_rows` plans them), the real tokens and the trained ones."""
     cfg, threads = load_config([]), torch.get_num_threads()
     torch.set_num_threads(cfg["threads"])
-    w = build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"])
+    w = world.world_of(cfg)
     retriever = engines.Retriever(w.docs)
     tok, trajectories, queries, rng = build.warmup_data(w, retriever, cfg)
     rows = simulator_rows(w, queries, lambda q: retriever.search(q, cfg["topk"]), knowledge_index(w.docs), rng,

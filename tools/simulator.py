@@ -119,7 +119,7 @@ def collect_main(argv):
                          "on the embedded world, its warm-up policy out_dir/build/<hash>/warmup)")
     config.check_folder(os.path.dirname(os.path.abspath(args["out"])), "out")
     if cfg["data"] == "world":
-        w = world.build_world(cfg["world_seed"], cfg["world_persons"], cfg["world_companies"])
+        w = world.world_of(cfg)
         questions, docs = w.train, w.docs
     else:
         questions = world.load_questions(cfg["data"])
