@@ -62,6 +62,9 @@ def prepare_embedded(cfg, cache_dir, log=print, collect=None):
         questions = world.split_train(w.train, cfg["rl_share"])[0]
         rows, n_useful, n_noisy = collect(simulator.eval(), tok, questions, engines.RealEngine(retriever, cfg, tok), cfg,
                                           SIM_ROWS, cfg["seed"])
+        if not rows:
+            raise SystemExit(f"error: sim_rows=trajectories: the warm-up policy's searches gave {n_useful} useful and {n_noisy} "
+                             "noisy rows, and the simulator needs both; raise warmup_steps, or set sim_rows=engine")
         log(f"simulator rows: {len(rows)} kept of {n_useful} useful and {n_noisy} noisy from the warm-up policy's searches")
         rows = [dict(r, evidence=knowledge(r["query"]), documents=rng.sample(r["documents"], len(r["documents"])))
                 for r in rows]  # the documents in a random order, as the warm-up shows them: read, not ranked

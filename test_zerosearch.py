@@ -406,7 +406,11 @@ def test_smoke_run_end_to_end_writes_config_metrics_and_results(tmp_path):
     assert any(json.loads(line)["queries"] for line in open(out / "predictions.jsonl"))  # the evaluation searched BM25
     results = json.load(open(out / "results.json"))
     rows = {k: v for k, v in results.items() if not k.startswith("reading")}
-    assert len(rows) == 4 and all(set(v) == {"single-hop", "two-hop"} for v in rows.values())
+    assert len(rows) == 5 and all(set(v) == set(world.TEST_SETS) for v in rows.values())
+    rag = next(v for k, v in rows.items() if k.startswith("RAG"))  # one search a question, the question itself
+    assert all(r["searches"] == 1 and r["queries/question"] == 1 for r in rag.values())
+    assert all(abs(sum(x for k, x in r.items() if k.startswith("queries/")) - 1) < 1e-9 for v in rows.values() for r in v.values()
+               if r["searches"])
     for key in ("reading", "reading_warmup", "reading_search_r1"):  # the reading check, at each of topk positions
         assert list(results[key]) == ["1", "2", "3"] and all(0 <= em <= 100 for em in results[key].values())
     assert (out / "results.md").exists() and (out / "config.yaml").exists()
@@ -503,7 +507,7 @@ def test_mode_ask_prints_the_trajectory_with_useful_and_noisy_documents(tmp_path
         shown[noise] = r.stdout
         assert f"question: {question}" in r.stdout and "  policy: " in r.stdout and "  answer: " in r.stdout
     # the smoke policy searched the simulator, whose documents are labelled
-    assert "engine (useful)" in shown["0"] and "engine (noisy)" in shown["1"] and "noisy" not in shown["0"]
+    assert "engine (useful)" in shown["0"] and "engine (noisy)" in shown["1"] and "noisy" not in shown["0"].split("question:", 1)[1]
     real = subprocess.run(base + [f"question={question}"], capture_output=True, text=True, timeout=600)
     assert real.returncode == 0 and "(useful)" not in real.stdout and f"question: {question}" in real.stdout
 

@@ -135,30 +135,6 @@ def parse_action(text):
     return (found.group(1), found.group(2).strip()) if found else None
 
 
-# ----------------------------------------------------------------------------- the simulator's data
-def collect(policy, tok, questions, engine, cfg, n, seed=0):
-    """Simulation fine-tuning rows the paper's way: the policy answers `questions` searching the real
-    `engine` (sampled, one batch at a time); every (query, documents) of a trajectory whose answer is
-    right (substring EM, the paper's EM) is labelled useful, of one whose answer is wrong noisy; the
-    two labels are balanced, n rows in all at most -> (rows, useful rows found, noisy rows found)."""
-    rng, useful, noisy = random.Random(seed), [], []
-    order = rng.sample(range(len(questions)), len(questions))
-    for start in range(0, len(order), 128):
-        batch = [questions[i] for i in order[start:start + 128]]
-        ro = rollout(policy, tok, batch, engine, cfg, seeds=[seed * 1_000_003 + start + j for j in range(len(batch))])
-        for q, answer, queries, docs in zip(batch, ro.answers, ro.queries, ro.documents):
-            right = reward.substring_match(answer, q["golden_answers"])
-            rows = [dict(query=query, question=q["question"], answer=q["golden_answers"][0], documents=d,
-                         label="useful" if right else "noisy") for query, d in zip(queries, docs) if d]
-            (useful if right else noisy).extend(rows)
-        if min(len(useful), len(noisy)) >= n // 2:
-            break
-    keep = min(len(useful), len(noisy), n // 2)
-    rows = rng.sample(useful, keep) + rng.sample(noisy, keep)
-    rng.shuffle(rows)
-    return rows, len(useful), len(noisy)
-
-
 # ----------------------------------------------------------------------------- RL
 def train(policy_path, tok, questions, engine, cfg, ctx, name):
     """RL on `questions` against `engine`, resumed from a checkpoint if cfg["resume"] says so; returns
@@ -311,6 +287,30 @@ def reading_check(policy, tok, questions, engine, cfg, ctx):
     with the answer-bearing document moved to each position of the engine's top k."""
     return {str(at): 100 * evaluate(policy, tok, {"q": questions}, AnswerAt(engine, at), cfg, ctx)["q"]["substring_em"]
             for at in range(1, cfg["topk"] + 1)}
+
+
+# ----------------------------------------------------------------------------- the simulator's data
+def collect(policy, tok, questions, engine, cfg, n, seed=0):
+    """Simulation fine-tuning rows the paper's way: the policy answers `questions` searching the real
+    `engine` (sampled, one batch at a time); every (query, documents) of a trajectory whose answer is
+    right (substring EM, the paper's EM) is labelled useful, of one whose answer is wrong noisy; the
+    two labels are balanced, n rows in all at most -> (rows, useful rows found, noisy rows found)."""
+    rng, useful, noisy = random.Random(seed), [], []
+    order = rng.sample(range(len(questions)), len(questions))
+    for start in range(0, len(order), 128):
+        batch = [questions[i] for i in order[start:start + 128]]
+        ro = rollout(policy, tok, batch, engine, cfg, seeds=[seed * 1_000_003 + start + j for j in range(len(batch))])
+        for q, answer, queries, docs in zip(batch, ro.answers, ro.queries, ro.documents):
+            right = reward.substring_match(answer, q["golden_answers"])
+            rows = [dict(query=query, question=q["question"], answer=q["golden_answers"][0], documents=d,
+                         label="useful" if right else "noisy") for query, d in zip(queries, docs) if d]
+            (useful if right else noisy).extend(rows)
+        if min(len(useful), len(noisy)) >= n // 2:
+            break
+    keep = min(len(useful), len(noisy), n // 2)
+    rows = rng.sample(useful, keep) + rng.sample(noisy, keep)
+    rng.shuffle(rows)
+    return rows, len(useful), len(noisy)
 
 
 # ----------------------------------------------------------------------------- training

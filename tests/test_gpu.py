@@ -30,6 +30,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 
 import kernels.logprob
 import ppo
+import world
 from kernels import gae, gae_reference, logprob_entropy, logprob_entropy_from_hidden
 from sim import sample
 
@@ -381,7 +382,7 @@ def test_end_to_end_smoke_preset_on_cuda_in_bf16(smoke_bf16):
                                                            for step in range(3)]
     assert all(math.isfinite(row["reward"]) for row in rows)
     results = json.load(open(os.path.join(smoke_bf16, "results.json")))
-    assert len(results) == 4 and all(set(v) == {"single-hop", "two-hop"} for v in results.values())
+    assert len(results) == 5 and all(set(v) == set(world.TEST_SETS) for v in results.values())
 
 
 def test_end_to_end_torchrun_one_process_with_nccl(smoke_bf16, tmp_path):

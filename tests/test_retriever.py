@@ -285,7 +285,7 @@ def test_a_run_against_the_served_engine_gives_the_results_of_the_in_process_one
     rename = {"(c) ZeroSearch (ppo, real engine)": "(c) ZeroSearch (ppo, retriever engine)"}
     assert {rename.get(label, label): row for label, row in results.items()} == served_results
     rows = {k: v for k, v in served_results.items() if not k.startswith("reading")}
-    assert len(rows) == 4 and all(set(v) == {"single-hop", "two-hop"} for v in rows.values())
+    assert len(rows) == 5 and all(set(v) == set(world.TEST_SETS) for v in rows.values())
     # training searched in both runs, and every loss and statistic of every step is the same: the policy read
     # the same documents; the evaluation searched the served engine too
     assert sum(r["searches"] for r in metrics) > 0 and sum(len(b["queries"]) for b in bodies) > 0

@@ -314,7 +314,7 @@ def test_a_full_disk_during_a_save_names_the_intact_checkpoint(tmp_path, monkeyp
 
 def test_a_build_killed_half_way_or_cut_short_is_built_again(tmp_path, monkeypatch):
     cfg = config.load_config(["preset=smoke", "warmup_steps=2", "sim_sft_steps=2", "world_persons=300",
-                              "world_companies=90"])
+                              "world_companies=90", "sim_rows=engine"])  # a 2-step warm-up answers nothing right
     saved = build.save_atomically
 
     def dies_while_saving_the_simulator(model, tok, path):
@@ -404,3 +404,9 @@ def test_parsers_reward_and_rollout_masks_survive_random_bytes_and_token_ids(tok
             assert a == reward.extract_answer(tok.decode([t for t, keep in zip(r, m) if keep]))
         ids, attn, mask = zs.to_batch(ro, tok.pad_token_id, "cpu")
         assert mask.sum().item() == sum(map(sum, ro.response_mask)) and bool((mask <= attn).all())
+
+
+def test_a_warm_up_that_answers_nothing_right_is_one_line_before_the_simulator_trains(tmp_path):
+    cfg = config.load_config(["preset=smoke", "warmup_steps=2", "world_persons=300", "world_companies=90"])
+    with pytest.raises(SystemExit, match="gave 0 useful and 5 noisy rows, and the simulator needs both; raise warmup_steps"):
+        build.prepare_embedded(cfg, str(tmp_path), log=lambda *a: None, collect=lambda *a: ([], 0, 5))

@@ -35,7 +35,7 @@ def main(argv):
     step = min(int(own["step"]) if own["step"] is not None else first_actor_step, cfg["steps"] - 1)
     ctx = parallel.init_processes(cfg)
     with contextlib.redirect_stdout(sys.stderr):  # the build's progress is not part of the page
-        tok, questions, _, retriever, sim_path, policy_path, knowledge = build.setup(cfg, ctx)
+        tok, questions, _, retriever, sim_path, policy_path, knowledge = build.setup(cfg, ctx, zs.collect)
     engine = build.make_engine(cfg["search_backend"], cfg, retriever, sim_path, ctx, knowledge, tok)
     torch.manual_seed(zs.rl_seed(cfg))
     actor, critic, ref, _ = zs.load_models(policy_path, cfg, ctx)
