@@ -40,7 +40,7 @@ def main(argv):
     torch.manual_seed(zs.rl_seed(cfg))
     actor, critic, ref, _ = zs.load_models(policy_path, cfg, ctx)
     order = random.Random(zs.rl_seed(cfg)).sample(range(len(questions)), len(questions))
-    print(f"# One RL step, printed\n\n`python tools/walkthrough.py {' '.join(argv)}`: step {step} of {cfg['steps']} "
+    print(f"# One RL step, printed\n\n`{' '.join(['python tools/walkthrough.py'] + argv)}`: step {step} of {cfg['steps']} "
           f"of `{cfg['algo']}` against the `{cfg['search_backend']}` engine, {cfg['batch_size']} questions x "
           f"{cfg['n_samples']} samples, from the warm-up policy of the build in `{policy_path}`.\n")
 
