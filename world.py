@@ -299,7 +299,7 @@ def warmup_trajectory(q, search, information, names, rng, quote=True, p_right=0.
         entity = subject if u < p_right + p_vague else rng.choice(names[SUBJECT_TYPE[relation]])  # vague: no name
         forms = formulations(entity, relation, phrasings or 1, q["question"] if h == 0 and q["hops"] == 2 else None)
         if not phrasings:
-            query = forms["question"] if u < p_right else keywords if u < p_right + p_vague else right_query(entity, relation)
+            query = keywords if p_right <= u < p_right + p_vague else right_query(entity, relation)
         else:
             query = keywords if p_right <= u < p_right + p_vague else rng.choice(list(forms.values()))
         while True:
