@@ -80,6 +80,8 @@ def test_a_world_too_small_for_its_test_sets_is_refused_and_the_smallest_allowed
     assert world.build_world(0, 5, 2).test == []  # the case: no question to evaluate on
     one_line_error(config.load_config, ["world_persons=5", "world_companies=2"], match="the world needs 7 to 1500 companies")
     one_line_error(config.load_config, ["world_persons=7000"], match="at most 6400 persons")
+    one_line_error(config.load_config, ["world_phrasings=4"], match="world_phrasings must be 1 to 3 and world_passages 0 to 6")
+    one_line_error(config.load_config, ["world_passages=9"], match="got 3 and 9")
     config.load_config(["world_persons=7", "world_companies=7"])
     for seed in range(5):
         w = world.build_world(seed, 7, 7)
