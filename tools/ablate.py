@@ -130,16 +130,16 @@ def run_all(runs, parallel):
 
 
 def summarise(runs):
-    """{variant: per seed: single-hop, two-hop and average EM of row (c), the reading check, the mean
-    reward of the last 10 steps, and the reward curve}."""
+    """{variant: per seed: the EM of row (c) on each evaluation set and their average, the reading check,
+    the mean reward of the last 10 steps, and the reward curve}."""
     out = {}
     for variant, k, args, run_dir in runs:
         results = json.load(open(os.path.join(run_dir, "results.json")))
         row = next(v for label, v in results.items() if label.startswith("(c)"))
         rewards = [r["reward"] for r in report.read_rows(os.path.join(run_dir, "metrics.jsonl"))
                    if r["run"] == "zerosearch"]
-        single, two = 100 * row["single-hop"]["substring_em"], 100 * row["two-hop"]["substring_em"]
-        seed = {"single-hop": single, "two-hop": two, "avg": (single + two) / 2, "reward_last10": sum(rewards[-10:])
+        em = {name: 100 * scores["substring_em"] for name, scores in row.items()}  # every evaluation set
+        seed = {**em, "avg": sum(em.values()) / len(em), "reward_last10": sum(rewards[-10:])
                 / len(rewards[-10:]), "reading": results.get("reading", {}), "rewards": rewards}
         out.setdefault(variant, []).append(seed)
     return out
@@ -151,10 +151,10 @@ def mean_sd(values):
 
 def table(summary):
     """results.md's table: mean ± sd over seeds, and the difference of the means to `default`."""
-    keys = ["single-hop", "two-hop", "avg"]
+    keys = [k for k in next(iter(summary.values()))[0] if k not in ("reward_last10", "reading", "rewards")]  # sets, avg
     base = {k: mean_sd([s[k] for s in summary["default"]])[0] for k in keys} if "default" in summary else None
-    lines = ["| variant | seeds | single-hop EM | two-hop EM | avg EM | Δ avg vs default | reward, last 10 steps |"
-             " reading Doc 1 / 2 / 3 |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | seeds | " + " | ".join(f"{k} EM" for k in keys) + " | Δ avg vs default | reward, last 10 steps |"
+             " reading Doc 1 / 2 / 3 |", "|---|---|" + "---|" * (len(keys) + 3)]
     for variant, seeds in summary.items():
         cells = [f"{m:.1f} ± {sd:.1f}" for m, sd in (mean_sd([s[k] for s in seeds]) for k in keys)]
         delta = f"{mean_sd([s['avg'] for s in seeds])[0] - base['avg']:+.1f}" if base else "-"
