@@ -20,7 +20,8 @@ import sim
 import world
 
 BUILD_VERSION = 8  # bump when the code changes what a build holds, so old caches are not loaded
-WARMUP_KEYS = ["world_seed", "world_persons", "world_companies", "world_phrasings", "world_passages", "warmup_queries", "tiny_hidden", "tiny_layers", "tiny_heads",
+WARMUP_KEYS = ["world_seed", "world_persons", "world_companies", "world_phrasings", "world_passages", "warmup_queries",
+               "tiny_hidden", "tiny_layers", "tiny_heads",
                "warmup_steps", "warmup_batch_size", "warmup_lr", "warmup_quote", "rl_share", "prompt_template", "direct_template",
                "invalid_action", "sim_template_finetuned", "sim_template_prompted",  # in the tokenizer's vocabulary
                "sim_template_prompted_noisy", "topk", "seed"]
@@ -45,7 +46,8 @@ def prepare_embedded(cfg, cache_dir, log=print, collect=None):
     w = world.world_of(cfg)
     retriever = engines.Retriever(w.docs)
     base = os.path.join(cache_dir, digest(cfg, WARMUP_KEYS))
-    policy_dir, sim_dir = os.path.join(base, "warmup"), os.path.join(base, "simulator-" + digest(cfg, SIMULATOR_KEYS + TRAJECTORY_KEYS * (cfg["sim_rows"] == "trajectories")))
+    sim_keys = SIMULATOR_KEYS + TRAJECTORY_KEYS * (cfg["sim_rows"] == "trajectories")
+    policy_dir, sim_dir = os.path.join(base, "warmup"), os.path.join(base, "simulator-" + digest(cfg, sim_keys))
     if whole(policy_dir) and whole(sim_dir):
         log(f"embedded default: loading the world's tokenizer, warm-up policy and simulator from {base}")
         return w, retriever, sim_dir, policy_dir
