@@ -10,6 +10,7 @@ from the paper; config.yaml lists every key.
     python zerosearch.py algo=grpo steps=40 out_dir=out/grpo   # any key of config.yaml as key=value
     torchrun --nproc_per_node=8 zerosearch.py preset=paper data=... eval_data=... corpus=...
 """
+import collections
 import json
 import os
 import random
@@ -293,24 +294,40 @@ def reading_check(policy, tok, questions, engine, cfg, ctx):
 def collect(policy, tok, questions, engine, cfg, n, seed=0):
     """Simulation fine-tuning rows the paper's way: the policy answers `questions` searching the real
     `engine` (sampled, one batch at a time); every (query, documents) of a trajectory whose answer is
-    right (substring EM, the paper's EM) is labelled useful, of one whose answer is wrong noisy; the
-    two labels are balanced, n rows in all at most -> (rows, useful rows found, noisy rows found)."""
-    rng, useful, noisy = random.Random(seed), [], []
+    right (substring EM, the paper's EM) is labelled useful, of one whose answer is wrong noisy. The paper's
+    judge then checks each pair: a row is kept when its documents state what the question needs (`states`)
+    if and only if it is useful; a failed first search of a right trajectory is not useful, nor a result
+    list the policy misread noisy. Useful and noisy are balanced within each query form (world.query_form,
+    for an embedded world's questions), so that the label is what the query alone does not predict: else a
+    tiny simulator learns the form's effect (a good form mostly useful) and ignores the label. At most n
+    rows in all -> (rows, useful rows found, noisy rows found)."""
+    rng, by_form = random.Random(seed), collections.defaultdict(lambda: ([], []))  # form -> (useful, noisy)
     order = rng.sample(range(len(questions)), len(questions))
     for start in range(0, len(order), 128):
         batch = [questions[i] for i in order[start:start + 128]]
         ro = rollout(policy, tok, batch, engine, cfg, seeds=[seed * 1_000_003 + start + j for j in range(len(batch))])
         for q, answer, queries, docs in zip(batch, ro.answers, ro.queries, ro.documents):
-            right = reward.substring_match(answer, q["golden_answers"])
-            rows = [dict(query=query, question=q["question"], answer=q["golden_answers"][0], documents=d,
-                         label="useful" if right else "noisy") for query, d in zip(queries, docs) if d]
-            (useful if right else noisy).extend(rows)
-        if min(len(useful), len(noisy)) >= n // 2:
+            right = bool(reward.substring_match(answer, q["golden_answers"]))
+            for query, d in zip(queries, docs):
+                if d and states(d, q) == right:
+                    form = world.query_form(query, q, cfg["world_phrasings"]) if "subject" in q else "any"
+                    by_form[form][1 - right].append(dict(query=query, question=q["question"], answer=q["golden_answers"][0],
+                                                         documents=d, label="useful" if right else "noisy"))
+        if sum(min(len(u), len(x)) for u, x in by_form.values()) >= n // 2:
             break
-    keep = min(len(useful), len(noisy), n // 2)
-    rows = rng.sample(useful, keep) + rng.sample(noisy, keep)
+    pairs = sum(min(len(u), len(x)) for u, x in by_form.values())
+    rows = [r for u, x in by_form.values() for k in [min(len(u), len(x)) * min(1, n // 2 / max(pairs, 1))]
+            for r in rng.sample(u, int(k)) + rng.sample(x, int(k))]
     rng.shuffle(rows)
-    return rows, len(useful), len(noisy)
+    return rows, sum(len(u) for u, _ in by_form.values()), sum(len(x) for _, x in by_form.values())
+
+
+def states(docs, q):
+    """The judge, exact in a world that knows its facts: the documents hold a passage the question needs
+    (one of q's `evidence`, each hop's), or, for questions without evidence, one of its gold answers."""
+    if q.get("evidence"):
+        return any(e in docs for e in q["evidence"])
+    return any(reward.substring_match(d, q["golden_answers"]) for d in docs)
 
 
 # ----------------------------------------------------------------------------- training
