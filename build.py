@@ -60,7 +60,7 @@ def prepare_embedded(cfg, cache_dir, log=print, collect=None):
     # 2. the simulator: simulation fine-tuning of a copy on labelled (query, documents, useful/noisy) rows
     simulator = AutoModelForCausalLM.from_pretrained(policy_dir)
     knowledge = world.knowledge_index(w.docs)
-    if cfg["sim_rows"] == "trajectories":
+    if cfg["sim_rows"] == "trajectories" and cfg["sim_sft_steps"]:  # 0 steps: an untrained simulator needs no rows
         questions = world.split_train(w.train, cfg["rl_share"])[0]
         rows, n_useful, n_noisy = collect(simulator.eval(), tok, questions, engines.RealEngine(retriever, cfg, tok), cfg,
                                           SIM_ROWS, cfg["seed"])
@@ -70,7 +70,7 @@ def prepare_embedded(cfg, cache_dir, log=print, collect=None):
         log(f"simulator rows: {len(rows)} kept of {n_useful} useful and {n_noisy} noisy from the warm-up policy's searches")
         rows = [dict(r, evidence=knowledge(r["query"]), documents=rng.sample(r["documents"], len(r["documents"])))
                 for r in rows]  # the documents in a random order, as the warm-up shows them: read, not ranked
-    else:
+    elif cfg["sim_sft_steps"]:
         rows = world.simulator_rows(w, queries, lambda q: retriever.search(q, cfg["topk"]), knowledge, rng,
                                     cfg["sim_sft_noisy"])
     if cfg["sim_sft_steps"]:  # 0: the warm-up policy itself serves as an untrained simulator

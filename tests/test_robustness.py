@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import build
 import config
@@ -412,3 +413,15 @@ def test_a_warm_up_that_answers_nothing_right_is_one_line_before_the_simulator_t
     cfg = config.load_config(["preset=smoke", "warmup_steps=2", "world_persons=300", "world_companies=90"])
     with pytest.raises(SystemExit, match="gave 0 useful and 5 noisy rows, and the simulator needs both; raise warmup_steps"):
         build.prepare_embedded(cfg, str(tmp_path), log=lambda *a: None, collect=lambda *a: ([], 0, 5))
+
+
+def test_an_untrained_simulator_collects_no_rows_and_is_the_warm_up_policy(tmp_path):
+    """sim_sft_steps=0 (ablate.py's untrained-sim): no trajectories are collected, and the simulator
+    saved is the warm-up policy itself, weight for weight."""
+    cfg = config.load_config(["preset=smoke", "warmup_steps=2", "world_persons=300", "world_companies=90", "sim_sft_steps=0"])
+
+    def no_collection(*args):
+        raise AssertionError("an untrained simulator collected rows")
+    _, _, sim_dir, policy_dir = build.prepare_embedded(cfg, str(tmp_path), log=lambda *a: None, collect=no_collection)
+    simulator, policy = (AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (sim_dir, policy_dir))
+    assert simulator.keys() == policy.keys() and all(torch.equal(simulator[k], policy[k]) for k in policy)
