@@ -19,7 +19,7 @@ import engines
 import sim
 import world
 
-BUILD_VERSION = 9  # bump when the code changes what a build holds, so old caches are not loaded
+BUILD_VERSION = 10  # bump when the code changes what a build holds, so old caches are not loaded
 WARMUP_KEYS = ["world_seed", "world_persons", "world_companies", "world_phrasings", "world_passages", "warmup_queries",
                "tiny_hidden", "tiny_layers", "tiny_heads",
                "warmup_steps", "warmup_batch_size", "warmup_lr", "warmup_quote", "rl_share", "prompt_template", "direct_template",

@@ -297,10 +297,12 @@ def collect(policy, tok, questions, engine, cfg, n, seed=0):
     right (substring EM, the paper's EM) is labelled useful, of one whose answer is wrong noisy. The paper's
     judge then checks each pair: a row is kept when its documents state what the question needs (`states`)
     if and only if it is useful; a failed first search of a right trajectory is not useful, nor a result
-    list the policy misread noisy. Useful and noisy are balanced within each query form (world.query_form,
-    for an embedded world's questions), so that the label is what the query alone does not predict: else a
-    tiny simulator learns the form's effect (a good form mostly useful) and ignores the label. At most n
-    rows in all -> (rows, useful rows found, noisy rows found)."""
+    list the policy misread noisy. Useful and noisy are balanced within each form of query that names the
+    question's entity (world.query_form), so that the label is what such a query does not predict: else a
+    tiny simulator learns the form's effect (a good form mostly useful) and ignores the label. The other
+    queries (vague, another entity) keep their labels in the share they come in, mostly noisy: balanced,
+    they would teach the simulator to state the answer whatever the query. Data without entities is
+    balanced as one. -> (n balanced rows at most and the other queries' rows in proportion, useful rows found, noisy)."""
     rng, by_form = random.Random(seed), collections.defaultdict(lambda: ([], []))  # form -> (useful, noisy)
     order = rng.sample(range(len(questions)), len(questions))
     for start in range(0, len(order), 128):
@@ -313,11 +315,14 @@ def collect(policy, tok, questions, engine, cfg, n, seed=0):
                     form = world.query_form(query, q, cfg["world_phrasings"]) if "subject" in q else "any"
                     by_form[form][1 - right].append(dict(query=query, question=q["question"], answer=q["golden_answers"][0],
                                                          documents=d, label="useful" if right else "noisy"))
-        if sum(min(len(u), len(x)) for u, x in by_form.values()) >= n // 2:
+        pairs = sum(min(len(u), len(x)) for form, (u, x) in by_form.items() if form != "other")
+        if pairs >= n // 2:
             break
-    pairs = sum(min(len(u), len(x)) for u, x in by_form.values())
-    rows = [r for u, x in by_form.values() for k in [min(len(u), len(x)) * min(1, n // 2 / max(pairs, 1))]
+    share = min(1, n // 2 / max(pairs, 1))
+    rows = [r for form, (u, x) in by_form.items() for k in [min(len(u), len(x)) * share] if form != "other"
             for r in rng.sample(u, int(k)) + rng.sample(x, int(k))]
+    other = by_form["other"][0] + by_form["other"][1]
+    rows += rng.sample(other, int(len(other) * share))
     rng.shuffle(rows)
     return rows, sum(len(u) for u, _ in by_form.values()), sum(len(x) for _, x in by_form.values())
 

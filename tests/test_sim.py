@@ -478,19 +478,21 @@ def test_transformers_serve_itself_serves_the_http_engine(tmp_path):
 # ---------------------------------------------------------------- python tools/simulator.py collect
 
 def test_collect_labels_each_search_by_the_answer_keeps_what_the_judge_confirms_and_balances_each_form(tmp_path, monkeypatch):
-    """A scripted policy searches each question once, the first half by the entity's name alone and the
-    rest by the question copied (two query forms, each finding the evidence for some questions and not
-    others), then answers the even questions right and the odd ones wrong. Rows are labelled by the
-    answer, kept where the documents hold the question's evidence if and only if the label is useful,
-    and balanced within each form."""
+    """A scripted policy searches each question once, by the entity's name alone, by the question copied
+    (two query forms, each finding the evidence for some questions and not others) or by another
+    question's entity (form "other"), then answers the even questions right and the odd ones wrong. Rows
+    are labelled by the answer, kept where the documents hold the question's evidence if and only if the
+    label is useful, and balanced within each form that names the entity; the "other" rows are all kept."""
     w = world.build_world(0, 300, 90, phrasings=3, passages=4)
     cfg = config.load_config(["world_persons=300", "world_companies=90"])
     tok = world.world_tokenizer(w, cfg)
-    questions = [q for q in w.train if q["hops"] == 1][:60]
+    questions = [q for q in w.train if q["hops"] == 1][:80]
     engine = engines.RealEngine(engines.Retriever(w.docs), cfg)
     row_of = {q["question"]: i for i, q in enumerate(questions)}
-    form_of = {i: "name" if i < 30 else "question" for i in range(60)}
-    query_of = {i: world.formulations(q["subject"], q["relation"], 3)[form_of[i]] for i, q in enumerate(questions)}
+    form_of = {i: "name" if i < 30 else "question" if i < 60 else "other" for i in range(80)}
+    query_of = {i: world.formulations(q["subject"], q["relation"], 3)[form_of[i]] for i, q in enumerate(questions[:60])}
+    query_of |= {i: questions[i - 60]["subject"] for i in range(60, 80)}
+    assert all(world.query_form(query_of[i], questions[i], 3) == form_of[i] for i in range(80))
 
     def scripted(model, prompts, max_new_tokens, **kw):
         out = []
@@ -504,22 +506,25 @@ def test_collect_labels_each_search_by_the_answer_keeps_what_the_judge_confirms_
         return out, [[0.0] * len(o) for o in out]
 
     monkeypatch.setattr(sim, "sample", scripted)
-    hit = {i: questions[i]["evidence"][0] in engine.search([{"query": query_of[i]}])[0] for i in range(60)}
-    useful = {f: [i for i in range(60) if form_of[i] == f and i % 2 == 0 and hit[i]] for f in ("name", "question")}
-    noisy = {f: [i for i in range(60) if form_of[i] == f and i % 2 == 1 and not hit[i]] for f in ("name", "question")}
-    k = {f: min(len(useful[f]), len(noisy[f])) for f in useful}
+    hit = {i: questions[i]["evidence"][0] in engine.search([{"query": query_of[i]}])[0] for i in range(80)}
+    useful = {f: [i for i in range(80) if form_of[i] == f and i % 2 == 0 and hit[i]] for f in ("name", "question", "other")}
+    noisy = {f: [i for i in range(80) if form_of[i] == f and i % 2 == 1 and not hit[i]] for f in ("name", "question", "other")}
+    k = {f: min(len(useful[f]), len(noisy[f])) for f in ("name", "question")}
     assert all(k.values()) and any(len(useful[f]) != len(noisy[f]) for f in k)  # both forms kept, something to balance
     rows, n_useful, n_noisy = zerosearch.collect(None, tok, questions, engine, cfg, n=1000)
     assert (n_useful, n_noisy) == (sum(map(len, useful.values())), sum(map(len, noisy.values())))
-    for f in k:
+    for f in useful:
         mine = [r for r in rows if form_of[row_of[r["question"]]] == f]
-        assert sorted(r["label"] for r in mine) == ["noisy"] * k[f] + ["useful"] * k[f]
+        assert sorted(r["label"] for r in mine) == (["noisy"] * k[f] + ["useful"] * k[f] if f in k else
+                                                    ["noisy"] * len(noisy[f]) + ["useful"] * len(useful[f]))
         assert all(row_of[r["question"]] in (useful if r["label"] == "useful" else noisy)[f] for r in mine)
     for r in rows:
         assert r["query"] == query_of[row_of[r["question"]]]
         assert r["documents"] == engine.search([{"query": r["query"]}])[0]
-    few, _, _ = zerosearch.collect(None, tok, questions, engine, cfg, n=4)
-    assert len(few) <= 4 and sorted(r["label"] for r in few) == ["noisy"] * (len(few) // 2) + ["useful"] * (len(few) // 2)
+    assert noisy["other"] and len(noisy["other"]) > len(useful["other"])  # unbalanced, as another entity's search is
+    few, _, _ = zerosearch.collect(None, tok, questions, engine, cfg, n=4)  # 4 balanced rows, "other" in proportion
+    named = [r["label"] for r in few if form_of[row_of[r["question"]]] != "other"]
+    assert len(named) <= 4 and sorted(named) == ["noisy"] * (len(named) // 2) + ["useful"] * (len(named) // 2)
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     read = simulator.read_simulator_rows(str(tmp_path / "rows.jsonl"))
     model = world.tiny_model(len(tok), 16, 1, 2, seed=0)

@@ -564,11 +564,13 @@ def bench_world(argv):
     engine = sim.SimEngine(AutoModelForCausalLM.from_pretrained(sim_path), tok, cfg, world.knowledge_index(w.docs))
     real = engines.RealEngine(retriever, cfg, tok)
     questions = [q for q in w.test if q["hops"] == 1][:100 if QUICK else 400]
-    print(f"\nThe answer in the results of a query naming the question's entity (% of {len(questions)} single-hop "
-          "held-out questions), the simulator sampled as in RL:\n")
+    print(f"\nThe answer in the results of a query naming the question's entity, or another one with every word for the "
+          f"relation (% of {len(questions)} single-hop held-out questions), the simulator sampled as in RL:\n")
     print("| query form | real engine (BM25) | simulator, useful | simulator, noisy |\n|---|---:|---:|---:|")
-    for form in ("question", "keyword", "synonyms", "name"):
-        requests = [dict(q, query=world.formulations(q["subject"], q["relation"], cfg["world_phrasings"])[form]) for q in questions]
+    for form in ("question", "keyword", "synonyms", "name", "another entity"):  # the last: the previous question's
+        requests = [dict(q, query=world.formulations(p["subject"] if form == "another entity" else q["subject"], q["relation"],
+                                                     cfg["world_phrasings"])[form.replace("another entity", "synonyms")])
+                    for p, q in zip(questions[-1:] + questions, questions)]
         seeds = list(range(len(requests)))
         shares = [sum(any(reward.substring_match(d, q["golden_answers"]) for d in docs) for q, docs in zip(questions, found))
                   / len(questions) for found in (real.search(requests), engine.search(requests, 0.0, seeds),
