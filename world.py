@@ -19,8 +19,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-TAGS = ["<think>", "</think>", "<search>", "</search>", "<information>", "</information>",
-        "<answer>", "</answer>"]
+TAGS = ["<think>", "</think>", "<search>", "</search>", "<information>", "</information>", "<answer>", "</answer>"]
 
 # (relation, subject type, object type): the sentence the corpus states, the question asked,
 # and the words a good search query adds to the subject's name.
@@ -89,8 +88,7 @@ def make_words(rng, n, syllables, used):
     onsets, vowels, codas = "b d f g k l m n p r s t v z br dr kr st tr".split(), "a e i o u ai ou".split(), ["", "n", "r", "l", "s"]
     words = []
     while len(words) < n:
-        w = "".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(syllables - 1)) + rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)
-        w = w.capitalize()
+        w = ("".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(syllables)) + rng.choice(codas)).capitalize()
         if w not in used:
             used.add(w)
             words.append(w)
@@ -172,8 +170,7 @@ PATTERNS += [(r, _pattern(t)) for r, ts in PHRASINGS.items() for t in ts]
 def parse_doc(doc):
     """(subject, relation, object) of a corpus sentence, or None if it states no known fact."""
     for relation, pattern in PATTERNS:
-        m = pattern.match(doc.strip())
-        if m:
+        if m := pattern.match(doc.strip()):
             return m["s"], relation, m["o"]
     return None
 
@@ -192,11 +189,7 @@ SUBJECT_TYPE = {"birthplace": "person", "birthyear": "person", "company": "perso
 def find_fact(docs, subject, relation):
     """The value `relation` of `subject` as stated by one of `docs`, or None: reading a result
     list the way a reader who can read would (the founder sentence answers "which company")."""
-    for d in docs:
-        fact = parse_doc(d)
-        if fact is None:
-            continue
-        s, r, o = fact
+    for s, r, o in filter(None, map(parse_doc, docs)):
         if relation == "company" and r == "founder" and o == subject:
             return s
         if r == relation and s == subject:
@@ -298,10 +291,8 @@ def warmup_trajectory(q, search, information, names, rng, quote=True, p_right=0.
         keywords, u = RELATIONS[relation][2], rng.random()
         entity = subject if u < p_right + p_vague else rng.choice(names[SUBJECT_TYPE[relation]])  # vague: no name
         forms = formulations(entity, relation, phrasings or 1, q["question"] if h == 0 and q["hops"] == 2 else None)
-        if not phrasings:
-            query = keywords if p_right <= u < p_right + p_vague else right_query(entity, relation)
-        else:
-            query = keywords if p_right <= u < p_right + p_vague else rng.choice(list(forms.values()))
+        vague = p_right <= u < p_right + p_vague
+        query = keywords if vague else rng.choice(list(forms.values())) if phrasings else right_query(entity, relation)
         while True:
             docs = search(query)
             docs = rng.sample(docs, len(docs))  # a random order: the answer is read, not ranked first
@@ -349,9 +340,9 @@ def load_tokenizer(path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def tiny_model(vocab_size, hidden_size, layers, heads, seed, num_labels=None):
+def tiny_model(vocab_size, hidden_size, layers, heads, seed):
     """A small Qwen2 (the Qwen2.5 architecture), built from config: it runs through exactly the
-    code path of a real Hugging Face model. With `num_labels` it is a token classifier (the critic)."""
+    code path of a real Hugging Face model."""
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=3 * hidden_size,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
@@ -447,8 +438,7 @@ def noisy_docs(docs, golds, pools, rng):
     `pools[relation]`: the (subject, value) pairs of the corpus."""
     out = []
     for d in docs:
-        fact = parse_doc(d)
-        if fact:
+        if fact := parse_doc(d):
             s, r, o = fact
             if s in golds:
                 s = rng.choice([x for x, _ in pools[r] if x not in golds])
@@ -505,10 +495,8 @@ def simulator_rows(world, queries, search, knowledge, rng, noisy_share=0.5):
     policy to read Doc 3 less: docs/experiments.md.) `noisy` ones are the same
     with wrong values; a row is noisy with probability `noisy_share`."""
     pools = collections.defaultdict(list)
-    for d in world.docs:
-        fact = parse_doc(d)
-        if fact:
-            pools[fact[1]].append((fact[0], fact[2]))
+    for s, r, o in filter(None, map(parse_doc, world.docs)):
+        pools[r].append((s, o))
     rows = []
     for q, query in queries:
         known, found = knowledge(query), search(query)
