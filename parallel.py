@@ -162,11 +162,9 @@ def parallelize(model, cfg, ctx, frozen=False):
         model.train()
     if ctx.world == 1:
         return model
-    if cfg["sharding"] == "ddp":
-        if frozen:
-            return model
-        return DistributedDataParallel(model, device_ids=[torch.device(ctx.device).index] if ctx.device.startswith("cuda") else None,
-                                       forward_sync_buffers=False)  # the only buffers are the fixed rotary frequencies
+    if cfg["sharding"] == "ddp":  # no forward_sync_buffers: the only buffers are the fixed rotary frequencies
+        device_ids = [torch.device(ctx.device).index] if ctx.device.startswith("cuda") else None
+        return model if frozen else DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
     # FSDP2 warns that the critic's output is a view, in case the caller writes into it: ppo.token_values never does
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(torch.device(ctx.device).type, (ctx.world,))
@@ -312,6 +310,12 @@ def save_checkpoint(path, models, state, ctx, keep_last):
     ctx.barrier()
 
 
+def _unwrapped(e):
+    """The exception itself, or for a CheckpointException (torch.distributed.checkpoint wraps each process's
+    exception in one) the first process's own."""
+    return next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
+
+
 @contextlib.contextmanager
 def no_space_is_one_line(path, run_dir):
     """A full disk while `path` is written: its partial folder is removed and the job stops with one
@@ -319,9 +323,7 @@ def no_space_is_one_line(path, run_dir):
     try:
         yield
     except (OSError, CheckpointException) as e:
-        if isinstance(e, CheckpointException):  # torch.distributed.checkpoint wraps each process's exception
-            e = next(iter(e.failures.values()))[0]
-        if getattr(e, "errno", None) != errno.ENOSPC:
+        if getattr(_unwrapped(e), "errno", None) != errno.ENOSPC:
             raise
         shutil.rmtree(path + ".tmp", ignore_errors=True)
         intact = checkpoints(run_dir)
@@ -351,8 +353,7 @@ def load_checkpoint(path, models, ctx):
             learner.scheduler.load_state_dict(state["schedulers"][name])
         rng = load_file(os.path.join(path, "rng.safetensors"))
     except (Exception, CheckpointException) as e:  # any failure to read it is the same news to the user
-        if isinstance(e, CheckpointException):  # it wraps each process's own exception
-            e = next(iter(e.failures.values()))[0]
+        e = _unwrapped(e)
         first = (str(e).strip().splitlines() or [""])[0]
         raise SystemExit(f"error: cannot load checkpoint {path}: {type(e).__name__}: {first} "
                          "(a checkpoint is read from its state.json and safetensors files alone)") from None
@@ -378,9 +379,7 @@ def catch_ctrl_c():
     time. Returns (flag: a one-element list, restore)."""
     flag, previous = [False], {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
-    stop_watching = lambda: None  # noqa: E731
-    if not under_torchrun:
-        stop_watching = watch_for_second_ctrl_c()
+    stop_watching = (lambda: None) if under_torchrun else watch_for_second_ctrl_c()
 
     def on_signal(signum, frame):
         if flag[0] and signum == signal.SIGINT and not under_torchrun:
