@@ -95,20 +95,16 @@ def warmup_data(w, retriever, cfg):
         if q["hops"] == 1:
             names[world.SUBJECT_TYPE[q["relation"]]].add(q["subject"])
     names = {k: sorted(v) for k, v in names.items()}
+    mixed = cfg["world_phrasings"] if cfg["warmup_queries"] == "mixed" else 0  # the phrasings warm-up queries may take
     trajectories, queries = [], []
-
-    def search(query):
-        return retriever.search(query, cfg["topk"])
-
     for q in warmup_questions:
         if rng.random() < 0.1:
             prompt = cfg["direct_template"].format(question=q["question"])
             response = f"<answer> {rng.choice(guesses[q['relation']])} </answer>"
         else:
             prompt = cfg["prompt_template"].format(question=q["question"])
-            mixed = cfg["world_phrasings"] if cfg["warmup_queries"] == "mixed" else 0
-            response, qs = world.warmup_trajectory(q, search, sim.information, names, rng, cfg["warmup_quote"],
-                                                   phrasings=mixed, budget=cfg["max_turns"])
+            response, qs = world.warmup_trajectory(q, lambda query: retriever.search(query, cfg["topk"]), sim.information,
+                                                   names, rng, cfg["warmup_quote"], phrasings=mixed, budget=cfg["max_turns"])
             queries += [(q, query) for query in qs]
         trajectories.append(world.encode_warmup(tok, prompt, response))
     # The same query with a name that is no entity's: the simulator then knows nothing and must not
