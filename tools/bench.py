@@ -56,8 +56,6 @@ import packing
 import ppo
 import reward
 import sim
-from sim import sample
-from world import knowledge_index, make_words, simulator_rows, tiny_model, world_tokenizer
 import world
 from config import load_config
 import zerosearch
@@ -181,9 +179,8 @@ QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, nu
 def default_tiny_policy_config():
     """The embedded default's policy architecture, built as zerosearch.py builds it (random weights)."""
     cfg = load_config([])
-    w = world.world_of(cfg)
-    vocab_size = len(world_tokenizer(w, cfg))
-    return tiny_model(vocab_size, cfg["tiny_hidden"], cfg["tiny_layers"], cfg["tiny_heads"], cfg["seed"]).config
+    vocab_size = len(world.world_tokenizer(world.world_of(cfg), cfg))
+    return world.tiny_model(vocab_size, cfg["tiny_hidden"], cfg["tiny_layers"], cfg["tiny_heads"], cfg["seed"]).config
 
 
 def random_lm(config):
@@ -211,7 +208,7 @@ def hf_generate(model, prompts):
 
 def ours(model, prompts):
     """-> the sampled tokens of each row."""
-    return sample(model, prompts, MAX_NEW_TOKENS, temperature=1.0, eos_token_id=[], seed=0)[0]
+    return sim.sample(model, prompts, MAX_NEW_TOKENS, temperature=1.0, eos_token_id=[], seed=0)[0]
 
 
 def ours_hf_forward(model, prompts):
@@ -281,7 +278,7 @@ PASSAGES, VOCAB, QUERIES = (20_000, 5_000, 100) if QUICK else (1_000_000, 50_000
 
 
 def synthetic_corpus(n, vocab_size, seed=0):
-    words = make_words(random.Random(seed), vocab_size, 3, set())
+    words = world.make_words(random.Random(seed), vocab_size, 3, set())
     rng = np.random.default_rng(seed)
     p = 1 / np.arange(1, vocab_size + 1)
     docs = []
@@ -500,9 +497,9 @@ def bench_sft():
     w = world.world_of(cfg)
     retriever = engines.Retriever(w.docs)
     tok, trajectories, queries, rng = build.warmup_data(w, retriever, cfg)
-    rows = simulator_rows(w, queries, lambda q: retriever.search(q, cfg["topk"]), knowledge_index(w.docs), rng,
-                          cfg["sim_sft_noisy"])
-    model = tiny_model(len(tok), cfg["tiny_hidden"], cfg["tiny_layers"], cfg["tiny_heads"], cfg["seed"])
+    rows = world.simulator_rows(w, queries, lambda q: retriever.search(q, cfg["topk"]), world.knowledge_index(w.docs),
+                                rng, cfg["sim_sft_noisy"])
+    model = world.tiny_model(len(tok), cfg["tiny_hidden"], cfg["tiny_layers"], cfg["tiny_heads"], cfg["seed"])
     start = copy.deepcopy(model.state_dict())
     runs = {"warm-up": lambda: sim.sft(model, trajectories, SFT_STEPS, cfg["warmup_batch_size"], cfg["warmup_lr"],
                                        cfg["seed"], "warm-up", tok.pad_token_id),
