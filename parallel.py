@@ -89,9 +89,7 @@ class Ctx:
 
     def mean_stats(self, stats):
         """{name: float}, the same names on every process -> their means over processes."""
-        if self.world == 1:
-            return stats
-        return dict(zip(stats, self.all_mean(torch.tensor(list(stats.values()), dtype=torch.float64)).tolist()))
+        return stats if self.world == 1 else {k: v / self.world for k, v in self.sum_stats(stats).items()}
 
     def any(self, flag):
         """True on every process if `flag` is true on any."""
@@ -286,10 +284,10 @@ def save_checkpoint(path, models, state, ctx, keep_last):
     # an optimizer that has not stepped yet (the actor during the critic warm-up) is left out: asking
     # for its state would make it take a zero step, which changes Adam's bias correction
     tensors, groups = _states(models, with_optimizer=lambda name, opt: bool(opt.state))
-    with no_space_is_one_line(path, run_dir):
-        with _one_process_is_fine():  # every process writes its own shards as safetensors
-            dcp.save(_as_files(tensors), checkpoint_id=tmp, storage_writer=HuggingFaceStorageWriter(tmp, save_distributed=True),
-                     no_dist=ctx.world == 1)
+    # every process writes its own shards as safetensors
+    with no_space_is_one_line(path, run_dir), _one_process_is_fine():
+        dcp.save(_as_files(tensors), checkpoint_id=tmp, storage_writer=HuggingFaceStorageWriter(tmp, save_distributed=True),
+                 no_dist=ctx.world == 1)
     cuda = torch.stack(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None
     rng = ctx.gather((random.getstate(), torch.get_rng_state(), cuda))
     if ctx.master:
