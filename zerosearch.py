@@ -303,7 +303,7 @@ def collect(policy, tok, questions, engine, cfg, n, seed=0):
     queries (vague, another entity) keep their labels in the share they come in, mostly noisy: balanced,
     they would teach the simulator to state the answer whatever the query. Data without entities is
     balanced as one. -> (n balanced rows at most and the other queries' rows in proportion, useful rows found, noisy)."""
-    rng, by_form = random.Random(seed), collections.defaultdict(lambda: ([], []))  # form -> (useful, noisy)
+    rng, by_form, pairs = random.Random(seed), collections.defaultdict(lambda: ([], [])), 0  # form -> (useful, noisy)
     order = rng.sample(range(len(questions)), len(questions))
     for start in range(0, len(order), 128):
         batch = [questions[i] for i in order[start:start + 128]]
@@ -318,9 +318,12 @@ def collect(policy, tok, questions, engine, cfg, n, seed=0):
         pairs = sum(min(len(u), len(x)) for form, (u, x) in by_form.items() if form != "other")
         if pairs >= n // 2:
             break
-    share = min(1, n // 2 / max(pairs, 1))
-    rows = [r for form, (u, x) in by_form.items() for k in [min(len(u), len(x)) * share] if form != "other"
-            for r in rng.sample(u, int(k)) + rng.sample(x, int(k))]
+    share = min(1, n // 2 / pairs) if pairs else 0  # no balanced pair: no rows (build.py stops with one line)
+    rows = []
+    for form, (u, x) in by_form.items():
+        if form != "other":
+            k = int(min(len(u), len(x)) * share)
+            rows += rng.sample(u, k) + rng.sample(x, k)
     other = by_form["other"][0] + by_form["other"][1]
     rows += rng.sample(other, int(len(other) * share))
     rng.shuffle(rows)

@@ -531,6 +531,20 @@ def test_collect_labels_each_search_by_the_answer_keeps_what_the_judge_confirms_
     assert read == rows and sim.train_simulator(model, tok, read, cfg, steps=2, batch_size=2, lr=1e-3) > 0
 
 
+def test_collect_with_no_useful_search_gives_no_rows(monkeypatch):
+    """Every trajectory answers wrong: no useful row in any form, so no balanced pair and no rows at all
+    (not the noisy rows alone), which build.py turns into one line."""
+    w = world.build_world(0, 300, 90)
+    cfg = config.load_config(["world_persons=300", "world_companies=90"])
+    tok = world.world_tokenizer(w, cfg)
+    questions = [q for q in w.train if q["hops"] == 1][:20]
+    monkeypatch.setattr(sim, "sample", lambda model, prompts, n, **kw: (
+        [tok.encode("<answer> Nowhere </answer>" if "Doc 1" in tok.decode(p) else "<search> born year </search>")
+         for p in prompts], None))
+    rows, n_useful, n_noisy = zerosearch.collect(None, tok, questions, engines.RealEngine(engines.Retriever(w.docs), cfg), cfg, n=8)
+    assert rows == [] and n_useful == 0 and n_noisy > 0
+
+
 def test_collect_needs_a_policy_and_a_real_engine():
     with pytest.raises(SystemExit, match="needs policy_model"):
         simulator.main(["collect", "n=10"])
