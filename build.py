@@ -41,7 +41,7 @@ def prepare_embedded(cfg, cache_dir, log=print, collect=None):
     from it (as the paper's policy and simulator both start from pretrained Qwen2.5 models). Each
     model is written to a temporary folder and renamed when complete, so a build killed half-way is
     built again. The simulator's rows are the warm-up's queries with BM25's results (sim_rows=engine) or,
-    as the paper makes them, the warm-up policy's searches labelled by its answers (sim_rows=trajectories:
+    as the paper makes them, the warm-up policy's searches labelled by its answers and the judge (sim_rows=trajectories:
     `collect`, zerosearch.collect). Returns (world, retriever, simulator path, policy path)."""
     w = world.world_of(cfg)
     retriever = engines.Retriever(w.docs)
