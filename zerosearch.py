@@ -293,16 +293,15 @@ def reading_check(policy, tok, questions, engine, cfg, ctx):
 # ----------------------------------------------------------------------------- the simulator's data
 def collect(policy, tok, questions, engine, cfg, n, seed=0):
     """Simulation fine-tuning rows the paper's way: the policy answers `questions` searching the real
-    `engine` (sampled, one batch at a time); every (query, documents) of a trajectory whose answer is
-    right (substring EM, the paper's EM) is labelled useful, of one whose answer is wrong noisy. The paper's
-    judge then checks each pair: a row is kept when its documents state what the question needs (`states`)
-    if and only if it is useful; a failed first search of a right trajectory is not useful, nor a result
-    list the policy misread noisy. Useful and noisy are balanced within each form of query that names the
-    question's entity (world.query_form), so that the label is what such a query does not predict: else a
-    tiny simulator learns the form's effect (a good form mostly useful) and ignores the label. The other
-    queries (vague, another entity) keep their labels in the share they come in, mostly noisy: balanced,
-    they would teach the simulator to state the answer whatever the query. Data without entities is
-    balanced as one. -> (n balanced rows at most and the other queries' rows in proportion, useful rows found, noisy)."""
+    `engine` (sampled, one batch at a time); each (query, documents) of a trajectory whose answer is right
+    (substring EM) is labelled useful, of one whose answer is wrong noisy, and kept where the judge agrees
+    (`states`: the documents state what the question needs): a failed first search of a right trajectory is
+    not useful, nor a list the policy misread noisy. Useful and noisy are balanced within each form of query
+    that names the question's entity (world.query_form): else the tiny simulator learns a form's effect (a
+    good form mostly useful) and ignores the label. Vague and other-entity queries keep their labels in the
+    share they come in, mostly noisy: balanced, they taught it to state the answer for any query. Data
+    without entities is balanced as one form. -> (at most n balanced rows and the other queries' rows in
+    proportion, useful rows found, noisy rows found)."""
     rng, by_form, pairs = random.Random(seed), collections.defaultdict(lambda: ([], [])), 0  # form -> (useful, noisy)
     order = rng.sample(range(len(questions)), len(questions))
     for start in range(0, len(order), 128):
