@@ -59,21 +59,21 @@ def prepare_embedded(cfg, cache_dir, log=print, collect=None):
         save_atomically(policy, tok, policy_dir)
     # 2. the simulator: simulation fine-tuning of a copy on labelled (query, documents, useful/noisy) rows
     simulator = AutoModelForCausalLM.from_pretrained(policy_dir)
-    knowledge = world.knowledge_index(w.docs)
-    if cfg["sim_rows"] == "trajectories" and cfg["sim_sft_steps"]:  # 0 steps: an untrained simulator needs no rows
-        questions = world.split_train(w.train, cfg["rl_share"])[0]
-        rows, n_useful, n_noisy = collect(simulator.eval(), tok, questions, engines.RealEngine(retriever, cfg, tok), cfg,
-                                          SIM_ROWS, cfg["seed"])
-        if not rows:
-            raise SystemExit(f"error: sim_rows=trajectories: the warm-up policy's searches gave {n_useful} useful and {n_noisy} "
-                             "noisy rows, and the simulator needs both; raise warmup_steps, or set sim_rows=engine")
-        log(f"simulator rows: {len(rows)} kept of {n_useful} useful and {n_noisy} noisy from the warm-up policy's searches")
-        rows = [dict(r, evidence=knowledge(r["query"]), documents=rng.sample(r["documents"], len(r["documents"])))
-                for r in rows]  # the documents in a random order, as the warm-up shows them: read, not ranked
-    elif cfg["sim_sft_steps"]:
-        rows = world.simulator_rows(w, queries, lambda q: retriever.search(q, cfg["topk"]), knowledge, rng,
-                                    cfg["sim_sft_noisy"])
-    if cfg["sim_sft_steps"]:  # 0: the warm-up policy itself serves as an untrained simulator
+    if cfg["sim_sft_steps"]:  # 0: the warm-up policy itself serves as an untrained simulator, and needs no rows
+        knowledge = world.knowledge_index(w.docs)
+        if cfg["sim_rows"] == "trajectories":
+            questions = world.split_train(w.train, cfg["rl_share"])[0]
+            rows, n_useful, n_noisy = collect(simulator.eval(), tok, questions, engines.RealEngine(retriever, cfg, tok),
+                                              cfg, SIM_ROWS, cfg["seed"])
+            if not rows:
+                raise SystemExit(f"error: sim_rows=trajectories: the warm-up policy's searches gave {n_useful} useful and "
+                                 f"{n_noisy} noisy rows, and the simulator needs both; raise warmup_steps, or set sim_rows=engine")
+            log(f"simulator rows: {len(rows)} kept of {n_useful} useful and {n_noisy} noisy from the warm-up policy's searches")
+            rows = [dict(r, evidence=knowledge(r["query"]), documents=rng.sample(r["documents"], len(r["documents"])))
+                    for r in rows]  # the documents in a random order, as the warm-up shows them: read, not ranked
+        else:
+            rows = world.simulator_rows(w, queries, lambda q: retriever.search(q, cfg["topk"]), knowledge, rng,
+                                        cfg["sim_sft_noisy"])
         sim.train_simulator(simulator, tok, rows, cfg, steps=cfg["sim_sft_steps"],
                             batch_size=cfg["sim_sft_batch_size"], lr=cfg["sim_sft_lr"], seed=cfg["seed"])
     save_atomically(simulator, tok, sim_dir)
