@@ -564,10 +564,11 @@ def bench_world(argv):
     print(f"\nThe answer in the results of a query naming the question's entity, or another one with every word for the "
           f"relation (% of {len(questions)} single-hop held-out questions), the simulator sampled as in RL:\n")
     print("| query form | real engine (BM25) | simulator, useful | simulator, noisy |\n|---|---:|---:|---:|")
-    for form in ("question", "keyword", "synonyms", "name", "another entity"):  # the last: the previous question's
-        requests = [dict(q, query=world.formulations(p["subject"] if form == "another entity" else q["subject"], q["relation"],
-                                                     cfg["world_phrasings"])[form.replace("another entity", "synonyms")])
-                    for p, q in zip(questions[-1:] + questions, questions)]
+    others = questions[-1:] + questions[:-1]  # another entity: the previous question's, with every word for the relation
+    for form in ("question", "keyword", "synonyms", "name", "another entity"):
+        about = others if form == "another entity" else questions
+        requests = [dict(q, query=world.formulations(p["subject"], q["relation"], cfg["world_phrasings"])[
+            "synonyms" if form == "another entity" else form]) for p, q in zip(about, questions)]
         seeds = list(range(len(requests)))
         shares = [sum(any(reward.substring_match(d, q["golden_answers"]) for d in docs) for q, docs in zip(questions, found))
                   / len(questions) for found in (real.search(requests), engine.search(requests, 0.0, seeds),
