@@ -46,10 +46,7 @@ class Batch:
 def masked_mean(x, mask, dim=None):
     """Mean of x where mask is 1 (0 if there is none); masked entries may hold anything, even NaN."""
     mask = mask.bool()
-    masked = torch.where(mask, x, torch.zeros_like(x))
-    if dim is None:
-        return masked.sum() / mask.sum().clamp(min=1)
-    return masked.sum(dim) / mask.sum(dim).clamp(min=1)
+    return torch.where(mask, x, torch.zeros_like(x)).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
 def masked_whiten(x, mask, shift_mean=True, reduce=None):

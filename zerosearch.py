@@ -80,9 +80,8 @@ def rollout(policy, tok, questions, engine, cfg, noise_prob=0.0, seeds=None, gre
     template = template or cfg["prompt_template"]
     prompts = [sim.prompt_ids(tok, template.format(question=q["question"]), cfg["chat_template"]) for q in questions]
     B = len(questions)
-    resp, mask, searches = [[] for _ in range(B)], [[] for _ in range(B)], [0] * B
-    queries, documents, engine_seeds = [[] for _ in range(B)], [[] for _ in range(B)], [[] for _ in range(B)]
-    active, engine_seconds = list(range(B)), 0.0
+    resp, mask, queries, documents, engine_seeds = ([[] for _ in range(B)] for _ in range(5))
+    searches, active, engine_seconds = [0] * B, list(range(B)), 0.0
     seeds = list(range(B)) if seeds is None else seeds
     if rag:
         forced = engine.search([dict(q, query=q["question"]) for q in questions], noise_prob, [s * 1000 + 499 for s in seeds])
@@ -414,16 +413,17 @@ def step_metrics(name, step, ro, qs, scores, engine, noise_prob, seconds, adv_st
 def log_step(row, metrics_path, bar, ctx, previous=None):
     """Appends the row to metrics.jsonl and shows it on the progress bar; warns in one line when most of the
     step's simulator outputs were malformed (the engine's totals against the `previous` row's)."""
+    if not ctx.master:
+        return
     new = {k: row.get(f"sim/{k}", 0) - (previous or {}).get(f"sim/{k}", 0) for k in ("useful", "noisy", "malformed")}
-    if ctx.master and new["malformed"] > (new["useful"] + new["noisy"]) / 2:
+    if new["malformed"] > (new["useful"] + new["noisy"]) / 2:
         bar.write(f"warning: step {row['step']}: {new['malformed']} of {new['useful'] + new['noisy']} simulator outputs "
                   "held fewer than topk documents; check sim_model, sim_style and sim_temperature")
-    if ctx.master:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        slowest = sorted((k for k in row if k.startswith("time/")), key=row.get)[-2:][::-1]  # the two largest
-        bar.set_postfix(reward=f"{row['reward']:.3f}", em=f"{row['em']:.2f}", noise=f"{row['noise_prob']:.2f}",
-                        **{k[len("time/"):]: f"{row[k]:.1f}s" for k in slowest})
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    slowest = sorted((k for k in row if k.startswith("time/")), key=row.get)[-2:][::-1]  # the two largest
+    bar.set_postfix(reward=f"{row['reward']:.3f}", em=f"{row['em']:.2f}", noise=f"{row['noise_prob']:.2f}",
+                    **{k[len("time/"):]: f"{row[k]:.1f}s" for k in slowest})
 
 
 def rl_seed(cfg):
