@@ -150,8 +150,6 @@ def fp64_logp(hidden, weight, labels, rows=512):
 
 
 def bench_gpu_logprob():
-    if no_cuda("gpu-logprob"):
-        return
     paths = {"naive `log_softmax(hidden @ W.T)`": naive_logprob_entropy,
              "chunked torch (`logprob_entropy_from_hidden_reference`)": logprob_entropy_from_hidden_reference,
              "Triton kernel (`logprob_entropy_from_hidden`)": logprob_entropy_from_hidden}
@@ -256,8 +254,6 @@ def bench_sampler():
 
 
 def bench_gpu_sampler():
-    if no_cuda("gpu-sampler"):
-        return
     with torch.device("cuda"):
         model = random_lm(Qwen2Config(**QWEN25_05B))  # fp32 weights, as the actor holds them
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
@@ -408,8 +404,7 @@ def bench_step():
         counts[name] = {"positions": 0, "tokens": 0}
         with mock.patch.object(packing, "pack_rows", counted(plan, counts[name])), \
                 mock.patch.object(ppo.Actor, "forward", forward):
-            results[name], s = timed(lambda: training_step(actor, critic, ref, batch,
-                                                           dict(cfg, micro_batch_size=micro)))
+            results[name], s = timed(lambda: training_step(actor, critic, ref, batch, dict(cfg, micro_batch_size=micro)))
         seconds[name] = min(seconds.get(name, s), s)
     print(f"### step: forward passes + PPO update of one RL step, {torch.get_num_threads()} threads\n")
     print(f"{STEP_SEQUENCES} synthetic sequences (mean {lengths.float().mean():.0f} tokens, median "
@@ -431,8 +426,6 @@ def bench_step():
 
 
 def bench_gpu_step():
-    if no_cuda("gpu-step"):
-        return
     B, micro = (8, 4) if QUICK else (64, 16)
     cfg = dict(load_config([]), mini_batch_size=B, micro_batch_size=micro, dtype="bfloat16", actor_lr=1e-6,
                critic_lr=1e-5)  # the paper's learning rates
@@ -463,13 +456,6 @@ def bench_gpu_step():
         print(f"| {name} | {s:.2f} | {100 * s / total:.0f}% |")
     print(f"| total | {total:.2f} | |")
     print(f"\nPeak GPU memory allocated during the step: {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB.\n")
-
-
-def no_cuda(section):
-    """Says so in one line where there is no CUDA device: a GPU section measures nothing on a CPU."""
-    if not torch.cuda.is_available():
-        print(f"{section}: no CUDA device here (torch.cuda.is_available() is False); nothing measured")
-    return not torch.cuda.is_available()
 
 
 def gpu_name():
@@ -589,4 +575,7 @@ if __name__ == "__main__":
         raise SystemExit(f"usage: python tools/bench.py [{' | '.join(SECTIONS)}]  (no argument: all of them)")
     else:
         for name in SECTIONS if section == "all" else [section]:
-            SECTIONS[name](*[sys.argv[2:]] * (name == "world"))  # world takes config keys: world preset=misses
+            if name.startswith("gpu-") and not torch.cuda.is_available():  # a GPU section says so and measures nothing
+                print(f"{name}: no CUDA device here (torch.cuda.is_available() is False); nothing measured")
+            else:
+                SECTIONS[name](*[sys.argv[2:]] * (name == "world"))  # world takes config keys: world preset=misses
