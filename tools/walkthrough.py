@@ -75,8 +75,7 @@ def main(argv):
                                                     cfg["kl_coef"])
     stats = ppo.update(actor, critic, ppo.Batch(ids, attn, rmask, old_logp, ref_logp, advantages, values, returns),
                        dict(cfg, seed=zs.rl_seed(cfg)), cfg["kl_coef"], step)
-    new_logp = ppo.logprobs(actor.model, ids, attn, rmask, cfg)
-    ratio = torch.exp(new_logp - old_logp)  # r_t = π_θ / π_old, after the update
+    ratio = torch.exp(ppo.logprobs(actor.model, ids, attn, rmask, cfg) - old_logp)  # r_t = π_θ / π_old, after the update
     low, high = cfg["clip_ratio_low"], cfg["clip_ratio_high"]
     clipped = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - low, 1 + high))
     kl = old_logp - ref_logp  # k1, the reward's per-token KL for PPO
@@ -91,8 +90,7 @@ def main(argv):
             masked += 1
             continue
         if masked:
-            print(f"| | *{masked} tokens with response_mask 0 (`<information>` or an observation): no loss* "
-                  "| | | | | | | |")
+            print(f"| | *{masked} tokens with response_mask 0 (`<information>` or an observation): no loss* | | | | | | | |")
             masked = 0
         v = f"{values[b, t]:.3f}" if values is not None else ""
         print(f"| {t} | `{tok.decode([ids[b, t].item()]).strip() or ' '}` | {old_logp[b, t]:.3f} | {ref_logp[b, t]:.3f} | "
