@@ -136,8 +136,7 @@ def summarise(runs):
     for variant, k, args, run_dir in runs:
         results = json.load(open(os.path.join(run_dir, "results.json")))
         row = next(v for label, v in results.items() if label.startswith("(c)"))
-        rewards = [r["reward"] for r in report.read_rows(os.path.join(run_dir, "metrics.jsonl"))
-                   if r["run"] == "zerosearch"]
+        rewards = [r["reward"] for r in report.read_rows(os.path.join(run_dir, "metrics.jsonl")) if r["run"] == "zerosearch"]
         em = {name: 100 * scores["substring_em"] for name, scores in row.items()}  # every evaluation set
         seed = {**em, "avg": sum(em.values()) / len(em), "reward_last10": sum(rewards[-10:])
                 / len(rewards[-10:]), "reading": results.get("reading", {}), "rewards": rewards}

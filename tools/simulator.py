@@ -14,6 +14,7 @@ and k=5; without it the prompt is the tiny world's, k=3. data, steps, batch_size
 the fine-tuning's own, not the RL config's. The loss is on the documents only. Defaults are the
 paper's SFT (1000 steps, batch 2, lr 1e-6); it runs in one process, on the GPU if there is one.
 """
+import contextlib
 import json
 import math
 import os
@@ -63,10 +64,8 @@ def numbers(command, args, defaults, wants):
     that says to set key to `what`."""
     for key, (kind, low, what) in wants.items():
         text = args[key]
-        try:
+        with contextlib.suppress(ValueError):
             args[key] = kind(text)
-        except ValueError:
-            pass
         if not (isinstance(args[key], kind) and args[key] > low):
             raise SystemExit(f"error: simulator.py {command}: {key}={text}: set {key} to {what} (default {defaults[key]})")
 
