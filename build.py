@@ -62,9 +62,8 @@ def prepare_embedded(cfg, cache_dir, log=print, collect=None):
     if cfg["sim_sft_steps"]:  # 0: the warm-up policy itself serves as an untrained simulator, and needs no rows
         knowledge = world.knowledge_index(w.docs)
         if cfg["sim_rows"] == "trajectories":
-            questions = world.split_train(w.train, cfg["rl_share"])[0]
-            rows, n_useful, n_noisy = collect(simulator.eval(), tok, questions, engines.RealEngine(retriever, cfg, tok),
-                                              cfg, SIM_ROWS, cfg["seed"])
+            rows, n_useful, n_noisy = collect(simulator.eval(), tok, world.split_train(w.train, cfg["rl_share"])[0],
+                                              engines.RealEngine(retriever, cfg, tok), cfg, SIM_ROWS, cfg["seed"])
             if not rows:
                 raise SystemExit(f"error: sim_rows=trajectories: the warm-up policy's searches gave {n_useful} useful and "
                                  f"{n_noisy} noisy rows, and the simulator needs both; raise warmup_steps, or set sim_rows=engine")

@@ -2,6 +2,7 @@
 and the reading check), and figures from metrics.jsonl: `curves` draws a run's training curves (out_dir/curves.png), and
 `mean_curves` the mean reward of each ablation variant over its seeds, the spread shaded
 (out_dir/ablate/curves.png). matplotlib is imported only here, when a figure is drawn."""
+import contextlib
 import json
 import math
 import os
@@ -16,9 +17,8 @@ PANELS = [("reward", "reward (F1)"), ("em", "training EM"), ("searches", "search
 def read_rows(metrics_path):
     """The rows of metrics.jsonl, each with `noisy_share`: the share of this step's simulator calls
     that were noisy, from the engine's running counts (0 for a real engine, which has none)."""
-    rows, last = [], {}
-    for line in open(metrics_path):
-        row = json.loads(line)
+    rows, last = [json.loads(line) for line in open(metrics_path)], {}
+    for row in rows:
         useful, noisy = row.get("sim/useful"), row.get("sim/noisy")
         if useful is None or noisy is None:  # a real engine: its documents are never noisy
             row["noisy_share"] = 0.0
@@ -27,51 +27,50 @@ def read_rows(metrics_path):
             calls = useful + noisy - sum(before)
             row["noisy_share"] = (noisy - before[1]) / calls if calls > 0 else math.nan
             last[row["run"]] = (useful, noisy)
-        rows.append(row)
     return rows
+
+
+@contextlib.contextmanager
+def figure(png_path, *grid, figsize):
+    """The axes of a new figure of `grid` panels (plt.subplots), saved to png_path and closed when the block ends."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(*grid, figsize=figsize)
+    yield axes
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=80)
+    plt.close(fig)
 
 
 def curves(metrics_path, png_path):
     """One panel per PANELS key against the step, one line per run (zerosearch, search_r1)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     rows = read_rows(metrics_path)
-    fig, axes = plt.subplots(2, 4, figsize=(17, 6.5))
-    for ax, (key, title) in zip(axes.flat, PANELS):
-        for run in dict.fromkeys(r["run"] for r in rows):
-            mine = [r for r in rows if r["run"] == run]
-            for k in sorted({k for r in mine for k in r if k.startswith(key)}) if key.endswith("/") else [key]:
-                ax.plot([r["step"] for r in mine], [r.get(k, math.nan) for r in mine], label=f"{run} {k[len(key):]}".strip())
-        ax.set_title(title)
-        ax.set_xlabel("RL step")
-        if key in ("reward", "queries/"):
-            ax.legend(fontsize=7)
-    axes.flat[-1].axis("off")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=80)
-    plt.close(fig)
+    with figure(png_path, 2, 4, figsize=(17, 6.5)) as axes:
+        for ax, (key, title) in zip(axes.flat, PANELS):
+            for run in dict.fromkeys(r["run"] for r in rows):
+                mine = [r for r in rows if r["run"] == run]
+                for k in sorted({k for r in mine for k in r if k.startswith(key)}) if key.endswith("/") else [key]:
+                    ax.plot([r["step"] for r in mine], [r.get(k, math.nan) for r in mine],
+                            label=f"{run} {k[len(key):]}".strip())
+            ax.set(title=title, xlabel="RL step")
+            if key in ("reward", "queries/"):
+                ax.legend(fontsize=7)
+        axes.flat[-1].axis("off")
 
 
 def mean_curves(curves_by_variant, png_path):
     """curves_by_variant: {variant: [reward per step, one list per seed]} -> the mean over seeds, with
     the range of ±1 standard deviation shaded."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for variant, runs in curves_by_variant.items():
-        n = min(len(r) for r in runs)
-        rewards = np.array([r[:n] for r in runs])
-        mean, sd = rewards.mean(0), rewards.std(0, ddof=1) if len(runs) > 1 else np.zeros(n)
-        ax.plot(range(n), mean, label=variant)
-        ax.fill_between(range(n), mean - sd, mean + sd, alpha=0.2)
-    ax.set_xlabel("RL step")
-    ax.set_ylabel("mean training reward (F1)")
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=80)
-    plt.close(fig)
+    with figure(png_path, figsize=(9, 5.5)) as ax:
+        for variant, runs in curves_by_variant.items():
+            n = min(len(r) for r in runs)
+            rewards = np.array([r[:n] for r in runs])
+            mean, sd = rewards.mean(0), rewards.std(0, ddof=1) if len(runs) > 1 else np.zeros(n)
+            ax.plot(range(n), mean, label=variant)
+            ax.fill_between(range(n), mean - sd, mean + sd, alpha=0.2)
+        ax.set(xlabel="RL step", ylabel="mean training reward (F1)")
+        ax.legend(fontsize=8, ncol=2)
 
 
 def reading_table(reading):

@@ -105,8 +105,8 @@ def build_world(seed=0, n_persons=4000, n_companies=1200, test_fraction=0.15, ph
     own, so a world without them is the same as before they existed."""
     rng, used = random.Random(seed), set()
     extra = random.Random(f"{seed} phrasings {phrasings} passages {passages}")
-    firsts, lasts = make_words(rng, 80, 2, used), make_words(rng, 80, 3, used)
-    cities, stems = make_words(rng, 120, 3, used), make_words(rng, 150, 2, used)
+    # first names, last names, cities and company stems: (how many, syllables)
+    firsts, lasts, cities, stems = [make_words(rng, n, k, used) for n, k in [(80, 2), (80, 3), (120, 3), (150, 2)]]
     suffixes = "Labs Works Group Systems Holdings Foods Motors Media Energy Textiles".split()
     persons = rng.sample([f"{a} {b}" for a in firsts for b in lasts], n_persons)
     companies = rng.sample([f"{a} {b}" for a in stems for b in suffixes], n_companies)
@@ -163,8 +163,7 @@ def _pattern(template):
     return re.compile(pattern + "$")
 
 
-PATTERNS = [(r, _pattern(t)) for r, (t, _, _) in RELATIONS.items() if r != "company"]
-PATTERNS += [(r, _pattern(t)) for r, ts in PHRASINGS.items() for t in ts]
+PATTERNS = [(r, _pattern(t)) for r, ts in PHRASINGS.items() for t in [RELATIONS[r][0]] + ts]  # no sentence fits two
 
 
 def parse_doc(doc):
@@ -232,13 +231,15 @@ def hops_of(q):
     return [(q["subject"], TWO_HOP[q["relation"]][1]), (q["bridge"], TWO_HOP[q["relation"]][2])]
 
 
+def hop_formulations(q, phrasings):
+    """The `formulations` of each of q's hops (`hops_of`); the first hop's "question" copies q's own question."""
+    return [formulations(s, r, phrasings, q["question"] if i == 0 else None) for i, (s, r) in enumerate(hops_of(q))]
+
+
 def query_form(query, q, phrasings):
     """The form of `query` (a key of `formulations`) for one of q's hops, or "other" (vague, another entity)."""
-    for i, (subject, relation) in enumerate(hops_of(q)):
-        for form, text in formulations(subject, relation, phrasings, q["question"] if i == 0 else None).items():
-            if query.strip() == text:
-                return form
-    return "other"
+    return next((form for way in hop_formulations(q, phrasings) for form, text in way.items() if text == query.strip()),
+                "other")
 
 
 def retrieval_stats(world, search, phrasings, n=400):
@@ -251,14 +252,13 @@ def retrieval_stats(world, search, phrasings, n=400):
     for name, hops in TEST_SETS.items():
         found = collections.defaultdict(list)
         for q in [q for q in world.test if q["hops"] == hops][:n]:
-            steps = hops_of(q)
-            ways = [formulations(s, r, phrasings, q["question"] if i == 0 else None) for i, (s, r) in enumerate(steps)]
+            ways = hop_formulations(q, phrasings)
             hits = {form: all(q["evidence"][i] in search(way[form]) for i, way in enumerate(ways)) for form in ways[0]}
             if hops == 2:
                 hits["two-hop question"] = q["evidence"][1] in search(q["question"])
             for form, hit in [*hits.items(), ("best", any(hits.values()))]:
                 found[form].append(hit)
-        out[name] = {form: sum(v) / len(v) for form, v in found.items()} if found else {}
+        out[name] = {form: sum(v) / len(v) for form, v in found.items()}
     return out
 
 
@@ -344,10 +344,9 @@ def tiny_model(vocab_size, hidden_size, layers, heads, seed):
     """A small Qwen2 (the Qwen2.5 architecture), built from config: it runs through exactly the
     code path of a real Hugging Face model."""
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=3 * hidden_size,
+    config = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=3 * hidden_size, pad_token_id=0,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                         max_position_embeddings=1024, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2,
-                         bos_token_id=2)
+                         max_position_embeddings=1024, tie_word_embeddings=True, eos_token_id=2, bos_token_id=2)
     return Qwen2ForCausalLM(config)
 
 
@@ -458,9 +457,8 @@ def knowledge_index(docs):
     about = collections.defaultdict(list)
     for d in docs:
         words = d.split()
-        for name in dict.fromkeys(" ".join(words[i:i + 2]) for i in range(len(words) - 1)):
-            if name in names:
-                about[name].append(d)
+        for name in names.intersection(" ".join(words[i:i + 2]) for i in range(len(words) - 1)):
+            about[name].append(d)
 
     def knowledge(query):
         words, found = query.split(), []
