@@ -13,12 +13,10 @@ DEFAULTS = os.path.join(HERE, "config.yaml")
 
 CHOICES = {"algo": ("ppo", "grpo", "reinforce", "reinforce++"), "reward": ("f1", "em"), "device": ("auto", "cpu", "cuda"),
            "dtype": ("float32", "bfloat16"), "search_backend": ("sim", "real", "http", "retriever"),
-           "eval_backend": ("real", "retriever"),
-           "sim_style": ("finetuned", "prompted"), "sharding": ("ddp", "fsdp"),
+           "eval_backend": ("real", "retriever"), "sim_style": ("finetuned", "prompted"), "sharding": ("ddp", "fsdp"),
            "loss_agg_mode": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
            "sim_batching": ("auto", "list", "single"), "kl_type": ("k1", "abs", "k2", "k3"),
-           "kl_in": ("auto", "reward", "loss"),
-           "mode": ("train", "eval", "ask"), "warmup_queries": ("copy", "mixed"),
+           "kl_in": ("auto", "reward", "loss"), "mode": ("train", "eval", "ask"), "warmup_queries": ("copy", "mixed"),
            "sim_rows": ("engine", "trajectories"), "ask_engine": (None, "sim", "real", "retriever", "http")}
 AT_LEAST_ONE = ["steps", "batch_size", "n_samples", "mini_batch_size", "micro_batch_size", "ppo_epochs",
                 "topk", "doc_tokens", "max_turn_tokens", "max_response_tokens", "sim_max_tokens",
@@ -54,8 +52,7 @@ def load_config(argv):
         preset = os.path.isfile(files[0]) and read_yaml(files[0]).get("preset")
     for path in files:
         if not path or not os.path.isfile(path):
-            raise SystemExit(f"error: config file not found: {path} "
-                             f"(presets are in {os.path.join(HERE, 'presets')})")
+            raise SystemExit(f"error: config file not found: {path} (presets are in {os.path.join(HERE, 'presets')})")
         merge(cfg, read_yaml(path), path)
     merge(cfg, overrides, "the command line")
     return check_values(cfg)
@@ -69,8 +66,7 @@ def read_yaml(path):
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        where = getattr(e, "problem_mark", None)
-        at = f" line {where.line + 1}" if where else ""
+        at = f" line {e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else ""
         raise SystemExit(f"error: {path}{at}: not valid YAML ({str(e).splitlines()[0]}); write one key: value a line")
     if data is not None and not isinstance(data, dict):
         raise SystemExit(f"error: {path}: holds a {type(data).__name__}, not key: value lines")
@@ -100,49 +96,44 @@ def check_values(cfg):
             cfg[key] = value = int(value)
         if type(default) in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
                                                 or type(default) is int and not isinstance(value, int) or not math.isfinite(value)):
-            whole = "whole " if type(default) is int else ""
-            raise SystemExit(f"error: {key} must be a {whole}number, got {value!r}")
+            raise SystemExit(f"error: {key} must be a {'whole ' if type(default) is int else ''}number, got {value!r}")
     for key, allowed in CHOICES.items():
         if cfg[key] not in allowed:
             raise SystemExit(f"error: {key} must be one of {', '.join(allowed)}; got {cfg[key]!r}")
-    for key in AT_LEAST_ONE:
-        if cfg[key] is not None and cfg[key] < 1:
-            raise SystemExit(f"error: {key} must be at least 1, got {cfg[key]}")
-    for key in AT_LEAST_ZERO:
-        if cfg[key] < 0:
-            raise SystemExit(f"error: {key} must be 0 or more, got {cfg[key]}")
-    for key in POSITIVE:
-        if not cfg[key] > 0:
-            hint = " (rollouts sample; evaluation is greedy anyway)" if key == "temperature" else ""
-            raise SystemExit(f"error: {key} must be greater than 0{hint}, got {cfg[key]}")
-    if cfg["mode"] == "train" and cfg["data"] == "world" and cfg["eval_data"] != "world":
-        raise SystemExit("error: eval_data names files but data=world: set data= to a train file too, "
-                         "or leave eval_data=world")
-    if not cfg["out_dir"].strip():
-        raise SystemExit("error: out_dir is empty; set out_dir=a folder to write the run to")
-    if cfg["noise_prob"] is not None and not (isinstance(cfg["noise_prob"], (int, float)) and 0 <= cfg["noise_prob"] <= 1):
-        raise SystemExit(f"error: noise_prob is a probability: null or between 0 and 1, got {cfg['noise_prob']!r}")
-    if cfg["mode"] != "train" and not cfg["policy_model"] and cfg["data"] != "world":
-        raise SystemExit(f"error: mode={cfg['mode']} needs policy_model=... (a trained policy's folder or a hub name)")
-    if cfg["rl_seed"] is not None and (isinstance(cfg["rl_seed"], bool) or not isinstance(cfg["rl_seed"], int)):
-        raise SystemExit(f"error: rl_seed must be null (the same as seed) or a whole number, got {cfg['rl_seed']!r}")
-    if cfg["dual_clip"] is not None and not cfg["dual_clip"] > 1:
-        raise SystemExit(f"error: dual_clip (c of the cap -A c for A < 0) must be above 1, or null for none; "
-                         f"got {cfg['dual_clip']}")
-    if not 0 <= cfg["p_start"] <= 1 or not 0 <= cfg["p_end"] <= 1:
-        raise SystemExit("error: p_start and p_end are probabilities: each must be between 0 and 1")
-    if not 0 < cfg["top_p"] <= 1:
-        raise SystemExit(f"error: top_p must be greater than 0 and at most 1 (1: no nucleus cut), got {cfg['top_p']}")
-    if not (1 <= cfg["world_phrasings"] <= 3 and 0 <= cfg["world_passages"] <= 6):
-        raise SystemExit(f"error: world_phrasings must be 1 to 3 and world_passages 0 to 6 (the phrasings and passages "
-                         f"world.py has); got {cfg['world_phrasings']} and {cfg['world_passages']}")
-    if not 7 <= cfg["world_companies"] <= min(cfg["world_persons"], 1500) or cfg["world_persons"] > 6400:
-        raise SystemExit("error: the world needs 7 to 1500 companies (a test set holds out 15% of them), no more than "
-                         f"world_persons, and at most 6400 persons; got world_persons={cfg['world_persons']} "
-                         f"world_companies={cfg['world_companies']}")
-    if cfg["topk"] * cfg["doc_tokens"] > cfg["max_response_tokens"]:  # one search's documents must fit the response
-        raise SystemExit(f"error: topk={cfg['topk']} documents of doc_tokens={cfg['doc_tokens']} tokens do not fit in "
-                         f"max_response_tokens={cfg['max_response_tokens']}; lower topk or doc_tokens, or raise max_response_tokens")
+    for keys, too_low, bound in ((AT_LEAST_ONE, lambda v: v < 1, "at least 1"),
+                                 (AT_LEAST_ZERO, lambda v: v < 0, "0 or more"),
+                                 (POSITIVE, lambda v: v <= 0, "greater than 0")):  # numbers by now; eval_size may be null
+        for key in keys:
+            if cfg[key] is not None and too_low(cfg[key]):
+                hint = " (rollouts sample; evaluation is greedy anyway)" if key == "temperature" else ""
+                raise SystemExit(f"error: {key} must be {bound}{hint}, got {cfg[key]}")
+    problems = [  # (bad, what to say): tests safe on any value that passed the checks above; the first bad one stops
+        (cfg["mode"] == "train" and cfg["data"] == "world" and cfg["eval_data"] != "world",
+         "eval_data names files but data=world: set data= to a train file too, or leave eval_data=world"),
+        (not cfg["out_dir"].strip(), "out_dir is empty; set out_dir=a folder to write the run to"),
+        (cfg["noise_prob"] is not None and not (isinstance(cfg["noise_prob"], (int, float)) and 0 <= cfg["noise_prob"] <= 1),
+         f"noise_prob is a probability: null or between 0 and 1, got {cfg['noise_prob']!r}"),
+        (cfg["mode"] != "train" and not cfg["policy_model"] and cfg["data"] != "world",
+         f"mode={cfg['mode']} needs policy_model=... (a trained policy's folder or a hub name)"),
+        (cfg["rl_seed"] is not None and (isinstance(cfg["rl_seed"], bool) or not isinstance(cfg["rl_seed"], int)),
+         f"rl_seed must be null (the same as seed) or a whole number, got {cfg['rl_seed']!r}"),
+        (cfg["dual_clip"] is not None and not cfg["dual_clip"] > 1,
+         f"dual_clip (c of the cap -A c for A < 0) must be above 1, or null for none; got {cfg['dual_clip']}"),
+        (not 0 <= cfg["p_start"] <= 1 or not 0 <= cfg["p_end"] <= 1,
+         "p_start and p_end are probabilities: each must be between 0 and 1"),
+        (not 0 < cfg["top_p"] <= 1, f"top_p must be greater than 0 and at most 1 (1: no nucleus cut), got {cfg['top_p']}"),
+        (not (1 <= cfg["world_phrasings"] <= 3 and 0 <= cfg["world_passages"] <= 6),
+         "world_phrasings must be 1 to 3 and world_passages 0 to 6 (the phrasings and passages world.py has); "
+         f"got {cfg['world_phrasings']} and {cfg['world_passages']}"),
+        (not 7 <= cfg["world_companies"] <= min(cfg["world_persons"], 1500) or cfg["world_persons"] > 6400,
+         "the world needs 7 to 1500 companies (a test set holds out 15% of them), no more than world_persons, and at most "
+         f"6400 persons; got world_persons={cfg['world_persons']} world_companies={cfg['world_companies']}"),
+        (cfg["topk"] * cfg["doc_tokens"] > cfg["max_response_tokens"],  # one search's documents must fit the response
+         f"topk={cfg['topk']} documents of doc_tokens={cfg['doc_tokens']} tokens do not fit in max_response_tokens="
+         f"{cfg['max_response_tokens']}; lower topk or doc_tokens, or raise max_response_tokens")]
+    for bad, message in problems:
+        if bad:
+            raise SystemExit(f"error: {message}")
     for key, (needed, allowed) in TEMPLATES.items():
         try:
             fields = {name for _, name, _, _ in string.Formatter().parse(cfg[key]) if name is not None}
@@ -159,12 +150,10 @@ def check_values(cfg):
 def parse_value(text):
     """A command-line value as YAML reads it, except that 1e-4 is a number (YAML 1.1 reads a string)."""
     value = yaml.safe_load(text)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
 
 
 def merge(cfg, new, source):
