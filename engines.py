@@ -99,13 +99,10 @@ def top_k(scores, k):
     """Indices of the (at most) k positive scores that rank first, highest first, ties in index order:
     `np.argsort(-scores, kind="stable")[:k]` without the sort of all N. Partial selection finds the
     k-th highest score; every score above it is in, and of those equal to it the first ones."""
-    if k < len(scores):
-        kth = np.partition(scores, len(scores) - k)[len(scores) - k]
-        top = np.flatnonzero(scores > kth)
-        if kth > 0:
-            top = np.concatenate([top, np.flatnonzero(scores == kth)[:k - len(top)]])
-    else:
-        top = np.flatnonzero(scores > 0)
+    kth = np.partition(scores, len(scores) - k)[len(scores) - k] if k < len(scores) else 0  # k >= N: every positive score
+    top = np.flatnonzero(scores > kth)
+    if kth > 0:
+        top = np.concatenate([top, np.flatnonzero(scores == kth)[:k - len(top)]])
     return top[np.lexsort((top, -scores[top]))]
 
 
@@ -173,9 +170,8 @@ class HttpEngine:
         """One request for a list of prompts (or, with batching single, the one prompt as a string) ->
         their texts (choices ordered by `index`, or in list order when no choice has one; a choice that
         is missing gives "", one without a `text` string None)."""
-        prompt = prompts[0] if self.batching == "single" else prompts
-        body = {"model": self.served_model, "prompt": prompt, "max_tokens": self.cfg["sim_max_tokens"],
-                "temperature": self.cfg["sim_temperature"], "top_p": 1.0, "seed": seed}
+        body = {"model": self.served_model, "prompt": prompts[0] if self.batching == "single" else prompts,
+                "max_tokens": self.cfg["sim_max_tokens"], "temperature": self.cfg["sim_temperature"], "top_p": 1.0, "seed": seed}
 
         def texts(reply):
             choices = reply["choices"]
@@ -254,13 +250,10 @@ class RetrieverEngine:
                                  lambda reply: self.result_lists(reply, len(chunk)), "retriever",
                                  "check retriever_url (Search-R1's server answers POST /retrieve)",
                                  "check retriever_url and that the server is up")
-        out = []
-        for items in results:
-            docs = [retrieved_document(item) for item in items] if isinstance(items, list) else [None]
-            self.stats["malformed"] += None in docs  # a result that is not a list, or holds an item without a document
-            kept = [d for d in docs if d is not None][:self.cfg["topk"]]  # the SerpAPI proxy may send more than k
-            out.append([truncate(self.tok, d, self.cfg["doc_tokens"]) for d in kept])
-        return out
+        found = [[retrieved_document(item) for item in items] if isinstance(items, list) else [None] for items in results]
+        self.stats["malformed"] += sum(None in docs for docs in found)  # a result not a list, or an item without a document
+        kept = [[d for d in docs if d is not None][:self.cfg["topk"]] for docs in found]  # the SerpAPI proxy may send more
+        return [[truncate(self.tok, d, self.cfg["doc_tokens"]) for d in docs] for docs in kept]
 
     def result_lists(self, reply, n_queries):
         """The reply's list of results, one per query; a reply of another form is one clear error (not

@@ -155,8 +155,8 @@ def parallelize(model, cfg, ctx, frozen=False):
     own checkpointing, which acts in train mode only: Qwen2 has no active dropout, so train mode changes
     nothing else)."""
     if cfg["grad_checkpointing"] and not frozen:
-        lm = getattr(model, "lm", model)  # ppo.Actor holds its HF model as .lm; the critic is one
-        lm.activation_checkpointing_enable()  # non-reentrant torch.utils.checkpoint per decoder layer
+        # non-reentrant torch.utils.checkpoint per decoder layer; ppo.Actor holds its HF model as .lm, the critic is one
+        getattr(model, "lm", model).activation_checkpointing_enable()
         model.train()
     if ctx.world == 1:
         return model
@@ -204,8 +204,7 @@ def checkpoint_to_resume(resume, run_dir):
         return None
     if isinstance(resume, str) and run_of(resume) == os.path.basename(run_dir):
         return resume
-    found = checkpoints(run_dir)
-    return found[-1] if found else None
+    return (checkpoints(run_dir) or [None])[-1]
 
 
 def drop_checkpoints_after(run_dir, step, ctx):
@@ -254,15 +253,6 @@ def _as_files(states):
     return {key: state if key.endswith("/optimizer") else untied(state) for key, state in states.items()}
 
 
-@contextlib.contextmanager
-def _one_process_is_fine():
-    """Silence torch.distributed.checkpoint's warning that there is no process group: with one process
-    there is none, by design."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
 def save_checkpoint(path, models, state, ctx, keep_last):
     """Write `models` ({name: ppo.Learner, with .model, .optimizer, .scheduler}) and `state` (a dict of
     plain values) to the folder `path`, atomically: everything goes to path.tmp, renamed to path once
@@ -284,8 +274,9 @@ def save_checkpoint(path, models, state, ctx, keep_last):
     # an optimizer that has not stepped yet (the actor during the critic warm-up) is left out: asking
     # for its state would make it take a zero step, which changes Adam's bias correction
     tensors, groups = _states(models, with_optimizer=lambda name, opt: bool(opt.state))
-    # every process writes its own shards as safetensors
-    with no_space_is_one_line(path, run_dir), _one_process_is_fine():
+    # every process writes its own shards as safetensors; with one process there is no process group, by design
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # torch.distributed.checkpoint's warning
+    with no_space_is_one_line(path, run_dir):
         dcp.save(_as_files(tensors), checkpoint_id=tmp, storage_writer=HuggingFaceStorageWriter(tmp, save_distributed=True),
                  no_dist=ctx.world == 1)
     cuda = torch.stack(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None
@@ -341,8 +332,8 @@ def load_checkpoint(path, models, ctx):
         reader = HuggingFaceStorageReader(path)
         reader.read_metadata()  # fails plainly, where dcp.load would first log tracebacks
         tensors, _ = _states(models, with_optimizer=lambda name, opt: f"{name}/optimizer" in state["saved"])
-        with _one_process_is_fine():
-            dcp.load(_as_files(tensors), checkpoint_id=path, storage_reader=reader, no_dist=ctx.world == 1)
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: no process group
+        dcp.load(_as_files(tensors), checkpoint_id=path, storage_reader=reader, no_dist=ctx.world == 1)
         for name, learner in models.items():
             set_model_state_dict(learner.model, tensors[name])
             if f"{name}/optimizer" in tensors:
