@@ -220,8 +220,7 @@ def drop_checkpoints_after(run_dir, step, ctx):
 def start_over(run_dir, ctx):
     """A run that does not resume starts in an empty run folder. Checkpoints of an earlier run there
     are never removed silently: the job stops and says how to continue or start afresh."""
-    found = checkpoints(run_dir)
-    if found:
+    if found := checkpoints(run_dir):
         raise SystemExit(f"error: {run_dir} holds checkpoints of an earlier run (newest {os.path.basename(found[-1])}): "
                          "continue it with resume=true, or set another out_dir (or delete that folder) to start over")
     if ctx.master and os.path.isdir(run_dir):
