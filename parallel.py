@@ -97,10 +97,9 @@ class Ctx:
 
     def gather(self, obj):
         """[obj of process 0, obj of process 1, ...] on every process."""
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
+        out = [obj] * self.world  # with several processes all_gather_object fills each place with its obj
+        if self.world > 1:
+            dist.all_gather_object(out, obj)
         return out
 
     def barrier(self):
