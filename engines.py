@@ -143,8 +143,7 @@ class HttpEngine:
         if self.cfg["sim_chat_template"]:  # the completions endpoint takes text: render the chat template here
             prompts = [as_chat(self.tok, p) for p in prompts]
         # the API takes one seed a request: with a seed per request, each chunk sends its first one
-        seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
-        texts = self.complete_all(prompts, seeds)
+        texts = self.complete_all(prompts, seed if isinstance(seed, list) else [seed] * len(prompts))
         if 2 * sum(not text for text in texts) > len(texts):  # the server is not serving a simulator: never train on it
             cause = "choices without `text`" if None in texts else "empty completions"
             raise SystemExit(f"error: search_backend=http: {self.url} sent {cause} for {sum(not t for t in texts)} of "
@@ -170,8 +169,9 @@ class HttpEngine:
         """One request for a list of prompts (or, with batching single, the one prompt as a string) ->
         their texts (choices ordered by `index`, or in list order when no choice has one; a choice that
         is missing gives "", one without a `text` string None)."""
-        body = {"model": self.served_model, "prompt": prompts[0] if self.batching == "single" else prompts,
-                "max_tokens": self.cfg["sim_max_tokens"], "temperature": self.cfg["sim_temperature"], "top_p": 1.0, "seed": seed}
+        prompt = prompts[0] if self.batching == "single" else prompts
+        body = {"model": self.served_model, "prompt": prompt, "max_tokens": self.cfg["sim_max_tokens"],
+                "temperature": self.cfg["sim_temperature"], "top_p": 1.0, "seed": seed}
 
         def texts(reply):
             choices = reply["choices"]

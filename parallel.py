@@ -47,7 +47,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
@@ -275,8 +274,8 @@ def save_checkpoint(path, models, state, ctx, keep_last):
     # every process writes its own shards as safetensors; with one process there is no process group, by design
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # torch.distributed.checkpoint's warning
     with no_space_is_one_line(path, run_dir):
-        dcp.save(_as_files(tensors), checkpoint_id=tmp, storage_writer=HuggingFaceStorageWriter(tmp, save_distributed=True),
-                 no_dist=ctx.world == 1)
+        dcp.save(_as_files(tensors), checkpoint_id=tmp, no_dist=ctx.world == 1,
+                 storage_writer=dcp.HuggingFaceStorageWriter(tmp, save_distributed=True))
     cuda = torch.stack(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None
     rng = ctx.gather((random.getstate(), torch.get_rng_state(), cuda))
     if ctx.master:
@@ -327,7 +326,7 @@ def load_checkpoint(path, models, ctx):
     try:
         with open(os.path.join(path, "state.json")) as f:
             state = json.load(f)
-        reader = HuggingFaceStorageReader(path)
+        reader = dcp.HuggingFaceStorageReader(path)
         reader.read_metadata()  # fails plainly, where dcp.load would first log tracebacks
         tensors, _ = _states(models, with_optimizer=lambda name, opt: f"{name}/optimizer" in state["saved"])
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: no process group
