@@ -51,6 +51,7 @@ def tok():
     ("eval_size=0", "eval_size must be at least 1"), ("out_dir=", "out_dir is empty"),
     ("rl_seed=abc", "rl_seed must be null"), ("max_prompt_tokens=0", "max_prompt_tokens must be at least 1"),
     ("sim_batching=many", "sim_batching must be one of"),
+    ("ask_engine=google", "ask_engine must be one of null, sim, real, retriever, http; got 'google'"),
     ("eval_data=nq=a.jsonl", "eval_data names files but data=world")])
 def test_a_bad_config_value_is_one_line(arg, match):
     one_line_error(config.load_config, [arg], match=match)
