@@ -174,7 +174,7 @@ def main(argv):
         summary = summarise(runs)
         folder = os.path.join(base["out_dir"], "ablate")
         with open(os.path.join(folder, "results.md"), "w") as f:
-            f.write(f"# Ablations\n\n`python tools/ablate.py {' '.join(argv)}`\n\nEM (x100) of row (c), evaluated with "
+            f.write(f"# Ablations\n\n`{' '.join(['python tools/ablate.py', *argv])}`\n\nEM (x100) of row (c), evaluated with "
                     f"the real engine, mean ± sd over seeds.\n\n{table(summary)}")
         with open(os.path.join(folder, "results.json"), "w") as f:
             json.dump({v: [{k: x for k, x in s.items() if k != "rewards"} for s in seeds] for v, seeds in summary.items()},
