@@ -99,7 +99,7 @@ def check_values(cfg):
             raise SystemExit(f"error: {key} must be a {'whole ' if type(default) is int else ''}number, got {value!r}")
     for key, allowed in CHOICES.items():
         if cfg[key] not in allowed:
-            raise SystemExit(f"error: {key} must be one of {', '.join(str(a).replace('None', 'null') for a in allowed)}; "
+            raise SystemExit(f"error: {key} must be one of {', '.join('null' if a is None else a for a in allowed)}; "
                              f"got {cfg[key]!r}")
     for keys, too_low, bound in ((AT_LEAST_ONE, lambda v: v < 1, "at least 1"),
                                  (AT_LEAST_ZERO, lambda v: v < 0, "0 or more"),
