@@ -19,7 +19,7 @@ import engines
 import sim
 import world
 
-BUILD_VERSION = 10  # bump when the code changes what a build holds, so old caches are not loaded
+BUILD_VERSION = 11  # bump when the code changes what a build holds, so old caches are not loaded
 WARMUP_KEYS = ["world_seed", "world_persons", "world_companies", "world_phrasings", "world_passages", "warmup_queries",
                "tiny_hidden", "tiny_layers", "tiny_heads",
                "warmup_steps", "warmup_batch_size", "warmup_lr", "warmup_quote", "rl_share", "prompt_template", "direct_template",
@@ -68,8 +68,10 @@ def prepare_embedded(cfg, cache_dir, log=print, collect=None):
                 raise SystemExit(f"error: sim_rows=trajectories: the warm-up policy's searches gave {n_useful} useful and "
                                  f"{n_noisy} noisy rows, and the simulator needs both; raise warmup_steps, or set sim_rows=engine")
             log(f"simulator rows: {len(rows)} kept of {n_useful} useful and {n_noisy} noisy from the warm-up policy's searches")
-            rows = [dict(r, evidence=knowledge(r["query"]), documents=rng.sample(r["documents"], len(r["documents"])))
-                    for r in rows]  # the documents in a random order, as the warm-up shows them: read, not ranked
+            # the documents in the order of the simulator's knowledge, the one that states the answer first (the
+            # engine shows what the simulator writes in a random order: sim.read_documents)
+            rows = [dict(r, evidence=known, documents=sorted(r["documents"], key=lambda d: known.index(d) if d in known else len(known)))
+                    for r in rows for known in [knowledge(r["query"], [r["answer"]])]]
         else:
             rows = world.simulator_rows(w, queries, lambda q: retriever.search(q, cfg["topk"]), knowledge, rng,
                                         cfg["sim_sft_noisy"])
@@ -231,7 +233,7 @@ def check_model(key, name):
 
 
 def make_engine(backend, cfg, retriever, sim_path, ctx, knowledge=None, tok=None):
-    """The search engine of `backend`; `knowledge(query)` (embedded world) feeds the simulator's prompt;
+    """The search engine of `backend`; `knowledge(query, answers)` (embedded world) feeds the simulator's prompt;
     `tok`, the policy's tokenizer, cuts a real engine's documents to doc_tokens."""
     if backend == "real":
         return engines.RealEngine(retriever, cfg, tok)

@@ -98,14 +98,14 @@ class SimEngine:
         outs, _ = sample(self.model, prompts, self.cfg["sim_max_tokens"], temperature=self.cfg["sim_temperature"],
                          eos_token_id=self.tok.eos_token_id, seed=seed)
         texts = [self.tok.decode(out, skip_special_tokens=True) for out in outs]
-        return read_documents(self.tok, texts, kinds, self.cfg, self.stats)
+        return read_documents(self.tok, texts, kinds, self.cfg, self.stats, seed)
 
 
 def with_knowledge(requests, knowledge):
     """Each request with the simulator's knowledge of what its query names, as `evidence` (the
-    {evidence} slot of the prompt), when the engine has a `knowledge(query) -> [statements]`
+    {evidence} slot of the prompt), when the engine has a `knowledge(query, answers) -> [statements]`
     function: the embedded world's tiny simulator reads there what a large one has memorised."""
-    return [dict(r, evidence=knowledge(r["query"])) for r in requests] if knowledge else requests
+    return [dict(r, evidence=knowledge(r["query"], r["golden_answers"])) for r in requests] if knowledge else requests
 
 
 def draw_kinds(n, noise_prob, seed):
@@ -117,16 +117,20 @@ def draw_kinds(n, noise_prob, seed):
     return ["noisy" if rng.random() < noise_prob else "useful" for _ in range(n)]
 
 
-def read_documents(tok, texts, kinds, cfg, stats):
-    """The simulator's output texts -> per request at most k documents, each cut to doc_tokens.
-    Counts each kind, and as malformed an output with fewer than k documents (no `Doc` line, too
-    few, empty): what there is is kept, so bad simulator output never stops a training step."""
+def read_documents(tok, texts, kinds, cfg, stats, seed=0):
+    """The simulator's output texts -> per request at most k documents, each cut to doc_tokens, in a
+    random order (`seed` as draw_kinds'): the simulator writes the most relevant first, and the policy
+    reads a result list whole, wherever the answer stands. Counts each kind, and as malformed an output
+    with fewer than k documents (no `Doc` line, too few, empty): what there is is kept, so bad simulator
+    output never stops a training step."""
+    order = random.Random(f"order {seed}")
     results = []
-    for kind, text in zip(kinds, texts):
+    for i, (kind, text) in enumerate(zip(kinds, texts)):
         docs = parse_docs(TAG_RE.sub(" ", text), cfg["topk"])
         stats[kind] += 1
         stats["malformed"] += len(docs) < cfg["topk"]
-        results.append([truncate(tok, d, cfg["doc_tokens"]) for d in docs])
+        shuffle = random.Random(f"order {seed[i]}").sample if isinstance(seed, list) else order.sample
+        results.append(shuffle([truncate(tok, d, cfg["doc_tokens"]) for d in docs], len(docs)))
     return results
 
 

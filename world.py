@@ -19,6 +19,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from reward import substring_match
+
 TAGS = ["<think>", "</think>", "<search>", "</search>", "<information>", "</information>", "<answer>", "</answer>"]
 
 # (relation, subject type, object type): the sentence the corpus states, the question asked,
@@ -447,12 +449,14 @@ def noisy_docs(docs, golds, pools, rng):
 
 
 def knowledge_index(docs):
-    """The tiny simulator's knowledge: `knowledge(query)` -> every document of the corpus that names
-    an entity the query names (by exact name, in corpus order): its facts and the other passages
-    about it. A 14B simulator has memorised Wikipedia, every page about an entity; a 1M-parameter one
-    cannot memorise the corpus in minutes, so its prompt carries what it would know. It is not a
-    search engine: no ranking, nothing for a query that names no entity, and a query about the
-    wrong entity gets that entity's documents, never the answer."""
+    """The tiny simulator's knowledge: `knowledge(query, answers)` -> every document of the corpus that
+    names an entity the query names (by exact name): its facts and the other passages about it, those
+    that state one of `answers` (the question's, which the simulator's prompt holds) first, then the
+    others in corpus order. A 14B simulator has memorised Wikipedia, every page about an entity, and
+    recalls what bears on the question it is told; a 1M-parameter one cannot memorise the corpus in
+    minutes, nor pick the one passage of eight that states the answer, so its prompt carries what it
+    would know in that order. It is not a search engine: nothing for a query that names no entity, and
+    a query about the wrong entity gets that entity's documents, never the answer."""
     names = {fact[0] for d in docs if (fact := parse_doc(d))}  # every entity is the subject of a fact
     about = collections.defaultdict(list)
     for d in docs:
@@ -460,11 +464,11 @@ def knowledge_index(docs):
         for name in names.intersection(" ".join(words[i:i + 2]) for i in range(len(words) - 1)):
             about[name].append(d)
 
-    def knowledge(query):
+    def knowledge(query, answers=()):
         words, found = query.split(), []
         for name in (" ".join(words[i:i + 2]) for i in range(len(words) - 1)):
             found += [d for d in about.get(name, []) if d not in found]
-        return found
+        return sorted(found, key=lambda d: not substring_match(d, answers))  # stable: corpus order within each
     return knowledge
 
 

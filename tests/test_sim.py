@@ -43,7 +43,7 @@ N_DOCS = [3, 3, 1, 4, 0, 3]  # 1 and 0 documents are malformed; 4 is cut to k = 
 CHAINS = [chain(i, n) for i, n in enumerate(N_DOCS)]
 REQUESTS = [dict(question=f"question {i}", golden_answers=["x"], query=f"q{i}") for i in range(len(CHAINS))]
 SEEDS = [101, 102, 103, 104, 105, 106]  # one per request, as the rollout passes them
-EXPECTED_DOCS = [[f"a{i}{d} b{i}{d}" for d in range(1, min(n, 3) + 1)] for i, n in enumerate(N_DOCS)]
+EXPECTED_DOCS = [[f"a{i}{d} b{i}{d}" for d in range(1, min(n, 3) + 1)] for i, n in enumerate(N_DOCS)]  # as written
 
 
 def successor_simulator(path):
@@ -133,7 +133,8 @@ def test_http_engine_gives_the_documents_of_the_in_process_simulator(tmp_path, m
         engine = engines.HttpEngine(dict(CFG, sim_url=url + "/"), world.load_tokenizer(path), "tiny-sim")
         docs = engine.search(REQUESTS, noise_prob=0.5, seed=SEEDS)
     local = sim.SimEngine(Qwen2ForCausalLM.from_pretrained(path), world.load_tokenizer(path), CFG)
-    assert docs == local.search(REQUESTS, noise_prob=0.5, seed=SEEDS) == EXPECTED_DOCS
+    assert docs == local.search(REQUESTS, noise_prob=0.5, seed=SEEDS)  # in the same (random) order
+    assert [sorted(d) for d in docs] == EXPECTED_DOCS
     assert engine.stats == local.stats == {"useful": engine.stats["useful"], "noisy": 6 - engine.stats["useful"],
                                            "malformed": 2}
     assert 0 < engine.stats["useful"] < 6
@@ -193,7 +194,7 @@ def test_malformed_output_is_counted_and_never_raises():
     with serve(lambda body: (200, reply)) as (url, _):
         engine = engines.HttpEngine(dict(CFG, sim_url=url), WhitespaceTok(), "m")
         docs = engine.search(REQUESTS[:5], noise_prob=0.0, seed=0)
-    assert docs == [[], ["only one"], [], ["a", "b", "c"], []]
+    assert [sorted(d) for d in docs] == [[], ["only one"], [], ["a", "b", "c"], []]  # in a random order
     assert engine.stats == {"useful": 5, "noisy": 0, "malformed": 4}
 
 
