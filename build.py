@@ -20,15 +20,14 @@ import sim
 import world
 
 BUILD_VERSION = 11  # bump when the code changes what a build holds, so old caches are not loaded
-WARMUP_KEYS = ["world_seed", "world_persons", "world_companies", "world_phrasings", "world_passages", "warmup_queries",
+WARMUP_KEYS = ["world_seed", "world_persons", "world_companies", "world_phrasings", "world_passages",
                "tiny_hidden", "tiny_layers", "tiny_heads",
-               "warmup_steps", "warmup_batch_size", "warmup_lr", "warmup_quote", "rl_share", "prompt_template", "direct_template",
+               "warmup_steps", "warmup_batch_size", "warmup_lr", "prompt_template", "direct_template",
                "invalid_action", "sim_template_finetuned", "sim_template_prompted",  # in the tokenizer's vocabulary
                "sim_template_prompted_noisy", "topk", "seed"]
-MISNAMED_SHARE = 0.2  # of the warm-up's queries, also asked with the name miscopied, for the simulator's rows
-SIMULATOR_KEYS = ["sim_sft_steps", "sim_sft_batch_size", "sim_sft_lr", "sim_sft_noisy", "sim_rows"]
-TRAJECTORY_KEYS = ["max_turns", "max_turn_tokens", "max_response_tokens", "temperature", "top_p"]  # shape sim_rows=trajectories
-SIM_ROWS = 4000  # rows collected with sim_rows=trajectories, balanced (the paper: about 20,000 for a 3B to 14B model)
+SIMULATOR_KEYS = ["sim_sft_steps", "sim_sft_batch_size", "sim_sft_lr",
+                  "max_turns", "max_turn_tokens", "max_response_tokens", "temperature", "top_p"]  # these shape its rows
+SIM_ROWS = 4000  # rows collected, balanced (the paper: about 20,000 for a 3B to 14B model)
 
 
 def digest(cfg, keys):
@@ -40,18 +39,17 @@ def prepare_embedded(cfg, cache_dir, log=print, collect=None):
     tokenizer, the real retriever, the format-warmed tiny policy and the tiny simulator fine-tuned
     from it (as the paper's policy and simulator both start from pretrained Qwen2.5 models). Each
     model is written to a temporary folder and renamed when complete, so a build killed half-way is
-    built again. The simulator's rows are the warm-up's queries with BM25's results (sim_rows=engine) or,
-    as the paper makes them, the warm-up policy's searches labelled by its answers and the judge (sim_rows=trajectories:
-    `collect`, zerosearch.collect). Returns (world, retriever, simulator path, policy path)."""
+    built again. The simulator's rows are, as the paper makes them, the warm-up policy's searches labelled
+    by its answers and the judge (`collect`, zerosearch.collect). Returns (world, retriever, simulator
+    path, policy path)."""
     w = world.world_of(cfg)
     retriever = engines.Retriever(w.docs)
     base = os.path.join(cache_dir, digest(cfg, WARMUP_KEYS))
-    sim_keys = SIMULATOR_KEYS + TRAJECTORY_KEYS * (cfg["sim_rows"] == "trajectories")
-    policy_dir, sim_dir = os.path.join(base, "warmup"), os.path.join(base, "simulator-" + digest(cfg, sim_keys))
+    policy_dir, sim_dir = os.path.join(base, "warmup"), os.path.join(base, "simulator-" + digest(cfg, SIMULATOR_KEYS))
     if whole(policy_dir) and whole(sim_dir):
         log(f"embedded default: loading the world's tokenizer, warm-up policy and simulator from {base}")
         return w, retriever, sim_dir, policy_dir
-    tok, trajectories, queries, rng = warmup_data(w, retriever, cfg)
+    tok, trajectories = warmup_data(w, retriever, cfg)
     if not whole(policy_dir):  # 1. the policy: the warm-up (format, queries of the entity, a first reading)
         policy = world.tiny_model(len(tok), cfg["tiny_hidden"], cfg["tiny_layers"], cfg["tiny_heads"], cfg["seed"])
         sim.sft(policy, trajectories, cfg["warmup_steps"], cfg["warmup_batch_size"], cfg["warmup_lr"], cfg["seed"],
@@ -60,21 +58,7 @@ def prepare_embedded(cfg, cache_dir, log=print, collect=None):
     # 2. the simulator: simulation fine-tuning of a copy on labelled (query, documents, useful/noisy) rows
     simulator = AutoModelForCausalLM.from_pretrained(policy_dir)
     if cfg["sim_sft_steps"]:  # 0: the warm-up policy itself serves as an untrained simulator, and needs no rows
-        knowledge = world.knowledge_index(w.docs)
-        if cfg["sim_rows"] == "trajectories":
-            rows, n_useful, n_noisy = collect(simulator.eval(), tok, world.split_train(w.train, cfg["rl_share"])[0],
-                                              engines.RealEngine(retriever, cfg, tok), cfg, SIM_ROWS, cfg["seed"])
-            if not rows:
-                raise SystemExit(f"error: sim_rows=trajectories: the warm-up policy's searches gave {n_useful} useful and "
-                                 f"{n_noisy} noisy rows, and the simulator needs both; raise warmup_steps, or set sim_rows=engine")
-            log(f"simulator rows: {len(rows)} kept of {n_useful} useful and {n_noisy} noisy from the warm-up policy's searches")
-            # the documents in the order of the simulator's knowledge, the one that states the answer first (the
-            # engine shows what the simulator writes in a random order: sim.read_documents)
-            rows = [dict(r, evidence=known, documents=sorted(r["documents"], key=lambda d: known.index(d) if d in known else len(known)))
-                    for r in rows for known in [knowledge(r["query"], [r["answer"]])]]
-        else:
-            rows = world.simulator_rows(w, queries, lambda q: retriever.search(q, cfg["topk"]), knowledge, rng,
-                                        cfg["sim_sft_noisy"])
+        rows = simulator_rows(simulator, tok, w, retriever, cfg, collect, log)
         sim.train_simulator(simulator, tok, rows, cfg, steps=cfg["sim_sft_steps"],
                             batch_size=cfg["sim_sft_batch_size"], lr=cfg["sim_sft_lr"], seed=cfg["seed"])
     save_atomically(simulator, tok, sim_dir)
@@ -82,40 +66,44 @@ def prepare_embedded(cfg, cache_dir, log=print, collect=None):
     return w, retriever, sim_dir, policy_dir
 
 
+def simulator_rows(policy, tok, w, retriever, cfg, collect, log=print):
+    """The simulator's fine-tuning rows as the paper makes them: the warm-up `policy`'s searches of the real
+    engine labelled by its answers and the judge (`collect`, zerosearch.collect), each with the simulator's
+    knowledge of its query, and its documents in that knowledge's order, the one that states the answer first
+    (the engine shows what the simulator writes in a random order: sim.read_documents)."""
+    rows, n_useful, n_noisy = collect(policy.eval(), tok, w.train, engines.RealEngine(retriever, cfg, tok), cfg,
+                                      SIM_ROWS, cfg["seed"])
+    if not rows:
+        raise SystemExit(f"error: the warm-up policy's searches gave {n_useful} useful and {n_noisy} noisy rows, and the "
+                         "simulator needs both; raise warmup_steps")
+    log(f"simulator rows: {len(rows)} kept of {n_useful} useful and {n_noisy} noisy from the warm-up policy's searches")
+    knowledge = world.knowledge_index(w.docs)
+    return [dict(r, evidence=known, documents=sorted(r["documents"], key=lambda d: known.index(d) if d in known else len(known)))
+            for r in rows for known in [knowledge(r["query"], [r["answer"]])]]
+
+
 def warmup_data(w, retriever, cfg):
-    """-> (tokenizer, warm-up examples, the (question, query) pairs of the simulator's rows, the random
-    stream after them, which the rows continue): one trajectory per train question, searching the real
-    engine; 10% are the no-search prompt's format (an answer straight away). The rows' queries are the
-    warm-up's, and a fifth of them again with the entity's name miscopied (`world.misnamed_query`)."""
+    """-> (tokenizer, warm-up examples): one trajectory per train question, searching the real engine;
+    10% are the no-search prompt's format (an answer straight away)."""
     tok = world.world_tokenizer(w, cfg)
     rng = random.Random(cfg["seed"])
     names, guesses = collections.defaultdict(set), collections.defaultdict(list)
-    warmup_questions = world.split_train(w.train, cfg["rl_share"])[0]
-    for q in warmup_questions:
+    for q in w.train:
         guesses[q["relation"]].append(q["golden_answers"][0])
         if q["hops"] == 1:
             names[world.SUBJECT_TYPE[q["relation"]]].add(q["subject"])
     names = {k: sorted(v) for k, v in names.items()}
-    mixed = cfg["world_phrasings"] if cfg["warmup_queries"] == "mixed" else 0  # the phrasings warm-up queries may take
-    trajectories, queries = [], []
-    for q in warmup_questions:
+    trajectories = []
+    for q in w.train:
         if rng.random() < 0.1:
             prompt = cfg["direct_template"].format(question=q["question"])
             response = f"<answer> {rng.choice(guesses[q['relation']])} </answer>"
         else:
             prompt = cfg["prompt_template"].format(question=q["question"])
-            response, qs = world.warmup_trajectory(q, lambda query: retriever.search(query, cfg["topk"]), sim.information,
-                                                   names, rng, cfg["warmup_quote"], phrasings=mixed, budget=cfg["max_turns"])
-            queries += [(q, query) for query in qs]
+            response, _ = world.warmup_trajectory(q, lambda query: retriever.search(query, cfg["topk"]), sim.information,
+                                                  names, rng, cfg["world_phrasings"], cfg["max_turns"])
         trajectories.append(world.encode_warmup(tok, prompt, response))
-    # The same query with a name that is no entity's: the simulator then knows nothing and must not
-    # write the answer it sees in its prompt (trained without such rows, on the entity's own facts, it
-    # did for 73 of 123 such queries; with them 10, with BM25's results as the useful documents 7).
-    entities = {q["subject"] for q in w.train + w.test}
-    firsts = sorted({e.split()[0] for e in entities})
-    queries += [(q, wrong) for q, query in queries if rng.random() < MISNAMED_SHARE
-                for wrong in [world.misnamed_query(query, entities, firsts, rng)] if wrong]
-    return tok, trajectories, queries, rng
+    return tok, trajectories
 
 
 def save_atomically(model, tok, path):
@@ -156,7 +144,7 @@ def setup(cfg, ctx, collect=None):
         test = {name: [q for q in w.test if q["hops"] == hops] for name, hops in world.TEST_SETS.items()}
         eval_sets = {k: fitting(v, tok, cfg, k, ctx)[:cfg["eval_size"]] for k, v in test.items() if v}
         knowledge = None if cfg["sim_model"] else world.knowledge_index(w.docs)  # a real simulator has its own
-        train_qs = fitting(world.split_train(w.train, cfg["rl_share"])[1], tok, cfg, "the train questions", ctx)
+        train_qs = fitting(w.train, tok, cfg, "the train questions", ctx)
         return tok, train_qs, eval_sets, retriever, cfg["sim_model"] or sim_path, cfg["policy_model"] or policy_path, knowledge
     if not cfg["policy_model"]:
         raise SystemExit("error: data is a file, so policy_model must name a model (e.g. policy_model=Qwen/Qwen2.5-3B)")

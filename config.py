@@ -16,8 +16,8 @@ CHOICES = {"algo": ("ppo", "grpo", "reinforce", "reinforce++"), "reward": ("f1",
            "eval_backend": ("real", "retriever"), "sim_style": ("finetuned", "prompted"), "sharding": ("ddp", "fsdp"),
            "loss_agg_mode": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
            "sim_batching": ("auto", "list", "single"), "kl_type": ("k1", "abs", "k2", "k3"),
-           "kl_in": ("auto", "reward", "loss"), "mode": ("train", "eval", "ask"), "warmup_queries": ("copy", "mixed"),
-           "sim_rows": ("engine", "trajectories"), "ask_engine": (None, "sim", "real", "retriever", "http")}
+           "kl_in": ("auto", "reward", "loss"), "mode": ("train", "eval", "ask"),
+           "ask_engine": (None, "sim", "real", "retriever", "http")}
 AT_LEAST_ONE = ["steps", "batch_size", "n_samples", "mini_batch_size", "micro_batch_size", "ppo_epochs",
                 "topk", "doc_tokens", "max_turn_tokens", "max_response_tokens", "sim_max_tokens",
                 "eval_size", "threads", "sim_retries", "retriever_retries", "max_prompt_tokens", "save_every", "keep_last"]

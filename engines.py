@@ -148,7 +148,8 @@ class HttpEngine:
             cause = "choices without `text`" if None in texts else "empty completions"
             raise SystemExit(f"error: search_backend=http: {self.url} sent {cause} for {sum(not t for t in texts)} of "
                              f"{len(texts)} prompts; check that sim_served_model is a simulator the server completes text with")
-        return read_documents(self.tok, [text or "" for text in texts], kinds, self.cfg, self.stats, seed)
+        return read_documents(self.tok, [text or "" for text in texts], kinds, self.cfg, self.stats,
+                              seed if self.knowledge else None)
 
     def complete_all(self, prompts, seeds):
         """The texts of all prompts, in order: HTTP_CHUNK a request, or one a request."""

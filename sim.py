@@ -98,7 +98,7 @@ class SimEngine:
         outs, _ = sample(self.model, prompts, self.cfg["sim_max_tokens"], temperature=self.cfg["sim_temperature"],
                          eos_token_id=self.tok.eos_token_id, seed=seed)
         texts = [self.tok.decode(out, skip_special_tokens=True) for out in outs]
-        return read_documents(self.tok, texts, kinds, self.cfg, self.stats, seed)
+        return read_documents(self.tok, texts, kinds, self.cfg, self.stats, seed if self.knowledge else None)
 
 
 def with_knowledge(requests, knowledge):
@@ -117,20 +117,21 @@ def draw_kinds(n, noise_prob, seed):
     return ["noisy" if rng.random() < noise_prob else "useful" for _ in range(n)]
 
 
-def read_documents(tok, texts, kinds, cfg, stats, seed=0):
-    """The simulator's output texts -> per request at most k documents, each cut to doc_tokens, in a
-    random order (`seed` as draw_kinds'): the simulator writes the most relevant first, and the policy
-    reads a result list whole, wherever the answer stands. Counts each kind, and as malformed an output
-    with fewer than k documents (no `Doc` line, too few, empty): what there is is kept, so bad simulator
-    output never stops a training step."""
+def read_documents(tok, texts, kinds, cfg, stats, seed=None):
+    """The simulator's output texts -> per request at most k documents, each cut to doc_tokens. With a
+    `seed` (as draw_kinds'), in a random order: the embedded world's simulator writes them in its
+    knowledge's order, the one that states the answer first, and the policy reads a result list whole.
+    Counts each kind, and as malformed an output with fewer than k documents (no `Doc` line, too few,
+    empty): what there is is kept, so bad simulator output never stops a training step."""
     order = random.Random(f"order {seed}")
     results = []
     for i, (kind, text) in enumerate(zip(kinds, texts)):
-        docs = parse_docs(TAG_RE.sub(" ", text), cfg["topk"])
+        docs = [truncate(tok, d, cfg["doc_tokens"]) for d in parse_docs(TAG_RE.sub(" ", text), cfg["topk"])]
         stats[kind] += 1
         stats["malformed"] += len(docs) < cfg["topk"]
-        shuffle = random.Random(f"order {seed[i]}").sample if isinstance(seed, list) else order.sample
-        results.append(shuffle([truncate(tok, d, cfg["doc_tokens"]) for d in docs], len(docs)))
+        if seed is not None:
+            docs = (random.Random(f"order {seed[i]}") if isinstance(seed, list) else order).sample(docs, len(docs))
+        results.append(docs)
     return results
 
 

@@ -11,7 +11,6 @@ import json
 import os
 import random
 import re
-import zlib
 from dataclasses import dataclass
 
 import torch
@@ -264,7 +263,7 @@ def retrieval_stats(world, search, phrasings, n=400):
     return out
 
 
-def warmup_trajectory(q, search, information, names, rng, quote=True, p_right=0.6, p_vague=0.25, phrasings=0, budget=2):
+def warmup_trajectory(q, search, information, names, rng, phrasings=1, budget=2, p_right=0.6, p_vague=0.25):
     """One warm-up response for question q, searching the real engine.
 
     Each query names the right entity with probability p_right, is vague (keywords only) with
@@ -273,16 +272,15 @@ def warmup_trajectory(q, search, information, names, rng, quote=True, p_right=0.
     else is the value of a random result about the relation: so no position holds the answer
     more often than another, and the answer is right only when every query was. (With ranked
     results, or with the first result's value as the fallback, the tiny policy learned to copy
-    Doc 1, which BM25 ranks right for a right query and the simulator does not.) With `quote`,
-    a <think> after each search copies the result it reads whole, before the next action takes
-    the value from it: finding the sentence is then one skill for every kind of question, and
+    Doc 1, which BM25 ranks right for a right query and the simulator does not.) A <think> after
+    each search copies the result it reads whole, before the next action takes the value from it: finding the sentence is then one skill for every kind of question, and
     the value stands a few tokens back, wherever the result stood. (Without the quote, a value
     after the relation, `born in X`, and a name before it, `X was founded by P`, were two ways of
     reading, and the tiny policy learned one of them at a time.) `names[type]` lists train
     entities only.
 
-    With `phrasings` (warmup_queries=mixed, on a world stated in that many phrasings), a query about
-    the right entity takes any of its `formulations` with equal chance (a two-hop question's first
+    A query about the right entity takes any of its `formulations` (in a world stated in `phrasings`
+    phrasings) with equal chance (a two-hop question's first
     search may copy the whole question), as a prompted base model writes queries, none favoured for
     working best on this engine; and a search whose results do not state the fact is followed, half
     the time, by a search in another form, while the trajectory's `budget` of searches (max_turns)
@@ -292,9 +290,9 @@ def warmup_trajectory(q, search, information, names, rng, quote=True, p_right=0.
     for h, relation in enumerate(hops):
         keywords, u = RELATIONS[relation][2], rng.random()
         entity = subject if u < p_right + p_vague else rng.choice(names[SUBJECT_TYPE[relation]])  # vague: no name
-        forms = formulations(entity, relation, phrasings or 1, q["question"] if h == 0 and q["hops"] == 2 else None)
+        forms = formulations(entity, relation, phrasings, q["question"] if h == 0 and q["hops"] == 2 else None)
         vague = p_right <= u < p_right + p_vague
-        query = keywords if vague else rng.choice(list(forms.values())) if phrasings else right_query(entity, relation)
+        query = keywords if vague else rng.choice(list(forms.values()))
         while True:
             docs = search(query)
             docs = rng.sample(docs, len(docs))  # a random order: the answer is read, not ranked first
@@ -303,13 +301,13 @@ def warmup_trajectory(q, search, information, names, rng, quote=True, p_right=0.
             stating = [(v, d) for d in docs if (v := find_fact([d], subject, relation))]
             others = [f for f in forms.values() if f not in queries]
             room = budget - len(queries) - (len(hops) - 1 - h)  # searches left after the hops to come
-            if not (phrasings and u < p_right and not stating and room > 0 and others and rng.random() < 0.5):
+            if not (u < p_right and not stating and room > 0 and others and rng.random() < 0.5):
                 break
             query = rng.choice(others)  # search again, in another form
         # (the value read, the result it is read from): the result stating the fact, else a random one's value
         guess = rng.choice([(v, d) for d in docs if (v := answer_from_doc(d, relation))] or [(subject, None)])
         subject, doc = stating[0] if stating else guess
-        if quote and doc:
+        if doc:
             text += f" <think> {doc} </think>"
     return text + f" <answer> {subject} </answer>", queries
 
@@ -432,20 +430,6 @@ def encode_warmup(tok, prompt, response):
     return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
 
 
-def noisy_docs(docs, golds, pools, rng):
-    """Plausible but wrong documents for a query: each fact with its value swapped for another
-    of the same kind (a city for a city, a year for a year), and its subject too where the subject
-    is a gold answer (the founder sentence answers "which company"), so none states a gold answer.
-    `pools[relation]`: the (subject, value) pairs of the corpus."""
-    out = []
-    for d in docs:
-        if fact := parse_doc(d):
-            s, r, o = fact
-            if s in golds:
-                s = rng.choice([x for x, _ in pools[r] if x not in golds])
-            d = RELATIONS[r][0].format(s=s, o=rng.choice([v for _, v in pools[r] if v not in golds and v != o] or [o]))
-        out.append(d)
-    return out
 
 
 def knowledge_index(docs):
@@ -470,58 +454,6 @@ def knowledge_index(docs):
             found += [d for d in about.get(name, []) if d not in found]
         return sorted(found, key=lambda d: not substring_match(d, answers))  # stable: corpus order within each
     return knowledge
-
-
-def misnamed_query(query, entities, firsts, rng):
-    """`query` with the first word of the entity it names swapped so that it names no entity (the
-    tiny policy's usual copy error), or None if it names none."""
-    words = query.split()
-    for i in range(len(words) - 1):
-        if " ".join(words[i:i + 2]) in entities:
-            for _ in range(50):
-                name = f"{rng.choice(firsts)} {words[i + 1]}"
-                if name not in entities:
-                    return " ".join(words[:i] + name.split() + words[i + 2:])
-    return None
-
-
-def simulator_rows(world, queries, search, knowledge, rng, noisy_share=0.5):
-    """Labelled rows for simulation fine-tuning, as the paper collects them: (query, question,
-    answer, documents, label), plus the simulator's knowledge of the query (`evidence`).
-    `useful` documents are the real engine's results for the query, in a random order, as the paper
-    fine-tunes on the real engine's documents: a query about the wrong entity gets what BM25 finds for
-    it, not the answer, and the answer stands at every position alike. BM25's other results are often
-    the same relation about entities that share a name word ("Droubon Energy is headquartered in ..."
-    for "Droubon Textiles"), which the policy must learn to tell apart. (Rows of the queried entity's
-    own facts made the simulator's second hop easier than BM25's, and listed first they taught the
-    policy to read Doc 3 less: docs/experiments.md.) `noisy` ones are the same
-    with wrong values; a row is noisy with probability `noisy_share`."""
-    pools = collections.defaultdict(list)
-    for s, r, o in filter(None, map(parse_doc, world.docs)):
-        pools[r].append((s, o))
-    rows = []
-    for q, query in queries:
-        known, found = knowledge(query), search(query)
-        docs = rng.sample(found, len(found))
-        label = "noisy" if rng.random() < noisy_share else "useful"
-        if label == "noisy":
-            docs = noisy_docs(docs, q["golden_answers"], pools, rng)
-        rows.append(dict(query=query, question=q["question"], answer=q["golden_answers"][0],
-                         evidence=known, documents=docs, label=label))
-    return rows
-
-
-def split_train(train, rl_share):
-    """(warm-up questions, RL questions). With rl_share null (the default) both are all of
-    `train`; with a share, the train questions about disjoint sets of train entities (a company
-    with its founder), `rl_share` of them for RL, by a hash of the name. The warm-up's loss
-    covers the results it read, so a policy warmed up on an entity's facts answers from memory,
-    and RL on those entities rewards recall over reading (docs/experiments.md has what the split did)."""
-    if rl_share is None:
-        return train, train
-    company_of = {q["golden_answers"][0]: q["subject"] for q in train if q["relation"] == "founder"}
-    rl = [zlib.crc32(company_of.get(q["subject"], q["subject"]).encode()) % 1000 < 1000 * rl_share for q in train]
-    return [q for q, r in zip(train, rl) if not r], [q for q, r in zip(train, rl) if r]
 
 
 def world_tokenizer(world, cfg):

@@ -317,9 +317,12 @@ def test_a_full_disk_during_a_save_names_the_intact_checkpoint(tmp_path, monkeyp
 
 
 def test_a_build_killed_half_way_or_cut_short_is_built_again(tmp_path, monkeypatch):
-    cfg = config.load_config(["preset=smoke", "warmup_steps=2", "sim_sft_steps=2", "world_persons=300",
-                              "world_companies=90", "sim_rows=engine"])  # a 2-step warm-up answers nothing right
+    cfg = config.load_config(["preset=smoke", "warmup_steps=2", "sim_sft_steps=2", "world_persons=300", "world_companies=90"])
     saved = build.save_atomically
+    row = dict(query="q", question="q ?", answer="a", documents=["d"], label="useful")
+
+    def one_row(*args):  # a 2-step warm-up answers nothing right, so zerosearch.collect would find no row
+        return [row, dict(row, label="noisy")], 1, 1
 
     def dies_while_saving_the_simulator(model, tok, path):
         if "simulator" in path:
@@ -330,17 +333,17 @@ def test_a_build_killed_half_way_or_cut_short_is_built_again(tmp_path, monkeypat
 
     monkeypatch.setattr(build, "save_atomically", dies_while_saving_the_simulator)
     with pytest.raises(OSError):
-        build.prepare_embedded(cfg, str(tmp_path), log=lambda *a: None, collect=zs.collect)
+        build.prepare_embedded(cfg, str(tmp_path), log=lambda *a: None, collect=one_row)
     monkeypatch.undo()
     logs = []
-    _, _, sim_dir, policy_dir = build.prepare_embedded(cfg, str(tmp_path), log=logs.append, collect=zs.collect)
+    _, _, sim_dir, policy_dir = build.prepare_embedded(cfg, str(tmp_path), log=logs.append, collect=one_row)
     assert "built" in logs[-1] and os.path.isdir(sim_dir) and os.path.isdir(policy_dir)
     assert not any(name.endswith(".tmp") for name in os.listdir(os.path.dirname(sim_dir)))
     sim.SimEngine(zs.AutoModelForCausalLM.from_pretrained(sim_dir), world.load_tokenizer(sim_dir), cfg)  # it loads
     weights = os.path.join(sim_dir, "model.safetensors")
     with open(weights, "r+b") as f:  # cut short, as a full disk or a copy that stopped leaves it
         f.truncate(os.path.getsize(weights) // 2)
-    _, _, sim_dir, _ = build.prepare_embedded(cfg, str(tmp_path), log=logs.append, collect=zs.collect)
+    _, _, sim_dir, _ = build.prepare_embedded(cfg, str(tmp_path), log=logs.append, collect=one_row)
     assert "built" in logs[-1] and build.whole(sim_dir)
     sim.SimEngine(zs.AutoModelForCausalLM.from_pretrained(sim_dir), world.load_tokenizer(sim_dir), cfg)
 

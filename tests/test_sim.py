@@ -43,7 +43,7 @@ N_DOCS = [3, 3, 1, 4, 0, 3]  # 1 and 0 documents are malformed; 4 is cut to k = 
 CHAINS = [chain(i, n) for i, n in enumerate(N_DOCS)]
 REQUESTS = [dict(question=f"question {i}", golden_answers=["x"], query=f"q{i}") for i in range(len(CHAINS))]
 SEEDS = [101, 102, 103, 104, 105, 106]  # one per request, as the rollout passes them
-EXPECTED_DOCS = [[f"a{i}{d} b{i}{d}" for d in range(1, min(n, 3) + 1)] for i, n in enumerate(N_DOCS)]  # as written
+EXPECTED_DOCS = [[f"a{i}{d} b{i}{d}" for d in range(1, min(n, 3) + 1)] for i, n in enumerate(N_DOCS)]
 
 
 def successor_simulator(path):
@@ -133,8 +133,7 @@ def test_http_engine_gives_the_documents_of_the_in_process_simulator(tmp_path, m
         engine = engines.HttpEngine(dict(CFG, sim_url=url + "/"), world.load_tokenizer(path), "tiny-sim")
         docs = engine.search(REQUESTS, noise_prob=0.5, seed=SEEDS)
     local = sim.SimEngine(Qwen2ForCausalLM.from_pretrained(path), world.load_tokenizer(path), CFG)
-    assert docs == local.search(REQUESTS, noise_prob=0.5, seed=SEEDS)  # in the same (random) order
-    assert [sorted(d) for d in docs] == EXPECTED_DOCS
+    assert docs == local.search(REQUESTS, noise_prob=0.5, seed=SEEDS) == EXPECTED_DOCS
     assert engine.stats == local.stats == {"useful": engine.stats["useful"], "noisy": 6 - engine.stats["useful"],
                                            "malformed": 2}
     assert 0 < engine.stats["useful"] < 6
@@ -143,6 +142,16 @@ def test_http_engine_gives_the_documents_of_the_in_process_simulator(tmp_path, m
     assert [p for b in sent for p in b["prompt"]] == [sim.sim_prompt(CFG, r, kind) for r, kind in zip(REQUESTS, kinds)]
     assert all(b["model"] == "tiny-sim" and b["max_tokens"] == 24 and b["temperature"] == 0.0 for b in bodies)
     assert [b["seed"] for b in sent] == [SEEDS[0], SEEDS[4]]  # one seed a request: its first prompt's
+
+
+def test_the_embedded_simulators_documents_come_in_a_random_order_each_requests_its_own(tmp_path):
+    """With knowledge (the embedded world's), the written documents are shown in a random order, drawn from each
+    request's seed: the same documents, the same order for a request whatever the others in its call."""
+    path = successor_simulator(tmp_path / "sim")
+    engine = sim.SimEngine(Qwen2ForCausalLM.from_pretrained(path), world.load_tokenizer(path), CFG, lambda query, answers: [])
+    docs = engine.search(REQUESTS, noise_prob=0.5, seed=SEEDS)
+    assert [sorted(d) for d in docs] == EXPECTED_DOCS and docs != EXPECTED_DOCS  # written in order, shown shuffled
+    assert engine.search(REQUESTS[3:], noise_prob=0.5, seed=SEEDS[3:]) == docs[3:]
 
 
 def test_http_engine_renders_the_chat_template_when_sim_chat_template_is_true(tmp_path):
@@ -194,7 +203,7 @@ def test_malformed_output_is_counted_and_never_raises():
     with serve(lambda body: (200, reply)) as (url, _):
         engine = engines.HttpEngine(dict(CFG, sim_url=url), WhitespaceTok(), "m")
         docs = engine.search(REQUESTS[:5], noise_prob=0.0, seed=0)
-    assert [sorted(d) for d in docs] == [[], ["only one"], [], ["a", "b", "c"], []]  # in a random order
+    assert docs == [[], ["only one"], [], ["a", "b", "c"], []]
     assert engine.stats == {"useful": 5, "noisy": 0, "malformed": 4}
 
 

@@ -90,17 +90,3 @@ def test_mixed_warm_up_queries_take_every_form_alike_and_search_again_only_after
             assert q["evidence"][0] not in search(queries[0]) and queries[1] != queries[0]
     right = [forms[f] for f in ("question", "keyword", "synonyms", "name")]
     assert min(right) > 0.6 * max(right) and again > 0  # no form favoured; a miss is sometimes searched again
-
-
-def test_the_copy_warm_up_asks_one_hop_questions_never_the_two_hop_question_itself():
-    w = world.build_world(0, 300, 90)
-    names = collections.defaultdict(list)
-    for q in w.train:
-        if q["hops"] == 1:
-            names[world.SUBJECT_TYPE[q["relation"]]].append(q["subject"])
-    rng, firsts = random.Random(0), 0
-    for q in [q for q in w.train if q["hops"] == 2][:100]:
-        _, queries = world.warmup_trajectory(q, lambda query: w.docs[:3], lambda d: " | ".join(d), names, rng)
-        assert q["question"] not in queries
-        firsts += queries[0] == world.right_query(q["subject"], world.TWO_HOP[q["relation"]][1])
-    assert firsts > 40  # the right entity's one-hop question, about 60% of the time

@@ -474,17 +474,16 @@ def padded_sft_backward(actor, input_ids, attention_mask, trained):
 
 
 def bench_sft():
-    """The default build's two fine-tunings from one start, padded (before) and as sim.sft runs them now, the
+    """The default build's two fine-tunings (its warm-up data, and the simulator's rows collected with its warm-up
+    policy, the build made if missing) from one start, padded (before) and as sim.sft runs them now, the
     runs alternating. sim.sft_backward is swapped for one that records when it began (a step is timed from
     one call to the next: the whole step), its loss, and the positions computed (for the packed path, as
     `packing.pack_rows` plans them), the real tokens and the trained ones."""
     cfg, threads = load_config([]), torch.get_num_threads()
     torch.set_num_threads(cfg["threads"])
-    w = world.world_of(cfg)
-    retriever = engines.Retriever(w.docs)
-    tok, trajectories, queries, rng = build.warmup_data(w, retriever, cfg)
-    rows = world.simulator_rows(w, queries, lambda q: retriever.search(q, cfg["topk"]), world.knowledge_index(w.docs),
-                                rng, cfg["sim_sft_noisy"])
+    w, retriever, _, policy_path = build.prepare_embedded(cfg, os.path.join(cfg["out_dir"], "build"), collect=zerosearch.collect)
+    tok, trajectories = build.warmup_data(w, retriever, cfg)
+    rows = build.simulator_rows(AutoModelForCausalLM.from_pretrained(policy_path), tok, w, retriever, cfg, zerosearch.collect)
     model = world.tiny_model(len(tok), cfg["tiny_hidden"], cfg["tiny_layers"], cfg["tiny_heads"], cfg["seed"])
     start = copy.deepcopy(model.state_dict())
     runs = {"warm-up": lambda: sim.sft(model, trajectories, SFT_STEPS, cfg["warmup_batch_size"], cfg["warmup_lr"],
