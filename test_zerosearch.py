@@ -420,7 +420,8 @@ def test_project_modules_import_downward_only_and_at_the_top_of_their_file():
         order += ready
         done |= set(ready)
     assert not any("zerosearch" in deps for deps in graph.values())  # the top: nothing imports it
-    assert graph["config"] == graph["world"] == graph["parallel"] == set()  # leaves
+    assert graph["config"] == graph["reward"] == graph["parallel"] == set()  # leaves
+    assert graph["world"] == {"reward"}  # its knowledge ranks passages by the judge's substring match
 
 
 def test_reading_check_moves_only_the_answer_bearing_document_to_each_position():
