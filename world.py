@@ -267,24 +267,24 @@ def warmup_trajectory(q, search, information, names, rng, phrasings=1, budget=2,
     """One warm-up response for question q, searching the real engine.
 
     Each query names the right entity with probability p_right, is vague (keywords only) with
-    p_vague and names another train entity otherwise. The results are shown in a random order,
-    not the engine's ranking, and the answer is read from the result that states the fact, or
-    else is the value of a random result about the relation: so no position holds the answer
-    more often than another, and the answer is right only when every query was. (With ranked
-    results, or with the first result's value as the fallback, the tiny policy learned to copy
-    Doc 1, which BM25 ranks right for a right query and the simulator does not.) A <think> after
-    each search copies the result it reads whole, before the next action takes the value from it: finding the sentence is then one skill for every kind of question, and
-    the value stands a few tokens back, wherever the result stood. (Without the quote, a value
-    after the relation, `born in X`, and a name before it, `X was founded by P`, were two ways of
-    reading, and the tiny policy learned one of them at a time.) `names[type]` lists train
-    entities only.
+    p_vague and names another train entity otherwise. The results are shown in a random order, not
+    the engine's ranking, and the answer is read from the result that states the fact, or else is
+    the value of a random result about the relation: so no position holds the answer more often than
+    another, and the answer is right only when every query was. (With ranked results, or with the
+    first result's value as the fallback, the tiny policy learned to copy Doc 1, which BM25 ranks
+    right for a right query and the simulator does not.) A <think> after each search copies the
+    result it reads whole, before the next action takes the value from it: finding the sentence is
+    then one skill for every kind of question, and the value stands a few tokens back, wherever the
+    result stood. (Without the quote, a value after the relation, `born in X`, and a name before it,
+    `X was founded by P`, were two ways of reading, and the tiny policy learned one of them at a
+    time.) `names[type]` lists train entities only.
 
     A query about the right entity takes any of its `formulations` (in a world stated in `phrasings`
-    phrasings) with equal chance (a two-hop question's first
-    search may copy the whole question), as a prompted base model writes queries, none favoured for
-    working best on this engine; and a search whose results do not state the fact is followed, half
-    the time, by a search in another form, while the trajectory's `budget` of searches (max_turns)
-    leaves room for the hops still to come. Returns the response text and its queries."""
+    phrasings) with equal chance (a two-hop question's first search may copy the whole question), as
+    a prompted base model writes queries, none favoured for working best on this engine; and a
+    search whose results do not state the fact is followed, half the time, by a search in another
+    form, while the trajectory's `budget` of searches (max_turns) leaves room for the hops still to
+    come. Returns the response text and its queries."""
     hops = [q["relation"]] if q["hops"] == 1 else list(TWO_HOP[q["relation"]][1:])
     text, subject, queries = "<think> I need to search . </think>", q["subject"], []
     for h, relation in enumerate(hops):
