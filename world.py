@@ -198,8 +198,8 @@ def find_fact(docs, subject, relation):
 
 
 def right_query(subject, relation):
-    """The query that finds a fact: the one-hop question about it (a single-hop question is its
-    own best query, as Search-R1 policies learn; it is copied, not composed)."""
+    """The one-hop question about `subject`'s `relation`, in the question's words: the "question" form of
+    `formulations` (BM25 finds it less often than the name with every word for the relation)."""
     return RELATIONS[relation][1].format(s=subject)
 
 
