@@ -99,8 +99,8 @@ def top_k(scores, k):
     """Indices of the (at most) k positive scores that rank first, highest first, ties in index order:
     `np.argsort(-scores, kind="stable")[:k]` of the positive ones without a sort. Partial selection finds
     the k-th highest; every score above it is in, and of those equal to it the first ones. It runs on the
-    positive scores alone: most documents share no word with a query, and selecting among that many
-    equal zeros is what took the time (about 200x, `python tools/bench.py retriever`)."""
+    positive scores alone: most documents share no word with a query, and numpy's selection slows down
+    among that many equal zeros (docs/performance.md)."""
     top = np.flatnonzero(scores > 0)
     if len(top) > k:
         found = scores[top]

@@ -562,6 +562,19 @@ def test_collect_needs_a_policy_and_a_real_engine():
         simulator.main(["collect", "n=1"])
 
 
+def test_collect_writes_the_rows_and_counts_each_label_as_written(tmp_path, monkeypatch, capsys):
+    """The rows are balanced within each form, and the vague and other-entity ones come in proportion, mostly
+    noisy: the printed counts are the labels of the rows written, not half of them each."""
+    rows = [dict(query=f"q{i}", question="Q ?", answer="A", documents=["d"], label=label)
+            for i, label in enumerate(["useful", "noisy", "noisy", "noisy"])]
+    monkeypatch.setattr(simulator, "load_model", lambda name, key: (None, None))
+    monkeypatch.setattr(zerosearch, "collect", lambda *args: (rows, 3, 9))
+    out = tmp_path / "rows.jsonl"
+    simulator.main(["collect", f"out={out}", "n=4", "policy_model=org/policy", "world_persons=300", "world_companies=90"])
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+    assert "4 rows (1 useful, 3 noisy; collected 3 useful and 9 noisy)" in capsys.readouterr().out
+
+
 def ragged_examples(seed=0):
     """(token ids, loss mask) of 10 lengths: a prompt (mask 0) then a target (mask 1), one target with
     a gap (as the warm-up's quotes), one whose mask also covers its first token (never predicted)."""

@@ -132,7 +132,8 @@ def collect_main(argv):
     rows, n_useful, n_noisy = zerosearch.collect(model, tok, questions, engine, cfg, args["n"], cfg["seed"])
     with open(args["out"], "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
-    print(f"{len(rows)} rows ({len(rows) // 2} useful, {len(rows) // 2} noisy; collected {n_useful} useful and "
+    useful = sum(row["label"] == "useful" for row in rows)
+    print(f"{len(rows)} rows ({useful} useful, {len(rows) - useful} noisy; collected {n_useful} useful and "
           f"{n_noisy} noisy) written to {args['out']}")
 
 
