@@ -430,8 +430,6 @@ def encode_warmup(tok, prompt, response):
     return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
 
 
-
-
 def knowledge_index(docs):
     """The tiny simulator's knowledge: `knowledge(query, answers)` -> every document of the corpus that
     names an entity the query names (by exact name): its facts and the other passages about it, those
