@@ -38,7 +38,6 @@ import itertools
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import time
@@ -68,6 +67,13 @@ def rss_mb(field):  # "VmRSS" (now) or "VmHWM" (peak since the last reset)
         return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
 
 
+def reset_peak_rss():
+    """VmHWM := VmRSS, so that VmHWM is the peak from here on -> VmRSS (MB)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_mb("VmRSS")
+
+
 def timed(fn, device="cpu"):
     """-> (fn(), its wall time in seconds); on a CUDA `device` the clock stops once the work queued on it is done."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
@@ -76,25 +82,6 @@ def timed(fn, device="cpu"):
     out = fn()
     sync()
     return out, time.perf_counter() - start
-
-
-def measure(step, repeats=2, device="cpu"):
-    """-> {peak_mb, seconds} of step(), whose inputs the caller has just allocated: how far the peak memory rises
-    above what was in use before (on the CPU the process's RSS, its peak VmHWM reset here to forget the peaks of
-    imports and input set-up; on a GPU the memory allocated), and the mean time of `repeats` runs after one warm-up
-    (in which Triton compiles its kernels and cuBLAS picks its own)."""
-    if device == "cuda":  # the allocator's own counts: they need no wait for the GPU
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated() / 2 ** 20
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
-        baseline = rss_mb("VmRSS")
-    step()  # warm-up
-    _, seconds = timed(lambda: [step() for _ in range(repeats)], device)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else rss_mb("VmHWM")
-    return {"peak_mb": peak - baseline, "seconds": seconds / repeats}
 
 
 # --- logprob: per-token log-prob + entropy + backward from the last hidden state -----------------
@@ -116,17 +103,28 @@ def naive_logprob_entropy(hidden, weight, labels):
     return logp, -(logp_all.exp() * logp_all).sum(-1)  # H = -Σ p log p
 
 
-def logprob_step(fn, hidden, weight, labels):
-    """-> step(): fn's log-probs and entropies (temperature 1), and the backward of a loss made of both."""
+def measure(fn, hidden, weight, labels, repeats=2):
+    """-> {peak_mb, seconds} of a step through `fn` (its log-probs and entropies, temperature 1, and the backward
+    of a loss made of both) on inputs the caller has just allocated: how far the peak memory rises above what was
+    in use before (on the CPU the process's RSS, its peak VmHWM reset here to forget the peaks of imports and input
+    set-up; on a GPU the memory allocated), and the mean time of `repeats` steps after one warm-up (in which Triton
+    compiles its kernels and cuBLAS picks its own)."""
     def step():
         hidden.grad = weight.grad = None
         logp, entropy = fn(hidden, weight, labels)
         (logp + 0.01 * entropy).sum().backward()
-    return step
+    if hidden.is_cuda:  # the allocator's own counts: they need no wait for the GPU
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated() / 2 ** 20 if hidden.is_cuda else reset_peak_rss()
+    step()  # warm-up
+    _, seconds = timed(lambda: [step() for _ in range(repeats)], hidden.device)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if hidden.is_cuda else rss_mb("VmHWM")
+    return {"peak_mb": peak - baseline, "seconds": seconds / repeats}
 
 
 def in_fresh_process(fn):
-    """measure() of logprob_step(fn) on the CPU inputs, in a process of its own, so its peak memory is its own."""
+    """measure() of `fn` on the CPU inputs, in a process of its own, so its peak memory is its own."""
     out = subprocess.run([sys.executable, __file__, "--variant", fn.__name__], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.splitlines()[-1])
 
@@ -159,7 +157,7 @@ def bench_gpu_logprob():
         hidden, weight, labels = logprob_inputs(GPU_N, GPU_V, d, "cuda", torch.bfloat16)
         want = fp64_logp(hidden.detach(), weight.detach(), labels)
         for name, fn in paths.items():
-            m = measure(logprob_step(fn, hidden, weight, labels), repeats=3, device="cuda")
+            m = measure(fn, hidden, weight, labels, repeats=3)
             with torch.no_grad():
                 error = (fn(hidden, weight, labels)[0].double() - want).abs().max().item()
             print(f"| {d} | {name} | {m['peak_mb']:,.0f} | {1000 * m['seconds']:.1f} | {error:.1e} |", flush=True)
@@ -274,24 +272,21 @@ PASSAGES, VOCAB, QUERIES = (20_000, 5_000, 100) if QUICK else (1_000_000, 50_000
 
 
 def synthetic_corpus(n, vocab_size, seed=0):
-    words = world.make_words(random.Random(seed), vocab_size, 3, set())
+    words = np.array(world.make_words(random.Random(seed), vocab_size, 3, set()))
     rng = np.random.default_rng(seed)
     p = 1 / np.arange(1, vocab_size + 1)
     docs = []
-    for start in range(0, n, 50_000):  # in chunks: a million passages' word ids at once are 100M Python ints
-        lengths = rng.integers(80, 121, min(50_000, n - start)).tolist()
-        ids = rng.choice(vocab_size, size=sum(lengths), p=p / p.sum()).tolist()
-        ends = np.cumsum(lengths).tolist()
-        docs += [" ".join([words[j] for j in ids[end - length:end]]) for length, end in zip(lengths, ends)]
+    for start in range(0, n, 50_000):  # in chunks: a million passages' word ids at once are 800 MB
+        lengths = rng.integers(80, 121, min(50_000, n - start))
+        ids = rng.choice(vocab_size, size=lengths.sum(), p=p / p.sum())
+        docs += [" ".join(words[passage]) for passage in np.split(ids, np.cumsum(lengths)[:-1])]
     queries = [" ".join(rng.choice(docs[i].split(), 8, replace=False)) for i in rng.integers(0, n, QUERIES)]
     return docs, queries
 
 
 def bench_retriever():
     (docs, queries), made = timed(lambda: synthetic_corpus(PASSAGES, VOCAB))
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS, so the peak below is the index build's
-    corpus_mb = rss_mb("VmRSS")
+    corpus_mb = reset_peak_rss()  # so the peak below is the index build's
     retriever, index_s = timed(lambda: engines.Retriever(docs))
     peak_mb = rss_mb("VmHWM")
     index_mb = sum(a.nbytes for a in [retriever.indptr, retriever.postings, retriever.weights, *retriever.dense.values()]) / 2**20
@@ -398,8 +393,7 @@ def bench_step():
         "packed rows, the LM head on the response, micro-batches of 16 by length (now)": (packed, response, cfg["micro_batch_size"])}
     counts, seconds, results = {}, {}, {}
     # the first round warms up; the layouts' runs alternate, so that load from other processes hits them alike
-    for _, name in itertools.product(range(1 if QUICK else 4), layouts):
-        plan, forward, micro = layouts[name]
+    for _, (name, (plan, forward, micro)) in itertools.product(range(1 if QUICK else 4), layouts.items()):
         actor, critic, ref = step_models(tiny, cfg)  # the same weights each run, and fresh optimizers
         counts[name] = {"positions": 0, "tokens": 0}
         with mock.patch.object(packing, "pack_rows", counted(plan, counts[name])), \
@@ -431,23 +425,17 @@ def bench_gpu_step():
                critic_lr=1e-5)  # the paper's learning rates
     with torch.device("cuda"):
         actor, critic, ref = step_models(Qwen2Config(**QWEN25_05B), cfg)
-    prompts = sampler_prompts(B, QWEN25_05B["vocab_size"])
+    prompts, seconds = sampler_prompts(B, QWEN25_05B["vocab_size"]), {}
 
-    def rl_step():
-        seconds = {}
-
-        def stage(name, fn):
-            out, seconds[name] = timed(fn, "cuda")
-            return out
+    def stage(name, fn):  # fn() timed into seconds[name]
+        out, seconds[name] = timed(fn, "cuda")
+        return out
+    for _ in range(2):  # the first warms up: Triton compiles, cuBLAS picks its kernels, Adam allocates its states
+        torch.cuda.reset_peak_memory_stats()
         responses = stage("rollout sampling (`sim.sample`)", lambda: ours_under_autocast(actor.model.lm, prompts))
         rollout = zerosearch.Rollout(prompts, responses, [[1] * len(r) for r in responses], None, None)
         training_step(actor, critic, ref, (*zerosearch.to_batch(rollout, 0, "cuda"), torch.rand(B, device="cuda")),
                       cfg, stage)
-        return seconds
-
-    rl_step()  # warm-up: Triton compiles, cuBLAS picks its kernels, Adam allocates its states
-    torch.cuda.reset_peak_memory_stats()
-    seconds = rl_step()
     total = sum(seconds.values())
     print(f"### gpu-step: one PPO step at the Qwen2.5-0.5B architecture (random weights, actor, reference and "
           f"critic), batch {B}, {MAX_NEW_TOKENS} new tokens a row, bf16 compute with fp32 weights, {gpu_name()}\n")
@@ -513,7 +501,7 @@ def bench_sft():
                     mock.patch.object(packing, "pack_rows", counted(packing.pack_rows, c)):
                 run()
             c["seconds"] += [b - a for a, b in zip(stamps, stamps[1:])]
-        median = [statistics.median(c["seconds"]) for c in counts.values()]
+        median = [np.median(c["seconds"]) for c in counts.values()]
         for (path, c), seconds in zip(counts.items(), median):
             print(f"| {run_name} | {path} | {c['positions'] / c['trained']:.2f} | {c['positions'] / c['tokens']:.2f} | "
                   f"{seconds:.3f} | {median[0] / seconds:.2f}x |", flush=True)
@@ -569,7 +557,7 @@ SECTIONS = {"logprob": bench_logprob, "sampler": bench_sampler, "step": bench_st
 if __name__ == "__main__":
     section = sys.argv[1] if len(sys.argv) > 1 else "all"
     if section == "--variant":  # bench_logprob's child: measure() of one path, by its function's name, as JSON
-        print(json.dumps(measure(logprob_step(globals()[sys.argv[2]], *logprob_inputs(N, V, D)))))
+        print(json.dumps(measure(globals()[sys.argv[2]], *logprob_inputs(N, V, D))))
     elif section != "all" and section not in SECTIONS:
         raise SystemExit(f"usage: python tools/bench.py [{' | '.join(SECTIONS)}]  (no argument: all of them)")
     else:
