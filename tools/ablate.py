@@ -50,10 +50,9 @@ def parse(argv):
     """-> (ablate's own arguments, the config arguments shared by every run)."""
     own, shared = config.own_arguments(argv, OWN)
     own = {k: config.parse_value(v) if isinstance(v, str) else v for k, v in own.items()}
-    names = [v for v in str(own["variants"]).split(",") if v]
-    if not names or not set(names) <= VARIANTS.keys():
-        raise SystemExit(f"error: variants={own['variants']}: choose from {', '.join(VARIANTS)}")
-    own["variants"] = names
+    own["variants"] = [v for v in str(own["variants"]).split(",") if v]
+    if not own["variants"] or not set(own["variants"]) <= VARIANTS.keys():
+        raise SystemExit(f"error: variants={','.join(own['variants'])}: choose from {', '.join(VARIANTS)}")
     own["seeds"] = own["seeds"] if own["seeds"] is not None else 2 if own["quick"] is True else 3
     for key in ("seeds", "parallel"):
         if isinstance(own[key], bool) or not isinstance(own[key], int) or own[key] < 1:
@@ -89,9 +88,9 @@ def end_with_parent(prctl=getattr(ctypes.CDLL(None), "prctl", lambda *args: 0)):
 
 
 def later_wins(args):
-    """key=value arguments with each key's last value only (zerosearch.py refuses a key given twice)."""
-    keys = [a.split("=", 1)[0] if "=" in a else None for a in args]
-    return [a for i, (a, key) in enumerate(zip(args, keys)) if key is None or key not in keys[i + 1:]]
+    """key=value arguments with each key's last value only, in the key's first place (zerosearch.py refuses a key
+    given twice); any other argument stays as it is."""
+    return list({a.split("=", 1)[0] if "=" in a else i: a for i, a in enumerate(args)}.values())
 
 
 def build_once(runs, base):
@@ -138,9 +137,8 @@ def summarise(runs):
         row = next(v for label, v in results.items() if label.startswith("(c)"))
         rewards = [r["reward"] for r in report.read_rows(os.path.join(run_dir, "metrics.jsonl")) if r["run"] == "zerosearch"]
         em = {name: 100 * scores["substring_em"] for name, scores in row.items()}  # every evaluation set
-        seed = {**em, "avg": sum(em.values()) / len(em), "reward_last10": sum(rewards[-10:])
-                / len(rewards[-10:]), "reading": results.get("reading", {}), "rewards": rewards}
-        out.setdefault(variant, []).append(seed)
+        seed = {**em, "avg": statistics.mean(em.values()), "reward_last10": statistics.mean(rewards[-10:])}
+        out.setdefault(variant, []).append({**seed, "reading": results.get("reading", {}), "rewards": rewards})
     return out
 
 
