@@ -16,7 +16,6 @@ paper's SFT (1000 steps, batch 2, lr 1e-6); it runs in one process, on the GPU i
 """
 import contextlib
 import json
-import math
 import os
 import sys
 
@@ -45,11 +44,10 @@ def read_simulator_rows(path):
         raise SystemExit(f"error: data file not found: {path}")
     rows = []
     for n, row in world.read_jsonl(path):
-        docs = row.get("documents")
-        if (any(k not in row for k in SIM_ROW_KEYS) or row["label"] not in ("useful", "noisy")
-                or not all(isinstance(row[k], str) and row[k].strip() for k in ("query", "question", "answer"))
-                or not (isinstance(docs, list) and docs and all(isinstance(d, str) and d.strip() for d in docs)
-                        or isinstance(docs, str) and sim.parse_docs(docs, 20))):
+        docs = row.get("documents")  # a list of strings, or one "Doc 1: ... Doc 2: ..." string
+        docs = sim.parse_docs(docs, 20) if isinstance(docs, str) else docs if isinstance(docs, list) else []
+        texts = [row.get(k) for k in ("query", "question", "answer")] + (docs or [None])  # each a non-empty string
+        if row.get("label") not in ("useful", "noisy") or not all(isinstance(t, str) and t.strip() for t in texts):
             raise SystemExit(f"error: {path} line {n}: a row needs {', '.join(SIM_ROW_KEYS)}: query, question and "
                              "answer as non-empty strings, label useful or noisy, and documents as a list of "
                              "strings or one 'Doc 1: ... Doc 2: ...' string")
@@ -59,15 +57,18 @@ def read_simulator_rows(path):
     return rows
 
 
-def numbers(command, args, defaults, wants):
-    """args[key] as a number for each key: (kind, low, what) of `wants`, a `kind` above `low`; else one line
-    that says to set key to `what`."""
-    for key, (kind, low, what) in wants.items():
+def arguments(command, argv, defaults, numbers):
+    """-> (the command's own arguments over `defaults`, the config the others choose, as for zerosearch.py). Each
+    key of `numbers`, (kind, low, what), must be a `kind` above `low`: else one line says to set it to `what`."""
+    args, config_args = config.own_arguments(argv, defaults)
+    cfg = config.load_config(config_args)
+    for key, (kind, low, what) in numbers.items():
         text = args[key]
         with contextlib.suppress(ValueError):
             args[key] = kind(text)
         if not (isinstance(args[key], kind) and args[key] > low):
             raise SystemExit(f"error: simulator.py {command}: {key}={text}: set {key} to {what} (default {defaults[key]})")
+    return args, cfg
 
 
 def load_model(name, key):
@@ -84,11 +85,9 @@ def train_main(argv):
     """`python tools/simulator.py train data=rows.jsonl model=NAME_OR_DIR [out=DIR steps=N batch_size=N lr=X seed=N]
     [preset=NAME --config FILE key=value ...]`: the arguments of TRAIN_DEFAULTS are the fine-tuning's
     own; the rest choose the config (its `topk` and control prompt) exactly as for zerosearch.py."""
-    args, config_args = config.own_arguments(argv, TRAIN_DEFAULTS)
-    cfg = config.load_config(config_args)
     positive = (int, 0, "a positive integer")
-    numbers("train", args, TRAIN_DEFAULTS, {"steps": positive, "batch_size": positive, "lr": (float, 0, "a positive number"),
-                                            "seed": (int, -math.inf, "an integer")})
+    args, cfg = arguments("train", argv, TRAIN_DEFAULTS, {"steps": positive, "batch_size": positive,
+                          "lr": (float, 0, "a positive number"), "seed": (int, float("-inf"), "an integer")})
     if not args["data"] or not args["model"]:
         raise SystemExit("error: simulator.py train needs data=rows.jsonl and model=... (a Hugging Face name, or a "
                          "directory holding a model and its tokenizer)")
@@ -110,9 +109,7 @@ def collect_main(argv):
     """`python tools/simulator.py collect policy_model=NAME_OR_DIR data=train.jsonl corpus=corpus.jsonl out=rows.jsonl
     n=N [any config key=value]` (or eval_backend=retriever retriever_url=... for a served engine; with
     data=world, the embedded world's train questions and BM25)."""
-    args, config_args = config.own_arguments(argv, COLLECT_DEFAULTS)
-    cfg = config.load_config(config_args)
-    numbers("collect", args, COLLECT_DEFAULTS, {"n": (int, 1, "the number of rows wanted, 2 or more")})
+    args, cfg = arguments("collect", argv, COLLECT_DEFAULTS, {"n": (int, 1, "the number of rows wanted, 2 or more")})
     if not cfg["policy_model"]:
         raise SystemExit("error: simulator.py collect needs policy_model=... (the paper used an instruct model, prompted; "
                          "on the embedded world, its warm-up policy out_dir/build/<hash>/warmup)")
