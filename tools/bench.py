@@ -137,7 +137,7 @@ def bench_logprob():
     print(f"| `logprob_entropy_from_hidden` (torch, chunked) | {chunked['peak_mb']:.0f} | {chunked['seconds']:.2f} |")
     print(f"| ratio naive / chunked | {naive['peak_mb'] / chunked['peak_mb']:.1f}x | "
           f"{naive['seconds'] / chunked['seconds']:.2f}x |")
-    print("\nThe Triton kernels run on a GPU only: `python tools/bench.py gpu-logprob` measures them there.\n")
+    print("\nThe Triton kernels run on a GPU only: `python tools/bench.py gpu-logprob` measures them there.")
 
 
 def fp64_logp(hidden, weight, labels, rows=512):
@@ -161,7 +161,6 @@ def bench_gpu_logprob():
             with torch.no_grad():
                 error = (fn(hidden, weight, labels)[0].double() - want).abs().max().item()
             print(f"| {d} | {name} | {m['peak_mb']:,.0f} | {1000 * m['seconds']:.1f} | {error:.1e} |", flush=True)
-    print()
 
 
 # --- sampler: tokens/s of sim.sample against Hugging Face generate ----------------------------------
@@ -248,7 +247,6 @@ def bench_sampler():
         for batch_size in batch_sizes:
             sampler_row(f"{name} | {batch_size}", [(hf_generate, model), (ours, model), (ours_hf_forward, model)],
                         sampler_prompts(batch_size, config.vocab_size), repeats)
-    print()
 
 
 def bench_gpu_sampler():
@@ -262,7 +260,6 @@ def bench_gpu_sampler():
     for batch_size in [8] if QUICK else [64, 256]:
         sampler_row(batch_size, [(hf_generate, bf16), (ours, bf16), (ours_under_autocast, model)],
                     sampler_prompts(batch_size, model.config.vocab_size), 1 if QUICK else 2)
-    print()
 
 
 # --- retriever: the in-process BM25 at corpus scale ------------------------------------------------
@@ -415,7 +412,7 @@ def bench_step():
                   for _, logp, values in others)
     losses = max(abs(stats_0[k] - stats[k]) / abs(stats_0[k]) for stats, _, _ in others for k in ("actor/loss", "critic/loss"))
     print(f"\nThey agree: old log-probs (on the response) and values within {outputs:.1e}, the update's actor and "
-          f"critic losses within {losses:.1e} (relative).\n")
+          f"critic losses within {losses:.1e} (relative).")
     torch.set_num_threads(threads)
 
 
@@ -443,7 +440,7 @@ def bench_gpu_step():
     for name, s in seconds.items():
         print(f"| {name} | {s:.2f} | {100 * s / total:.0f}% |")
     print(f"| total | {total:.2f} | |")
-    print(f"\nPeak GPU memory allocated during the step: {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB.\n")
+    print(f"\nPeak GPU memory allocated during the step: {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB.")
 
 
 def gpu_name():
@@ -508,7 +505,6 @@ def bench_sft():
         gap = max(abs(a - b) for a, b in zip(*(c["losses"] for c in counts.values())))
         print(f"| {run_name} | the two paths' losses, step by step, agree within {gap:.1e} | | | | |")
     torch.set_num_threads(threads)
-    print()
 
 
 # --- world: how often the real engine finds what a question needs, and what the simulator writes -------
@@ -547,7 +543,6 @@ def bench_world(argv):
                   / len(questions) for found in (real.search(requests), engine.search(requests, 0.0, seeds),
                                                   engine.search(requests, 1.0, seeds))]
         print(f"| {form} | " + " | ".join(f"{100 * s:.1f}" for s in shares) + " |")
-    print()
 
 
 SECTIONS = {"logprob": bench_logprob, "sampler": bench_sampler, "step": bench_step, "sft": bench_sft,
@@ -566,3 +561,4 @@ if __name__ == "__main__":
                 print(f"{name}: no CUDA device here (torch.cuda.is_available() is False); nothing measured")
             else:
                 SECTIONS[name](*[sys.argv[2:]] * (name == "world"))  # world takes config keys: world preset=misses
+                print()  # a blank line after each section's output
