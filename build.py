@@ -102,7 +102,11 @@ def warmup_data(w, retriever, cfg):
             prompt = cfg["prompt_template"].format(question=q["question"])
             response, _ = world.warmup_trajectory(q, lambda query: retriever.search(query, cfg["topk"]), sim.information,
                                                   names, rng, cfg["world_phrasings"], cfg["max_turns"])
-        trajectories.append(world.encode_warmup(tok, prompt, response))
+        # (token ids, loss mask): the loss covers the whole response, <information> blocks included. Predicting what
+        # the engine returns for a query is how the tiny model learns to copy names from its context (a base LLM
+        # arrives with that skill); in RL the same blocks are masked out of every loss.
+        prompt_ids, response_ids = tok.encode(prompt), tok.encode(response)
+        trajectories.append((prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)))
     return tok, trajectories
 
 
@@ -180,8 +184,7 @@ def check_engines(cfg, retriever, policy_path):
 
 def uses_simulator(cfg):
     """Does this run search a simulator (in process, or served with the embedded one's tokenizer)?"""
-    backend = {"train": cfg["search_backend"], "eval": None, "ask": cfg["ask_engine"]}[cfg["mode"]]
-    return backend in ("sim", "http")
+    return {"train": cfg["search_backend"], "eval": None, "ask": cfg["ask_engine"]}[cfg["mode"]] in ("sim", "http")
 
 
 def fitting(questions, tok, cfg, source, ctx):
@@ -229,17 +232,15 @@ def make_engine(backend, cfg, retriever, sim_path, ctx, knowledge=None, tok=None
         engine = engines.RetrieverEngine(cfg, tok)
         engine.search([{"query": "test"}])  # the server answers now, not at the first search
         return engine
+    if not sim_path:  # backend http or sim, the last two of config.CHOICES
+        raise SystemExit(f"error: search_backend={backend} needs sim_model (the {'served' if backend == 'http' else 'fine-tuned'} "
+                         "simulator's name or path; its tokenizer cuts documents to doc_tokens)")
     if backend == "http":
         url = urllib.parse.urlparse(cfg["sim_url"])
         if url.scheme not in ("http", "https") or not url.netloc:
             raise SystemExit(f"error: sim_url={cfg['sim_url']} is not an http(s) URL; e.g. sim_url=http://127.0.0.1:8000/v1")
-        if not sim_path:
-            raise SystemExit("error: search_backend=http needs sim_model (the served simulator's name or path; "
-                             "its tokenizer cuts documents to doc_tokens)")
         engine = engines.HttpEngine(cfg, world.load_tokenizer(sim_path), cfg["sim_served_model"] or sim_path, knowledge)
         engine.complete_all(["Query : test"], [0])  # the server answers now, not at the first RL search
         return engine
-    if not sim_path:  # backend sim, the last of config.CHOICES
-        raise SystemExit("error: search_backend=sim needs sim_model (a fine-tuned simulator's name or path)")
     model = AutoModelForCausalLM.from_pretrained(sim_path).to(ctx.device)
     return sim.SimEngine(model, world.load_tokenizer(sim_path), cfg, knowledge)

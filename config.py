@@ -5,6 +5,7 @@ import fcntl
 import math
 import os
 import string
+import tempfile
 
 import yaml
 
@@ -78,16 +79,15 @@ def check_values(cfg):
     (1e3 is taken as 1000 where a whole number is due), a choice from CHOICES, counts of at least 1."""
     defaults = read_yaml(DEFAULTS)
     for key, value in cfg.items():  # never printed whole: a YAML alias bomb is small until it is
+        default = defaults[key]  # cfg has config.yaml's keys alone: merge takes no other
         if not isinstance(value, (str, int, float, bool, type(None))):
             raise SystemExit(f"error: {key} must be one value, but YAML read a {type(value).__name__}: quote text with ': ' or '{{'")
         if isinstance(value, str) and len(value) > 100_000:  # a prompt template, a path, a question: never megabytes
             raise SystemExit(f"error: {key} is {len(value)} characters long; a text value holds at most 100000")
-        text = key in TEXT_OR_NULL and value is not None or isinstance(defaults[key], str) and key not in CHOICES
+        text = key in TEXT_OR_NULL and value is not None or isinstance(default, str) and key not in CHOICES
         if text and not isinstance(value, str):
             raise SystemExit(f"error: {key} is empty; set {key}=..., or leave it out for config.yaml's value" if value is None else
                              f"error: {key} must be text, got {value!r}: quote it, e.g. {key}='\"{value}\"' on the command line")
-    for key, default in defaults.items():
-        value = cfg[key]
         if key in ("eval_size", "dual_clip") and value is None:  # all questions; no dual clip
             continue
         if isinstance(default, bool) and not isinstance(value, bool) and key != "resume":  # resume may name a folder
@@ -131,7 +131,9 @@ def check_values(cfg):
          f"6400 persons; got world_persons={cfg['world_persons']} world_companies={cfg['world_companies']}"),
         (cfg["topk"] * cfg["doc_tokens"] > cfg["max_response_tokens"],  # one search's documents must fit the response
          f"topk={cfg['topk']} documents of doc_tokens={cfg['doc_tokens']} tokens do not fit in max_response_tokens="
-         f"{cfg['max_response_tokens']}; lower topk or doc_tokens, or raise max_response_tokens")]
+         f"{cfg['max_response_tokens']}; lower topk or doc_tokens, or raise max_response_tokens"),
+        (cfg["curriculum_base"] <= 0 or cfg["curriculum_base"] == 1,
+         f"curriculum_base (b in (b^(i/m) - 1)/(b - 1)) must be positive and not 1, got {cfg['curriculum_base']}")]
     for bad, message in problems:
         if bad:
             raise SystemExit(f"error: {message}")
@@ -142,9 +144,6 @@ def check_values(cfg):
             raise SystemExit(f"error: {key} is not a template ({e}); write a brace that is text as {{{{ or }}}}")
         if fields - allowed or needed not in fields:
             raise SystemExit(f"error: {key} must hold {{{needed}}} and no field but {sorted(allowed)}; it has {sorted(fields)}")
-    if cfg["curriculum_base"] <= 0 or cfg["curriculum_base"] == 1:
-        raise SystemExit("error: curriculum_base (b in (b^(i/m) - 1)/(b - 1)) must be positive and not 1, "
-                         f"got {cfg['curriculum_base']}")
     return cfg
 
 
@@ -173,9 +172,7 @@ def check_folder(path, key, keep=True):
     try:
         made = not os.path.exists(path)
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_test_{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=path).close()  # a file made there, and gone once closed
         if made and not keep:
             os.rmdir(path)
     except OSError as e:

@@ -204,8 +204,7 @@ def post_json(url, body, timeout, attempts, read, what, refused_hint, down_hint)
     for attempt in range(1, attempts + 1):
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
-                reply = json.load(response)
-            return read(reply)
+                return read(json.load(response))
         except urllib.error.HTTPError as e:
             reason = " ".join(f"HTTP {e.code} {e.read()[:200].decode(errors='replace')}".split())  # on one line
             if 400 <= e.code < 500 and e.code not in (408, 429):  # the request itself is wrong: retrying can't help
@@ -242,8 +241,7 @@ class RetrieverEngine:
     (what can be read is kept); a reply that is not of this form is one clear error."""
 
     def __init__(self, cfg, tok):
-        self.cfg, self.tok, self.url = cfg, tok, cfg["retriever_url"]
-        self.stats = {"malformed": 0}
+        self.cfg, self.tok, self.url, self.stats = cfg, tok, cfg["retriever_url"], {"malformed": 0}
 
     def search(self, requests, noise_prob=0.0, seed=0):
         queries = [r["query"] for r in requests]

@@ -198,20 +198,17 @@ def run_of(path):
 def checkpoint_to_resume(resume, run_dir):
     """resume=false -> None; true -> this run's newest complete checkpoint, if any; a checkpoint folder
     -> that folder for its own run, and the newest complete checkpoint for any other run."""
-    if resume is False:
-        return None
     if isinstance(resume, str) and run_of(resume) == os.path.basename(run_dir):
         return resume
-    return (checkpoints(run_dir) or [None])[-1]
+    return None if resume is False else (checkpoints(run_dir) or [None])[-1]
 
 
 def drop_checkpoints_after(run_dir, step, ctx):
     """A resume from `step` abandons the run's later checkpoints: they would be resumed from next
     (resume=true takes the newest) and would throw the new ones out of keep_last."""
-    if ctx.master:
-        for path in checkpoints(run_dir):
-            if int(path.rsplit("_", 1)[1]) > step:
-                shutil.rmtree(path)
+    for path in checkpoints(run_dir) if ctx.master else []:
+        if int(path.rsplit("_", 1)[1]) > step:
+            shutil.rmtree(path)
     ctx.barrier()
 
 
@@ -288,8 +285,7 @@ def save_checkpoint(path, models, state, ctx, keep_last):
                 json.dump(state, f)
                 f.flush()
                 os.fsync(f.fileno())
-        if os.path.exists(path):
-            shutil.rmtree(path)
+        shutil.rmtree(path, ignore_errors=True)  # a checkpoint of this step saved before
         os.replace(tmp, path)
         for old in checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old)
@@ -305,17 +301,14 @@ def _unwrapped(e):
 @contextlib.contextmanager
 def no_space_is_one_line(path, run_dir):
     """A full disk while `path` is written: its partial folder is removed and the job stops with one
-    line naming the last complete checkpoint, which is left as it was."""
+    line naming the last complete checkpoint (`last_good`), which is left as it was."""
     try:
         yield
     except (OSError, CheckpointException) as e:
         if getattr(_unwrapped(e), "errno", None) != errno.ENOSPC:
             raise
         shutil.rmtree(path + ".tmp", ignore_errors=True)
-        intact = checkpoints(run_dir)
-        raise SystemExit(f"error: no space left on the device while writing {path}; "
-                         + (f"the last complete checkpoint, {intact[-1]}, is intact" if intact else
-                            "no checkpoint was written before it")) from None
+        raise SystemExit(f"error: no space left on the device while writing {path}; {last_good(run_dir)}") from None
 
 
 def load_checkpoint(path, models, ctx):
@@ -324,8 +317,7 @@ def load_checkpoint(path, models, ctx):
     states are restored when the checkpoint was written by as many processes. A checkpoint that cannot
     be read stops the job with one line."""
     try:
-        with open(os.path.join(path, "state.json")) as f:
-            state = json.load(f)
+        state = json.load(open(os.path.join(path, "state.json")))
         reader = dcp.HuggingFaceStorageReader(path)
         reader.read_metadata()  # fails plainly, where dcp.load would first log tracebacks
         tensors, _ = _states(models, with_optimizer=lambda name, opt: f"{name}/optimizer" in state["saved"])

@@ -118,9 +118,8 @@ def write_results(results, reading, predictions, sets, cfg, ctx, argv, strict=Fa
         table += "\n" + reading_table(reading)
     ctx.print0("\n" + table)
     if ctx.master:
-        with open(os.path.join(cfg["out_dir"], "results.md"), "w") as f:
-            f.write(f"# Results\n\n`python zerosearch.py {' '.join(argv)}`\n\n{table}")
-        with open(os.path.join(cfg["out_dir"], "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        with open(os.path.join(cfg["out_dir"], "predictions.jsonl"), "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in predictions)
+        for name, text in (("results.md", f"# Results\n\n`python zerosearch.py {' '.join(argv)}`\n\n{table}"),
+                           ("results.json", json.dumps(results, indent=1)),
+                           ("predictions.jsonl", "".join(json.dumps(row) + "\n" for row in predictions))):
+            with open(os.path.join(cfg["out_dir"], name), "w") as f:
+                f.write(text)

@@ -11,7 +11,6 @@ import json
 import os
 import random
 import re
-from dataclasses import dataclass
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -71,11 +70,9 @@ TWO_HOP = {
 TEST_SETS = {"single-hop": 1, "two-hop": 2, "out-of-domain": 0}  # evaluation set -> its questions' `hops`
 
 
-@dataclass
-class World:
-    docs: list      # the corpus: one sentence per fact
-    train: list     # questions: {"question", "golden_answers", "hops", "evidence", "subject", "relation"}
-    test: list
+# docs: the corpus, one sentence per fact; train and test: questions, each {"question", "golden_answers", "hops",
+# "evidence", "subject", "relation"}
+World = collections.namedtuple("World", ["docs", "train", "test"])
 
 
 def world_of(cfg):
@@ -125,9 +122,8 @@ def build_world(seed=0, n_persons=4000, n_companies=1200, test_fraction=0.15, ph
     if passages:
         fill = dict(city=cities, year=[str(y) for y in range(1800, 2000)], person=persons, company=companies)
         for entities, kind in ((persons, "person"), (companies, "company")):
-            for e in entities:
-                docs += [t.format(s=e, **{k: extra.choice(v) for k, v in fill.items()})
-                         for t in extra.sample(OTHER_PASSAGES[kind], passages)]
+            docs += [t.format(s=e, **{k: extra.choice(v) for k, v in fill.items()})
+                     for e in entities for t in extra.sample(OTHER_PASSAGES[kind], passages)]
         extra.shuffle(docs)
 
     def doc(s, r):  # "which company did P found" is answered by the company's founder document
@@ -140,17 +136,16 @@ def build_world(seed=0, n_persons=4000, n_companies=1200, test_fraction=0.15, ph
     test_companies = set(rng.sample(companies, int(test_fraction * n_companies)))
     test_persons = {facts[c, "founder"] for c in test_companies}
     test_persons |= set(rng.sample([p for p in persons if p not in test_persons], int(test_fraction * n_persons) - len(test_persons)))
-    train, test = [], []
-    for (s, r), o in facts.items():
-        split = test if s in test_persons or s in test_companies else train
-        split.append(dict(question=RELATIONS[r][1].format(s=s), golden_answers=answers(o), hops=1,
-                          evidence=[doc(s, r)], subject=s, relation=r))
+    questions = [dict(question=RELATIONS[r][1].format(s=s), golden_answers=answers(o), hops=1, evidence=[doc(s, r)],
+                      subject=s, relation=r) for (s, r), o in facts.items()]
     for name, (template, r1, r2) in TWO_HOP.items():
         for s in companies if r1 == "founder" else founders:
             bridge = facts[s, r1]
-            split = test if s in test_persons or s in test_companies else train
-            split.append(dict(question=template.format(s=s), golden_answers=answers(facts[bridge, r2]), hops=2,
-                              evidence=[doc(s, r1), doc(bridge, r2)], subject=s, relation=name, bridge=bridge))
+            questions.append(dict(question=template.format(s=s), golden_answers=answers(facts[bridge, r2]), hops=2,
+                                  evidence=[doc(s, r1), doc(bridge, r2)], subject=s, relation=name, bridge=bridge))
+    held_out = test_persons | test_companies
+    train = [q for q in questions if q["subject"] not in held_out]
+    test = [q for q in questions if q["subject"] in held_out]
     rng.shuffle(train)
     rng.shuffle(test)
     if phrasings > 1:
@@ -182,8 +177,7 @@ def answer_from_doc(doc, relation):
     return None if fact is None else fact[0] if relation == "company" else fact[2]
 
 
-SUBJECT_TYPE = {"birthplace": "person", "birthyear": "person", "company": "person",
-                "founder": "company", "headquarters": "company", "foundedyear": "company"}
+SUBJECT_TYPE = {r: "person" if r in ("birthplace", "birthyear", "company") else "company" for r in RELATIONS}
 
 
 def find_fact(docs, subject, relation):
@@ -195,12 +189,6 @@ def find_fact(docs, subject, relation):
         if r == relation and s == subject:
             return o
     return None
-
-
-def right_query(subject, relation):
-    """The one-hop question about `subject`'s `relation`, in the question's words: the "question" form of
-    `formulations` (BM25 finds it less often than the name with every word for the relation)."""
-    return RELATIONS[relation][1].format(s=subject)
 
 
 STOP_WORDS = {"the", "of", "is", "in", "was", "a", "its", "by", "into", "from", "has"}
@@ -220,8 +208,10 @@ FORMS = ["question", "keyword", "synonyms", "name", "other"]  # world.query_form
 def formulations(subject, relation, phrasings, question=None):
     """The queries a policy could write for one hop about `subject`, by form: the question copied (the
     one-hop question, or `question` itself, a two-hop question's first search), the name with the
-    question's words for the relation, the name with every word the corpus uses for it, the name alone."""
-    return {"question": question or right_query(subject, relation), "keyword": f"{subject} {RELATIONS[relation][2]}",
+    question's words for the relation, the name with every word the corpus uses for it, the name alone. (BM25
+    finds the copied one-hop question less often than the name with every word for the relation.)"""
+    _, asked, keywords = RELATIONS[relation]
+    return {"question": question or asked.format(s=subject), "keyword": f"{subject} {keywords}",
             "synonyms": f"{subject} {relation_words(relation, phrasings)}", "name": subject}
 
 
@@ -288,11 +278,10 @@ def warmup_trajectory(q, search, information, names, rng, phrasings=1, budget=2,
     hops = [q["relation"]] if q["hops"] == 1 else list(TWO_HOP[q["relation"]][1:])
     text, subject, queries = "<think> I need to search . </think>", q["subject"], []
     for h, relation in enumerate(hops):
-        keywords, u = RELATIONS[relation][2], rng.random()
+        u = rng.random()
         entity = subject if u < p_right + p_vague else rng.choice(names[SUBJECT_TYPE[relation]])  # vague: no name
         forms = formulations(entity, relation, phrasings, q["question"] if h == 0 and q["hops"] == 2 else None)
-        vague = p_right <= u < p_right + p_vague
-        query = keywords if vague else rng.choice(list(forms.values()))
+        query = RELATIONS[relation][2] if p_right <= u < p_right + p_vague else rng.choice(list(forms.values()))
         while True:
             docs = search(query)
             docs = rng.sample(docs, len(docs))  # a random order: the answer is read, not ranked first
@@ -419,15 +408,6 @@ def load_corpus(path):
     if not any(c.isalnum() for d in docs for c in d):  # stops at the first word: a corpus BM25 can search
         raise SystemExit(f"error: {path}: no documents in the corpus hold a word; write one {{\"contents\": \"...\"}} a line")
     return docs
-
-
-def encode_warmup(tok, prompt, response):
-    """(token ids, loss mask) of prompt + response for the warm-up: the loss covers the whole
-    response, <information> blocks included. Predicting what the engine returns for a query is
-    how the tiny model learns to copy names from its context (a base LLM arrives with that
-    skill); in RL the same blocks are masked out of every loss."""
-    prompt_ids, response_ids = tok.encode(prompt), tok.encode(response)
-    return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
 
 
 def knowledge_index(docs):
