@@ -317,7 +317,8 @@ def load_checkpoint(path, models, ctx):
     states are restored when the checkpoint was written by as many processes. A checkpoint that cannot
     be read stops the job with one line."""
     try:
-        state = json.load(open(os.path.join(path, "state.json")))
+        with open(os.path.join(path, "state.json")) as f:
+            state = json.load(f)
         reader = dcp.HuggingFaceStorageReader(path)
         reader.read_metadata()  # fails plainly, where dcp.load would first log tracebacks
         tensors, _ = _states(models, with_optimizer=lambda name, opt: f"{name}/optimizer" in state["saved"])
