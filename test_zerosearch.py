@@ -436,8 +436,9 @@ def test_reading_check_moves_only_the_answer_bearing_document_to_each_position()
     assert moved[3] == [["A", "C", "B"], ["A", "B", "C"]]
 
 
-def test_mode_eval_on_the_saved_policy_repeats_row_c_and_writes_every_prediction(tmp_path):
+def test_mode_eval_on_the_saved_policy_repeats_row_c_and_writes_every_prediction(tmp_path, smoke_build):
     out = tmp_path / "out"
+    smoke_build(out), smoke_build(tmp_path / "eval")
     run = [sys.executable, os.path.join(HERE, "zerosearch.py"), "preset=smoke", "baseline=false", "threads=1"]
     assert subprocess.run(run + [f"out_dir={out}"], capture_output=True, timeout=600).returncode == 0
     trained = json.load(open(out / "results.json"))
@@ -457,8 +458,9 @@ def test_mode_eval_on_the_saved_policy_repeats_row_c_and_writes_every_prediction
     assert "strict EM" in open(tmp_path / "eval" / "results.md").read()
 
 
-def test_mode_ask_prints_the_trajectory_with_useful_and_noisy_documents(tmp_path):
+def test_mode_ask_prints_the_trajectory_with_useful_and_noisy_documents(tmp_path, smoke_build):
     out = tmp_path / "out"
+    smoke_build(out)
     base = [sys.executable, os.path.join(HERE, "zerosearch.py"), "preset=smoke", "threads=1", f"out_dir={out}", "mode=ask"]
     w = world.build_world(0, 600, 200)
     question = next(q for q in w.test if q["hops"] == 1)["question"]
@@ -475,10 +477,11 @@ def test_mode_ask_prints_the_trajectory_with_useful_and_noisy_documents(tmp_path
     assert real.returncode == 0 and "(useful)" not in real.stdout and f"question: {question}" in real.stdout
 
 
-def test_the_walkthrough_prints_one_step_whose_clipped_losses_follow_from_its_advantages_and_ratios(tmp_path):
+def test_the_walkthrough_prints_one_step_whose_clipped_losses_follow_from_its_advantages_and_ratios(tmp_path, smoke_build):
     """tools/walkthrough.py on a smoke build: the trajectory turn by turn, then a row per sampled token whose
     L is max(-A r, -A clip(r, 0.8, 1.2)) of the row's own A and r, and whose KL is 0 (the policy is the
     reference before its first update); the <information> tokens stand as masked blocks, not as rows."""
+    smoke_build(tmp_path)
     r = subprocess.run([sys.executable, os.path.join(HERE, "tools", "walkthrough.py"), "preset=smoke",
                         f"out_dir={tmp_path}", "threads=1"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

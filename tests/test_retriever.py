@@ -256,13 +256,13 @@ def test_with_a_data_file_and_served_engines_no_corpus_is_needed(tmp_path, monke
         build.setup(config.load_config(args), parallel.Ctx())
 
 
-def test_a_run_against_the_served_engine_gives_the_results_of_the_in_process_one(tmp_path):
+def test_a_run_against_the_served_engine_gives_the_results_of_the_in_process_one(tmp_path, smoke_build):
     """The smoke run twice, sharing one build: BM25 in this process for training and evaluation,
     then the same BM25 behind the loopback server (search_backend=retriever, eval_backend=retriever)."""
     out, served_out = tmp_path / "out", tmp_path / "served"
     common = ["preset=smoke", "threads=1"]
     cfg = config.load_config(common)
-    build.prepare_embedded(cfg, str(out / "build"), log=lambda *a: None, collect=zerosearch.collect)  # both runs load it
+    smoke_build(out)  # both runs load it
     served_out.mkdir()
     os.symlink(out / "build", served_out / "build")
     docs = world.world_of(cfg).docs
