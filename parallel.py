@@ -206,9 +206,10 @@ def checkpoint_to_resume(resume, run_dir):
 def drop_checkpoints_after(run_dir, step, ctx):
     """A resume from `step` abandons the run's later checkpoints: they would be resumed from next
     (resume=true takes the newest) and would throw the new ones out of keep_last."""
-    for path in checkpoints(run_dir) if ctx.master else []:
-        if int(path.rsplit("_", 1)[1]) > step:
-            shutil.rmtree(path)
+    if ctx.master:
+        for path in checkpoints(run_dir):
+            if int(path.rsplit("_", 1)[1]) > step:
+                shutil.rmtree(path)
     ctx.barrier()
 
 

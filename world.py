@@ -177,7 +177,8 @@ def answer_from_doc(doc, relation):
     return None if fact is None else fact[0] if relation == "company" else fact[2]
 
 
-SUBJECT_TYPE = {r: "person" if r in ("birthplace", "birthyear", "company") else "company" for r in RELATIONS}
+SUBJECT_TYPE = {"birthplace": "person", "birthyear": "person", "company": "person",
+                "founder": "company", "headquarters": "company", "foundedyear": "company"}
 
 
 def find_fact(docs, subject, relation):
