@@ -21,7 +21,7 @@ import world
 
 BUILD_VERSION = 11  # bump when the code changes what a build holds, so old caches are not loaded
 WARMUP_KEYS = ["world_seed", "world_persons", "world_companies", "world_phrasings", "world_passages",
-               "tiny_hidden", "tiny_layers", "tiny_heads",
+               "tiny_hidden", "tiny_layers", "tiny_heads", "pretrain_steps", "pretrain_lr",
                "warmup_steps", "warmup_batch_size", "warmup_lr", "prompt_template", "direct_template",
                "invalid_action", "sim_template_finetuned", "sim_template_prompted",  # in the tokenizer's vocabulary
                "sim_template_prompted_noisy", "topk", "seed"]
@@ -50,8 +50,12 @@ def prepare_embedded(cfg, cache_dir, log=print, collect=None):
         log(f"embedded default: loading the world's tokenizer, warm-up policy and simulator from {base}")
         return w, retriever, sim_dir, policy_dir
     tok, trajectories = warmup_data(w, retriever, cfg)
-    if not whole(policy_dir):  # 1. the policy: the warm-up (format, queries of the entity, a first reading)
+    if not whole(policy_dir):  # 1. the policy: pretraining's copying, then the warm-up (format, queries, a first reading)
         policy = world.tiny_model(len(tok), cfg["tiny_hidden"], cfg["tiny_layers"], cfg["tiny_heads"], cfg["seed"])
+        if cfg["pretrain_steps"]:  # induction heads, which both of the paper's models bring from pretraining
+            copies = world.copy_sequences(len(tok), max(tok.all_special_ids) + 1, 20_000, cfg["seed"])
+            sim.sft(policy, copies, cfg["pretrain_steps"], cfg["warmup_batch_size"], cfg["pretrain_lr"], cfg["seed"],
+                    "pretrain", tok.pad_token_id)
         sim.sft(policy, trajectories, cfg["warmup_steps"], cfg["warmup_batch_size"], cfg["warmup_lr"], cfg["seed"],
                 "warm-up", tok.pad_token_id)
         save_atomically(policy, tok, policy_dir)

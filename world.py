@@ -330,6 +330,18 @@ def load_tokenizer(path):
     return AutoTokenizer.from_pretrained(path)
 
 
+def copy_sequences(vocab_size, first_id, n, seed):
+    """n (token ids, loss mask) examples of 4-40 random words (ids first_id .. vocab_size - 1) written twice, the
+    loss on the second copy: the task that forms induction heads (attend to the word after the current word's
+    last occurrence, and copy it), which an LLM's pretraining forms early (Olsson et al., 2022). A tiny model
+    without them copies one word where its training put one, and miscopies a two-word name."""
+    rng, examples = random.Random(seed), []
+    for _ in range(n):
+        x = [rng.randrange(first_id, vocab_size) for _ in range(rng.randint(4, 40))]
+        examples.append((x + x, [0] * len(x) + [1] * len(x)))
+    return examples
+
+
 def tiny_model(vocab_size, hidden_size, layers, heads, seed):
     """A small Qwen2 (the Qwen2.5 architecture), built from config: it runs through exactly the
     code path of a real Hugging Face model."""

@@ -642,3 +642,24 @@ def test_sft_takes_the_padded_recipes_steps_batches_drawn_as_before_and_the_same
     assert sim.sft(model, examples, steps, 4, 1e-2, seed=3) == packed[-1]
     assert packed == pytest.approx(losses, abs=1e-5)
     assert losses[-1] < losses[0]  # it learns, so the later steps compare trained weights too
+
+
+def test_copy_pretraining_forms_the_induction_heads_a_tiny_model_lacks():
+    """world.copy_sequences, as the build's pretraining (pretrain_steps) trains on them: random words written
+    twice, the loss on the second copy. The oracle is the skill they stand for: a model then continues a
+    repeated span of random words it was never shown, which it could not before."""
+    V = 100
+    examples = world.copy_sequences(V, 3, 2000, seed=0)
+    for x, mask in examples[:50]:
+        n = len(x) // 2
+        assert x[:n] == x[n:] and mask == [0] * n + [1] * n and 4 <= n <= 40 and 3 <= min(x) and max(x) < V
+    model = world.tiny_model(V, 64, 2, 2, seed=0)
+
+    def continued():  # the share of a repeated span's second copy predicted greedy
+        x = torch.randint(3, V, (64, 10), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            logits = model(torch.cat([x, x], 1)).logits
+        return (logits[:, 10:-1].argmax(-1) == x[:, 1:]).float().mean().item()
+    before = continued()
+    sim.sft(model, examples, 600, 32, 0.003)
+    assert before < 0.1 and continued() > 0.6
