@@ -22,8 +22,8 @@ CHOICES = {"algo": ("ppo", "grpo", "reinforce", "reinforce++"), "reward": ("f1",
 AT_LEAST_ONE = ["steps", "batch_size", "n_samples", "mini_batch_size", "micro_batch_size", "ppo_epochs",
                 "topk", "doc_tokens", "max_turn_tokens", "max_response_tokens", "sim_max_tokens",
                 "eval_size", "threads", "sim_retries", "retriever_retries", "max_prompt_tokens", "save_every", "keep_last"]
-AT_LEAST_ZERO = ["sim_temperature", "max_turns", "pretrain_steps", "warmup_steps", "sim_sft_steps", "critic_warmup", "lr_warmup_ratio",
-                 "critic_lr_warmup_ratio"]
+AT_LEAST_ZERO = ["sim_temperature", "max_turns", "pretrain_steps", "warmup_steps", "sim_sft_steps", "critic_warmup",
+                 "lr_warmup_ratio", "critic_lr_warmup_ratio"]
 TEXT_OR_NULL = ["question", "policy_model", "sim_model", "corpus", "sim_served_model"]  # null by default, text when set
 TEMPLATES = {"prompt_template": ("question", {"question"}), "direct_template": ("question", {"question"}), **dict.fromkeys(
     ["sim_template_finetuned", "sim_template_prompted", "sim_template_prompted_noisy"],  # the fields sim.sim_prompt fills in
